@@ -1,0 +1,277 @@
+"""The ``batchd`` command line. Bad usage or a bad config exits 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import tomli_w
+
+from . import spool
+from .config import ConfigError, Settings, load_settings
+from .lines import Dedup, LineError, iter_file
+from .profiles import ProfileSet
+from .router import JobRejected, ModelVote, Sidecar, route
+
+SHIPPED_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+
+
+class UsageError(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError) as exc:
+        print(f"batchd: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--config", help="config file (default: $BATCHD_CONFIG, "
+                       "./config.toml, /etc/batchd/config.toml)")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("run", cmd_run, "run the daemon")
+    p.add_argument("--once", action="store_true", help="drain inbox and work/, then exit")
+    p = command("submit", cmd_submit, "copy a file into the inbox atomically")
+    p.add_argument("file")
+    p.add_argument("--profile")
+    p = command("status", cmd_status, "table of jobs, or one job")
+    p.add_argument("job", nargs="?")
+    p.add_argument("--follow", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p = command("validate", cmd_validate, "check every line without loading a model")
+    p.add_argument("file")
+    p.add_argument("--profile")
+    p = command("profiles", cmd_profiles, "list, show or check profiles")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "show"])
+    p.add_argument("name", nargs="?")
+    p = command("models", cmd_models, "build a local model from a shipped recipe")
+    p.add_argument("action", choices=["prepare", "list"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--force", action="store_true")
+    p = command("cancel", cmd_cancel, "ask the daemon to cancel a job")
+    p.add_argument("job")
+    p = command("init", cmd_init, "create a spool and a config.toml")
+    p.add_argument("dir", nargs="?", default=".")
+    p = command("bench", cmd_bench, "bench records: report")
+    p.add_argument("action", choices=["report"])
+    p.add_argument("--outbox")
+    p.add_argument("--plot")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    from .logs import configure
+
+    configure(settings.log.format, settings.log.level)
+    return settings
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+
+    settings = _settings(args)
+    try:
+        spool.ensure_dirs(settings)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the spool at {settings.spool.root}: {exc}") from None
+    if not os.access(settings.spool.root, os.W_OK):
+        raise ConfigError(f"spool {settings.spool.root} is not writable")
+    return Daemon(settings).run(once=args.once)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    source = Path(args.file)
+    if not source.is_file():
+        raise UsageError(f"no such file: {source}")
+    spool.ensure_dirs(settings)
+    stem = spool.safe_stem(source.name if source.name.endswith(".jsonl")
+                           else source.stem + ".jsonl")
+    name, n = stem, 1
+    while any((settings.inbox / f"{name}{ext}").exists() for ext in (".jsonl", ".toml")) or \
+            (settings.outbox / f"{name}.status.jsonl").exists() or \
+            (settings.work / f"{name}.jsonl").exists():
+        n += 1
+        name = f"{stem}-{n}"
+    if args.profile:
+        profiles = ProfileSet.load(settings.routing.profiles_dir)
+        if profiles.lookup(args.profile) is None:
+            raise UsageError(f"unknown profile {args.profile!r}; known: {profiles.known()}")
+        _copy_in(tomli_w.dumps({"profile": args.profile}).encode(), settings.inbox,
+                 f"{name}.toml")
+    with open(source, "rb") as stream:
+        _copy_in(stream, settings.inbox, f"{name}.jsonl")
+    print(name)
+    return 0
+
+
+def _copy_in(data, inbox: Path, name: str) -> None:
+    """Write under a hidden name (never eligible), fsync, rename into place."""
+    tmp = inbox / f".{name}.{os.getpid()}.part"
+    with open(tmp, "wb") as out:
+        if isinstance(data, bytes):
+            out.write(data)
+        else:
+            while chunk := data.read(1 << 20):
+                out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    os.rename(tmp, inbox / name)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .views import follow, job_rows, print_job, print_table
+
+    settings = _settings(args)
+    if args.job:
+        path = settings.outbox / f"{args.job}.status.jsonl"
+        if not path.exists():
+            raise UsageError(f"no such job: {args.job}")
+        if args.follow:
+            return follow(path, as_json=args.json)
+        return print_job(path, as_json=args.json)
+    rows = job_rows(settings)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_table(rows)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    path = Path(args.file)
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    profiles = ProfileSet.load(settings.routing.profiles_dir)
+    dedup, votes = Dedup(), ModelVote()
+    total = bad = 0
+    for item in iter_file(path, settings.limits.max_line_bytes):
+        item = dedup.check(item)
+        total += 1
+        if isinstance(item, LineError):
+            bad += 1
+            if bad <= 100:
+                print(f"{path.name} line {item.line}: {item.code}: {item.message}")
+        else:
+            votes.add(item.model, item.line)
+    try:
+        profile, reason = route(path.name[:-6] if path.name.endswith(".jsonl") else path.stem,
+                                Sidecar(profile=args.profile), votes, profiles,
+                                settings.routing.default_profile)
+        where = f"profile {profile.name} ({reason})"
+    except JobRejected as exc:
+        print(f"{path.name}: {exc.code}: {exc.message}")
+        bad = bad or 1
+        where = "no profile"
+    if bad > 100:
+        print(f"... and {bad - 100} more")
+    print(f"{path.name}: {total} requests, {total - bad} valid, {bad} invalid; {where}")
+    return 0 if bad == 0 else 1
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    profiles = ProfileSet.load(settings.routing.profiles_dir)
+    if args.action == "show":
+        if not args.name:
+            raise UsageError("profiles show needs a NAME")
+        profile = profiles.lookup(args.name)
+        if profile is None:
+            raise UsageError(f"unknown profile {args.name!r}; known: {profiles.known()}")
+        data = profile.model_dump(exclude={"source", "name"}, exclude_none=True)
+        data["engine"] = profile.engine_args(settings.routing.models_dir)
+        print(f"# {profile.name} ({profile.source})")
+        print(tomli_w.dumps(data), end="")
+        return 0
+    for name, profile in sorted(profiles.profiles.items()):
+        trust = profile.engine.get("trust_remote_code", False)
+        default = " (default)" if name == settings.routing.default_profile else ""
+        print(f"{name:16} {profile.model:44} trust_remote_code={str(trust).lower()}{default}")
+    for error in profiles.errors:
+        print(f"invalid: {error}")
+    return 1 if profiles.errors else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .recipes import RECIPES, RecipeError, prepare
+
+    settings = _settings(args)
+    if args.action == "list":
+        for name, (description, _) in sorted(RECIPES.items()):
+            present = (settings.routing.models_dir / name / "config.json").exists()
+            print(f"{name:16} {'ready' if present else 'not built':10} {description}")
+        return 0
+    if not args.name:
+        raise UsageError("models prepare needs a NAME")
+    try:
+        print(prepare(args.name, settings.routing.models_dir, force=args.force))
+    except RecipeError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .outbox import JobState, read_status
+
+    settings = _settings(args)
+    job = args.job
+    history = read_status(settings.outbox / f"{job}.status.jsonl")
+    if history and JobState(history[-1]["state"]).final:
+        print(f"{job} already ended: {history[-1]['state']}")
+        return 0
+    known = (settings.work / f"{job}.jsonl").exists() or \
+        (settings.inbox / f"{job}.jsonl").exists() or bool(history)
+    if not known:
+        print(f"no such job: {job}", file=sys.stderr)
+        return 1
+    _copy_in(b"", settings.inbox, f"{job}.cancel")
+    print(f"cancel requested for {job}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    folder = Path(args.dir)
+    config = folder / "config.toml"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not config.exists():
+        profiles = SHIPPED_PROFILES if SHIPPED_PROFILES.is_dir() else Path("profiles")
+        config.write_text(tomli_w.dumps({
+            "spool": {"root": "spool"},
+            "routing": {"profiles_dir": str(profiles), "default_profile": "smollm2-135m",
+                        "models_dir": "models"},
+        }))
+    settings = load_settings(config)
+    spool.ensure_dirs(settings)
+    print(f"spool ready at {settings.spool.root}; config {config}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .views import bench_report
+
+    settings = _settings(args)
+    outbox = Path(args.outbox) if args.outbox else settings.outbox
+    return bench_report(outbox, args.plot)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Configuration: one TOML file plus ``BATCHD_<SECTION>__<KEY>`` overrides.
+
+Every default lives here, in one place. The file is found in this order:
+``--config F``, ``$BATCHD_CONFIG``, ``./config.toml``, ``/etc/batchd/config.toml``;
+with none of them, the defaults apply and relative paths are relative to the
+current directory. Relative paths in a file are relative to that file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+SEARCH_PATH = (Path("config.toml"), Path("/etc/batchd/config.toml"))
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SpoolConfig(_Section):
+    root: Path = Path("spool")
+    umask: int = 0o027  # outputs are not world-readable by default
+
+
+class WatchConfig(_Section):
+    mode: Literal["auto", "inotify", "poll"] = "auto"
+    poll_interval: float = Field(1.0, gt=0)
+    settle_seconds: float = Field(1.0, ge=0)
+    require_ready_marker: bool = False
+
+
+class RoutingConfig(_Section):
+    profiles_dir: Path = Path("profiles")
+    default_profile: str = "smollm2-135m"
+    models_dir: Path = Path("models")  # where `batchd models prepare` builds models
+
+
+class LimitsConfig(_Section):
+    max_file_bytes: int = Field(10 * 1024**3, gt=0)
+    max_line_bytes: int = Field(8 * 1024**2, gt=0)
+    max_requests: int = Field(1_000_000, gt=0)
+
+
+class EngineConfig(_Section):
+    window: int = Field(256, ge=1)  # requests in flight inside vLLM at once
+    checkpoint_every: int = Field(64, ge=1)  # fsync the checkpoint after this many answers ...
+    checkpoint_seconds: float = Field(1.0, gt=0)  # ... or after this long, whichever first
+    max_engine_failures: int = Field(2, ge=1)
+    fake: bool = False  # deterministic fake engine, for plumbing tests and dry runs
+
+
+class StatusConfig(_Section):
+    interval: float = Field(2.0, gt=0)
+
+
+class MetricsConfig(_Section):
+    textfile: Path | None = None
+
+
+class LogConfig(_Section):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one daemon."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BATCHD_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    spool: SpoolConfig = SpoolConfig()
+    watch: WatchConfig = WatchConfig()
+    routing: RoutingConfig = RoutingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    engine: EngineConfig = EngineConfig()
+    status: StatusConfig = StatusConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+
+    source: Path | None = None  # the file these settings came from
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's values arrive as init arguments; the environment wins over them.
+        return env_settings, init_settings
+
+    @property
+    def inbox(self) -> Path:
+        return self.spool.root / "inbox"
+
+    @property
+    def work(self) -> Path:
+        return self.spool.root / "work"
+
+    @property
+    def outbox(self) -> Path:
+        return self.spool.root / "outbox"
+
+    @property
+    def failed(self) -> Path:
+        return self.spool.root / "failed"
+
+
+def find_config(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The config file to read, or None when there is none anywhere."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    env = os.environ.get("BATCHD_CONFIG")
+    if env:
+        if not Path(env).is_file():
+            raise ConfigError(f"config file not found: {env} (from $BATCHD_CONFIG)")
+        return Path(env)
+    return next((p for p in SEARCH_PATH if p.is_file()), None)
+
+
+def load_settings(explicit: str | os.PathLike | None = None) -> Settings:
+    """Read, validate and resolve the configuration; raise ConfigError on any problem."""
+    path = find_config(explicit)
+    data: dict = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        where = path or "environment"
+        raise ConfigError(f"{where}: {key}: {err['msg']}") from None
+    base = path.resolve().parent if path else Path.cwd()
+    settings.source = path.resolve() if path else None
+    settings.spool.root = _resolve(base, settings.spool.root)
+    settings.routing.profiles_dir = _resolve(base, settings.routing.profiles_dir)
+    settings.routing.models_dir = _resolve(base, settings.routing.models_dir)
+    if settings.metrics.textfile is not None:
+        settings.metrics.textfile = _resolve(base, settings.metrics.textfile)
+    return settings
+
+
+def _resolve(base: Path, path: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path)

@@ -1,0 +1,190 @@
+"""The daemon loop: watch, claim, run, repeat. The only module that knows
+signals and systemd.
+
+``run_once()`` does one pass and says whether it did work; ``run()`` repeats
+it until stopped; ``--once`` drains the spool and returns. Signal handlers
+only set flags; the loop acts on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from typing import Callable, Iterator
+
+import structlog
+
+from . import spool
+from .config import Settings
+from .engine import Engine, FakeEngine
+from .notify import Notifier, watchdog_interval
+from .outbox import JobState, StatusFile
+from .profiles import Profile, ProfileSet
+from .runner import EnginePool, Runner
+from .watcher import Watcher
+
+log = structlog.get_logger()
+
+
+def engine_factory(settings: Settings) -> Callable[[Profile], Engine]:
+    if settings.engine.fake:
+        step = float(os.environ.get("BATCHD_FAKE_STEP_SECONDS", "0"))
+        return lambda profile: FakeEngine(profile, step_seconds=step)
+
+    def load(profile: Profile) -> Engine:
+        from .vllm_engine import VllmEngine  # the vLLM import happens only here
+
+        return VllmEngine(profile, settings.routing.models_dir)
+
+    return load
+
+
+class Daemon:
+    def __init__(self, settings: Settings, profiles: ProfileSet | None = None,
+                 factory: Callable[[Profile], Engine] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.profiles = profiles or ProfileSet.load(settings.routing.profiles_dir)
+        self.clock = clock
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self.pool = EnginePool(factory or engine_factory(settings))
+        self.runner = Runner(settings, self.profiles, self.pool, self.stop)
+        self.settler = spool.Settler(settings.watch.settle_seconds)
+        self.notifier = Notifier()
+        self.reported: set[str] = set()  # non-regular entries that could not be moved
+        self.watcher: Watcher | None = None
+
+    def setup(self) -> None:
+        os.umask(self.settings.spool.umask)
+        spool.ensure_dirs(self.settings)
+        for error in self.profiles.errors:
+            log.error("profile_invalid", error=error)
+        for path, name in spool.orphan_claims(self.settings):
+            # A crash between the claim's two renames: give the file back.
+            os.rename(path, self.settings.inbox / name)
+            log.warning("claim_returned", file=name)
+
+    # -- one pass --------------------------------------------------------------
+
+    def run_once(self, now: float | None = None) -> bool:
+        """Resume or claim and run one job; True when something was done."""
+        now = self.clock() if now is None else now
+        if self.stop.is_set():
+            return False
+        for job in spool.unfinished(self.settings):
+            self._run(job)
+            return True
+        if self.watcher is not None:
+            for name in self.watcher.take_renamed():
+                self.settler.mark_renamed(name)
+        for name, st in spool.scan(self.settings.inbox):
+            if not spool.is_regular(st):
+                if name not in self.reported:
+                    self._reject_entry(name)
+                    return True
+                continue
+            if self.settings.watch.require_ready_marker and \
+                    not (self.settings.inbox / f"{name}.ready").exists():
+                continue
+            if not self.settler.settled(name, st, now):
+                continue
+            self.settler.forget(name)
+            claimed = spool.claim(self.settings, name)
+            if claimed is None:
+                continue  # another daemon won the race
+            log.info("job_claimed", job=claimed.job, file=name)
+            self._run(claimed.job)
+            return True
+        return False
+
+    def _run(self, job: str) -> None:
+        self.notifier.status(f"running {job}")
+        state = self.runner.run(job)
+        if state is not None:
+            self.notifier.status(f"finished {job}: {state.value}")
+
+    def _reject_entry(self, name: str) -> None:
+        """A symlink, FIFO, device or folder named *.jsonl: never opened, never followed."""
+        moved = spool.move_to_failed(self.settings, name)
+        job = spool.reserve_name(self.settings, spool.safe_stem(name))
+        message = f"{name} is not a regular file" + ("" if moved else "; left in inbox")
+        status = StatusFile(self.settings.outbox / f"{job}.status.jsonl", job)
+        status.write(JobState.FAILED, phase="done", message=message,
+                     errors=[{"code": "not_a_regular_file", "message": message, "line": None}])
+        log.warning("job_rejected", job=job, code="not_a_regular_file", file=name)
+        if moved is None:
+            self.reported.add(name)
+
+    def waiting(self) -> bool:
+        """Whether eligible files are still settling in the inbox."""
+        return any(spool.is_regular(st) and name not in self.reported
+                   for name, st in spool.scan(self.settings.inbox))
+
+    # -- the loop --------------------------------------------------------------
+
+    def run(self, once: bool = False) -> int:
+        self.setup()
+        self.watcher = Watcher(self.settings.inbox, self.settings.watch.mode,
+                               self.settings.watch.poll_interval)
+        self.watcher.start()
+        idle = f"idle, watching {self.settings.inbox}"
+        self.notifier.send(READY=1, STATUS=idle)
+        log.info("daemon_ready", inbox=str(self.settings.inbox), once=once)
+        beat = watchdog_interval()
+        timeout = min(self.settings.watch.poll_interval, self.settings.watch.settle_seconds
+                      or self.settings.watch.poll_interval, beat or 3600)
+        try:
+            with handle_signals(self.stop, self.reload):
+                while not self.stop.is_set():
+                    if beat:
+                        self.notifier.send(WATCHDOG=1)
+                    if self.reload.is_set():
+                        self._reload()
+                    if self.run_once():
+                        continue
+                    if once and not self.waiting():
+                        break
+                    self.notifier.status(idle)
+                    self.watcher.wake.wait(timeout)
+                    self.watcher.wake.clear()
+        finally:
+            self.notifier.send(STOPPING=1, STATUS="stopping")
+            log.info("daemon_stopping")
+            self.watcher.stop()
+            self.pool.close()
+        return 0
+
+    def _reload(self) -> None:
+        self.reload.clear()
+        self.profiles = ProfileSet.load(self.settings.routing.profiles_dir)
+        self.runner.profiles = self.profiles
+        for error in self.profiles.errors:
+            log.error("profile_invalid", error=error)
+        log.info("profiles_reloaded", profiles=sorted(self.profiles.profiles))
+
+
+@contextlib.contextmanager
+def handle_signals(stop: threading.Event, reload: threading.Event) -> Iterator[None]:
+    """SIGTERM/SIGINT: stop after the current step (the second one exits at once,
+    which is safe: the checkpoint is durable and resume skips answered lines).
+    SIGHUP: reload profiles between jobs. Previous handlers are restored on exit."""
+
+    def on_stop(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)
+        stop.set()
+
+    def on_hup(_signum: int, _frame: object) -> None:
+        reload.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup))}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

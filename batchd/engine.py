@@ -1,0 +1,121 @@
+"""The engine interface the runner talks to, and the deterministic fake.
+
+An engine takes a stream of requests and yields, after each scheduling step,
+the answers that finished in it. It keeps at most ``window`` requests in
+flight, so the whole file is never in memory and the scheduler never waits at
+a chunk boundary. Closing the generator early aborts what is still in flight.
+
+The real engine lives in ``vllm_engine.py``, the only module that imports vLLM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Protocol
+
+from .lines import CHAT, COMPLETIONS, EMBEDDINGS, LineError, Request
+from .profiles import Profile
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One finished request: an OpenAI response body, or an error."""
+
+    request: Request
+    body: dict[str, Any] | None = None
+    error: LineError | None = None
+
+
+class EngineDead(Exception):
+    """The inference engine died; it must be started again."""
+
+
+class Engine(Protocol):
+    profile: Profile
+    load_seconds: float
+
+    def stream(
+        self, requests: Iterable[Request], sampling: dict[str, Any], window: int
+    ) -> Iterator[list[Answer]]:
+        """Answers as they finish, one list per engine step (possibly empty)."""
+        ...
+
+    def close(self) -> None:
+        """Release the model and everything it holds."""
+        ...
+
+
+def fail(request: Request, code: str, message: str, status: int = 400,
+         param: str | None = None) -> Answer:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return Answer(request, error=LineError(request.line, request.custom_id, code, message,
+                                           param, status, kind))
+
+
+class FakeEngine:
+    """A deterministic engine for plumbing tests: answers echo the request.
+
+    Its completions are a hash of the prompt, with token counts from word
+    counts; ``step_seconds`` makes each step take time, to test progress,
+    cancel and stop without a model.
+    """
+
+    def __init__(self, profile: Profile, step_seconds: float = 0.0, per_step: int = 8):
+        self.profile = profile
+        self.step_seconds = step_seconds
+        self.per_step = per_step
+        self.load_seconds = 0.0
+        self.closed = False
+
+    def stream(self, requests: Iterable[Request], sampling: dict[str, Any], window: int
+               ) -> Iterator[list[Answer]]:
+        source = iter(requests)
+        pending: list[Request] = []
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < window:
+                request = next(source, None)
+                if request is None:
+                    exhausted = True
+                else:
+                    pending.append(request)
+            if not pending:
+                return
+            if self.step_seconds:
+                time.sleep(self.step_seconds)
+            done, pending = pending[: self.per_step], pending[self.per_step:]
+            yield [self._answer(r, sampling) for r in done]
+
+    def _answer(self, request: Request, sampling: dict[str, Any]) -> Answer:
+        if request.url == EMBEDDINGS:
+            return fail(request, "invalid_request",
+                        f"profile {self.profile.name} does not serve embeddings")
+        body = request.body
+        text_in = str(body.get("messages") or body.get("prompt"))
+        prompt_tokens = len(text_in.split())
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") \
+            or sampling.get("max_tokens") or 16
+        if prompt_tokens > 100_000:
+            return fail(request, "context_length_exceeded", "prompt too long")
+        digest = hashlib.sha256(text_in.encode()).hexdigest()
+        words = [digest[i:i + 4] for i in range(0, 64, 4)][: max(1, min(limit, 16))]
+        text = " ".join(words)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                 "total_tokens": prompt_tokens + len(words)}
+        rid = f"fake-{request.line}"
+        if request.url == CHAT:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": "length", "logprobs": None}
+            obj = {"id": f"chatcmpl-{rid}", "object": "chat.completion"}
+        else:
+            assert request.url == COMPLETIONS
+            choice = {"index": 0, "text": text, "finish_reason": "length", "logprobs": None}
+            obj = {"id": f"cmpl-{rid}", "object": "text_completion"}
+        obj.update(created=int(time.time()), model=self.profile.model,
+                   choices=[choice], usage=usage)
+        return Answer(request, body=obj)
+
+    def close(self) -> None:
+        self.closed = True

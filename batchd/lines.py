@@ -1,0 +1,211 @@
+"""Input lines: read a JSONL file as a stream and turn each line into a request
+or a line error. Nothing here raises for bad input; every non-blank line gets
+exactly one outcome.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+URLS = (CHAT, COMPLETIONS, EMBEDDINGS)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One valid request: where it came from and the OpenAI body to run."""
+
+    line: int
+    custom_id: str
+    url: str
+    body: dict[str, Any]
+
+    @property
+    def model(self) -> str | None:
+        model = self.body.get("model")
+        return model if isinstance(model, str) and model else None
+
+
+@dataclass(frozen=True)
+class LineError:
+    """A line that cannot run, with an OpenAI-style error code."""
+
+    line: int
+    custom_id: str
+    code: str
+    message: str
+    param: str | None = None
+    status_code: int = 400
+    type: str = "invalid_request_error"
+
+
+@dataclass
+class RawLine:
+    number: int
+    data: bytes | None  # None when the line was longer than the limit
+    length: int = 0
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _Sampling(_Lenient):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=100)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=128)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: str | list[str] | None = None
+    stream: Literal[False] | None = None  # a batch has nobody to stream to
+
+
+class _Message(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _ChatBody(_Sampling):
+    messages: list[_Message] = Field(min_length=1)
+
+
+class _CompletionBody(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class _EmbeddingBody(_Lenient):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+
+
+BODY_MODELS = {CHAT: _ChatBody, COMPLETIONS: _CompletionBody, EMBEDDINGS: _EmbeddingBody}
+BATCH_KEYS = {"custom_id", "method", "url", "body"}
+
+
+def read_lines(stream: BinaryIO, max_line_bytes: int) -> Iterator[RawLine]:
+    """Yield every non-blank line with its 1-based number, in bounded memory.
+
+    A line longer than ``max_line_bytes`` is skipped over in pieces and yielded
+    with ``data=None``, so one huge line cannot exhaust memory.
+    """
+    number = 0
+    while True:
+        chunk = stream.readline(max_line_bytes + 1)
+        if not chunk:
+            return
+        number += 1
+        if len(chunk) > max_line_bytes and not chunk.endswith(b"\n"):
+            length = len(chunk)
+            while chunk and not chunk.endswith(b"\n"):
+                chunk = stream.readline(1 << 20)
+                length += len(chunk)
+            yield RawLine(number, None, length)
+            continue
+        if number == 1 and chunk.startswith(b"\xef\xbb\xbf"):
+            chunk = chunk[3:]  # a UTF-8 byte order mark, as Windows editors write
+        if chunk.strip():
+            yield RawLine(number, chunk, len(chunk))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_line(raw: RawLine, max_line_bytes: int = 1 << 62) -> Request | LineError:
+    """Turn one raw line into a Request or a LineError; never raises."""
+    default_id = f"line-{raw.number}"
+    if raw.data is None:
+        return LineError(
+            raw.number, default_id, "invalid_request",
+            f"line is {raw.length} bytes, over the limit of {max_line_bytes}",
+        )
+    try:
+        obj = json.loads(raw.data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return LineError(raw.number, default_id, "invalid_json_line", f"not valid JSON: {exc}")
+    if not isinstance(obj, dict):
+        return LineError(
+            raw.number, default_id, "invalid_json_line",
+            f"a line must be a JSON object, got {type(obj).__name__}",
+        )
+    return _to_request(raw.number, obj)
+
+
+def _to_request(number: int, obj: dict[str, Any]) -> Request | LineError:
+    custom_id = obj.get("custom_id", f"line-{number}")
+    if not isinstance(custom_id, str) or not custom_id:
+        return LineError(number, f"line-{number}", "invalid_request",
+                         "custom_id must be a non-empty string", "custom_id")
+    if "body" in obj or "url" in obj:
+        extra = sorted(set(obj) - BATCH_KEYS)
+        if extra:
+            return LineError(number, custom_id, "invalid_request",
+                             f"unknown field {extra[0]!r} in a batch line", extra[0])
+        url, body = obj.get("url"), obj.get("body")
+        if obj.get("method", "POST") != "POST":
+            return LineError(number, custom_id, "invalid_request",
+                             "method must be POST", "method")
+        if url not in URLS:
+            return LineError(number, custom_id, "unsupported_url",
+                             f"url {url!r} is not one of {', '.join(URLS)}", "url")
+        if not isinstance(body, dict):
+            return LineError(number, custom_id, "invalid_request",
+                             "body must be a JSON object", "body")
+        prefix = "body."
+    else:
+        body = {k: v for k, v in obj.items() if k != "custom_id"}
+        if "messages" in body:
+            url = CHAT
+        elif "prompt" in body:
+            url = COMPLETIONS
+        elif "input" in body:
+            url = EMBEDDINGS
+        else:
+            return LineError(number, custom_id, "invalid_request",
+                             "a line needs body, messages, prompt or input", None)
+        prefix = ""
+    try:
+        BODY_MODELS[url].model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = prefix + ".".join(str(p) for p in err["loc"])
+        return LineError(number, custom_id, "invalid_request", f"{param}: {err['msg']}", param)
+    except RecursionError:
+        return LineError(number, custom_id, "invalid_request", "body is nested too deeply")
+    return Request(number, custom_id, url, body)
+
+
+def iter_file(path: Path, max_line_bytes: int) -> Iterator[Request | LineError]:
+    """Every non-blank line of a file as a Request or LineError, streamed."""
+    with open(path, "rb") as stream:
+        for raw in read_lines(stream, max_line_bytes):
+            yield parse_line(raw, max_line_bytes)
+
+
+@dataclass
+class Dedup:
+    """Remembers custom_ids seen so far; the first occurrence wins.
+
+    Keeps 8-byte hashes rather than the ids, so a million lines cost tens of
+    megabytes at most.
+    """
+
+    seen: set[int] = field(default_factory=set)
+
+    def check(self, item: Request | LineError) -> Request | LineError:
+        key = hash(item.custom_id)
+        if key in self.seen:
+            return LineError(item.line, item.custom_id, "duplicate_custom_id",
+                             f"custom_id {item.custom_id!r} was used by an earlier line",
+                             "custom_id")
+        self.seen.add(key)
+        return item

@@ -1,0 +1,138 @@
+"""What a job publishes: status lines, output lines and atomic files.
+
+Publication follows Maildir's rule: write under a temp name in the same
+folder, fsync, then ``os.replace`` into place; nothing is modified after it
+has its final name. The final status line is written last, so a reader that
+sees it can trust everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterable
+
+from .lines import LineError, Request
+
+
+class JobState(str, Enum):
+    """A job's state, in OpenAI batch words. Persisted by value."""
+
+    QUEUED = "queued"  # claimed, waiting for the engine
+    VALIDATING = "validating"  # reading lines, routing
+    IN_PROGRESS = "in_progress"  # generating
+    FINALIZING = "finalizing"  # writing results, errors and bench
+    COMPLETED = "completed"  # final: every line answered
+    FAILED = "failed"  # final: rejected as a whole, or the engine gave up
+    CANCELLED = "cancelled"  # final: stopped on request; the rest are `cancelled` errors
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}
+# Allowed moves; anything else is a bug.
+TRANSITIONS = {
+    JobState.QUEUED: {JobState.VALIDATING, JobState.FAILED, JobState.CANCELLED},
+    JobState.VALIDATING: {JobState.IN_PROGRESS, JobState.FINALIZING, JobState.FAILED,
+                          JobState.CANCELLED, JobState.QUEUED},
+    JobState.IN_PROGRESS: {JobState.FINALIZING, JobState.QUEUED, JobState.FAILED,
+                           JobState.CANCELLED},
+    JobState.FINALIZING: FINAL_STATES | {JobState.QUEUED},
+}
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class StatusFile:
+    """The append-only ``JOB.status.jsonl``; one JSON object a line."""
+
+    def __init__(self, path: Path, job: str):
+        self.path = path
+        self.job = job
+        self.state: JobState | None = None
+        self.last: dict[str, Any] = {}
+        self.written_at = 0.0
+
+    def write(self, state: JobState, **fields: Any) -> dict[str, Any]:
+        if self.state is not None and state != self.state and state not in TRANSITIONS.get(
+                self.state, set()):
+            raise ValueError(f"job {self.job}: no transition {self.state.value} -> {state.value}")
+        record = {"ts": utc_now(), "job": self.job, "state": state.value, **fields}
+        record.setdefault("message", "")
+        with open(self.path, "ab") as stream:
+            stream.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+            if state.final:
+                stream.flush()
+                os.fsync(stream.fileno())
+        self.state, self.last, self.written_at = state, record, time.monotonic()
+        return record
+
+
+def read_status(path: Path) -> list[dict[str, Any]]:
+    """Every complete status line of a file (a torn last line is skipped)."""
+    records = []
+    try:
+        with open(path, "rb") as stream:
+            for raw in stream:
+                if raw.endswith(b"\n"):
+                    try:
+                        records.append(json.loads(raw))
+                    except ValueError:
+                        pass
+    except FileNotFoundError:
+        pass
+    return records
+
+
+def result_line(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+    rid = body.get("id", f"batch_req_{request.line}")
+    return {"id": f"batch_req_{rid}", "custom_id": request.custom_id,
+            "response": {"status_code": 200, "request_id": rid, "body": body},
+            "error": None}
+
+
+def error_line(error: LineError) -> dict[str, Any]:
+    rid = f"batch_req_line_{error.line}"
+    return {"id": rid, "custom_id": error.custom_id,
+            "response": {"status_code": error.status_code, "request_id": rid,
+                         "body": {"error": {"message": error.message, "type": error.type,
+                                            "code": error.code, "param": error.param}}},
+            "error": None, "line": error.line}
+
+
+def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write PATH so that readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as stream:
+        for chunk in chunks:
+            stream.write(chunk)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+    sync_dir(path.parent)
+
+
+def sync_dir(folder: Path) -> None:
+    """Make renames in FOLDER durable (a no-op where directories can't be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def dumps_line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"

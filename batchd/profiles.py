@@ -1,0 +1,155 @@
+"""Model profiles: ``profiles/NAME.toml`` says which model a job runs and how.
+
+Only profiles choose engines and models; a dropped sidecar can pick a profile
+and sampling defaults, nothing else. A profile that does not validate is
+reported with its file and key, and the others keep working.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Keyword arguments of vllm.LLM (its EngineArgs) that a profile may set. A
+# static list keeps `batchd profiles` and validation free of the slow vLLM
+# import; vLLM itself checks the values when the engine loads.
+ENGINE_KEYS = frozenset(
+    """
+    tokenizer tokenizer_mode skip_tokenizer_init trust_remote_code revision
+    tokenizer_revision code_revision download_dir load_format dtype kv_cache_dtype
+    seed max_model_len quantization enforce_eager max_num_seqs
+    max_num_batched_tokens enable_chunked_prefill enable_prefix_caching
+    gpu_memory_utilization kv_cache_memory_bytes swap_space cpu_offload_gb
+    block_size tensor_parallel_size pipeline_parallel_size data_parallel_size
+    distributed_executor_backend disable_custom_all_reduce max_seq_len_to_capture
+    limit_mm_per_prompt mm_processor_kwargs hf_overrides generation_config
+    override_generation_config compilation_config max_logprobs runner convert task
+    served_model_name enable_lora max_lora_rank max_loras override_pooler_config
+    pooler_config disable_log_stats num_gpu_blocks_override speculative_config
+    calculate_kv_scales rope_scaling rope_theta model_impl async_scheduling
+    """.split()
+)
+
+SAMPLING_KEYS = frozenset(
+    """
+    temperature top_p top_k min_p max_tokens max_completion_tokens seed stop
+    presence_penalty frequency_penalty repetition_penalty n logprobs top_logprobs
+    ignore_eos min_tokens skip_special_tokens stop_token_ids
+    """.split()
+)
+
+
+class ProfileError(Exception):
+    """A profile file that cannot be used; the message names the file and key."""
+
+
+class ChatOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    template_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class Profile(BaseModel):
+    """One validated profile. ``name`` comes from the file name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    model: str
+    path: str | None = None  # local folder to load instead of the hub id
+    recipe: str | None = None  # `batchd models prepare RECIPE` builds the folder
+    aliases: list[str] = Field(default_factory=list)
+    description: str = ""
+    environment: dict[str, str] = Field(default_factory=dict)  # set before vLLM loads
+    engine: dict[str, Any] = Field(default_factory=dict)
+    sampling: dict[str, Any] = Field(default_factory=dict)
+    chat: ChatOptions = Field(default_factory=ChatOptions)
+    source: Path | None = None
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - ENGINE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown engine key {unknown[0]!r}")
+        return value
+
+    @field_validator("sampling")
+    @classmethod
+    def _known_sampling_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - SAMPLING_KEYS)
+        if unknown:
+            raise ValueError(f"unknown sampling key {unknown[0]!r}")
+        return value
+
+    def names(self) -> set[str]:
+        """Every name a job may use to ask for this profile."""
+        return {self.name, self.model, *self.aliases}
+
+    def model_location(self, models_dir: Path) -> str:
+        """What vLLM loads: a local folder when the profile has one, else the hub id."""
+        if self.path:
+            path = Path(self.path).expanduser()
+            return str(path if path.is_absolute() else models_dir / path)
+        if self.recipe:
+            return str(models_dir / self.recipe)
+        return self.model
+
+    def engine_args(self, models_dir: Path) -> dict[str, Any]:
+        """Keyword arguments for vllm.LLM, exactly as the profile gives them."""
+        return {"model": self.model_location(models_dir), **self.engine}
+
+
+def load_profile(path: Path) -> Profile:
+    """Read one profile file; raise ProfileError naming the file and key."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ProfileError(f"{path.name}: {exc}") from None
+    try:
+        return Profile(**data, name=path.stem, source=path)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise ProfileError(f"{path.name}: {key}: {err['msg']}") from None
+
+
+@dataclass
+class ProfileSet:
+    """All profiles of a folder, plus the files that failed to load."""
+
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, folder: Path) -> "ProfileSet":
+        found = cls()
+        for path in sorted(folder.glob("*.toml")):
+            try:
+                profile = load_profile(path)
+            except ProfileError as exc:
+                found.errors.append(str(exc))
+            else:
+                found.profiles[profile.name] = profile
+        if not folder.is_dir():
+            found.errors.append(f"profiles folder not found: {folder}")
+        return found
+
+    def lookup(self, name: str) -> Profile | None:
+        """The profile a name, alias or model id stands for (exact, then case-blind)."""
+        if name in self.profiles:
+            return self.profiles[name]
+        for profile in self.profiles.values():
+            if name in profile.names():
+                return profile
+        lowered = name.lower()
+        for profile in self.profiles.values():
+            if lowered in {n.lower() for n in profile.names()}:
+                return profile
+        return None
+
+    def known(self) -> str:
+        return ", ".join(sorted(self.profiles)) or "(none)"

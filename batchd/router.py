@@ -1,0 +1,114 @@
+"""Routing: which profile runs a job, in the contract's order.
+
+1. the sidecar's ``profile``; 2. a ``PROFILE__`` file-name prefix naming a known
+profile; 3. the lines' ``model`` when they all agree; 4. the default profile.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .profiles import SAMPLING_KEYS, Profile, ProfileSet
+
+
+class JobRejected(Exception):
+    """The whole file cannot run; ``code`` is the contract's error code."""
+
+    def __init__(self, code: str, message: str, line: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.line = line
+
+
+class Sidecar(BaseModel):
+    """``NAME.toml`` beside a dropped file: a profile, sampling defaults, a priority.
+
+    Engine settings and model paths are refused: only profiles choose them.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: str | None = Field(None, min_length=1, max_length=200)
+    priority: int = Field(0, ge=-1000, le=1000)
+    sampling: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("sampling")
+    @classmethod
+    def _known(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - SAMPLING_KEYS)
+        if unknown:
+            raise ValueError(f"unknown sampling key {unknown[0]!r}")
+        return value
+
+
+def read_sidecar(path: Path | None) -> Sidecar:
+    if path is None:
+        return Sidecar()
+    try:
+        with open(path, "rb") as stream:  # a symlink or FIFO is refused below
+            raw = stream.read(65536 + 1)
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise JobRejected("invalid_sidecar", f"sidecar {path.name}: {exc}") from None
+    try:
+        return Sidecar(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise JobRejected("invalid_sidecar", f"sidecar {path.name}: {key}: {err['msg']}") from None
+
+
+@dataclass
+class ModelVote:
+    """The ``model`` values seen in a job's lines."""
+
+    models: dict[str, int] = field(default_factory=dict)  # model -> first line
+    limit: int = 16
+
+    def add(self, model: str | None, line: int) -> None:
+        if model and model not in self.models and len(self.models) < self.limit:
+            self.models[model] = line
+
+
+def prefix_profile(job: str, profiles: ProfileSet) -> Profile | None:
+    head, sep, _ = job.partition("__")
+    return profiles.lookup(head) if sep and head else None
+
+
+def route(job: str, sidecar: Sidecar, votes: ModelVote, profiles: ProfileSet,
+          default: str) -> tuple[Profile, str]:
+    """The profile for a job and the reason it was chosen; JobRejected if none."""
+    if sidecar.profile is not None:
+        profile = profiles.lookup(sidecar.profile)
+        if profile is None:
+            raise JobRejected("unknown_profile", f"sidecar names unknown profile "
+                              f"{sidecar.profile!r}; known profiles: {profiles.known()}")
+        return profile, "sidecar"
+    profile = prefix_profile(job, profiles)
+    if profile is not None:
+        return profile, "filename prefix"
+    if votes.models:
+        chosen = {m: profiles.lookup(m) for m in votes.models}
+        names = {p.name if p else None for p in chosen.values()}
+        if len(names) > 1:
+            first, second = list(votes.models.items())[:2]
+            raise JobRejected(
+                "model_mismatch",
+                f"lines name different models: {first[0]!r} (line {first[1]}) and "
+                f"{second[0]!r} (line {second[1]})", line=second[1])
+        profile = next(iter(chosen.values()))
+        if profile is not None:
+            return profile, "lines' model"
+        # Every line names the same model that no profile knows: the default
+        # profile runs it (as an OpenAI-compatible server ignores `model`).
+    profile = profiles.lookup(default)
+    if profile is None:
+        raise JobRejected("unknown_profile", f"default profile {default!r} is not known; "
+                          f"known profiles: {profiles.known()}")
+    return profile, "default"

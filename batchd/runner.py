@@ -1,0 +1,370 @@
+"""Run one claimed job from ``work/`` to its final status line.
+
+validating → loading the engine → generating (streamed, checkpointed) →
+finalizing. Every step can be cut short by a crash and redone from the
+checkpoint: answered lines are never asked again and never written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import structlog
+import tomli_w
+
+from . import bench
+from .checkpoint import Checkpoint
+from .config import Settings
+from .engine import Engine, EngineDead
+from .lines import Dedup, LineError, Request, iter_file
+from .outbox import (JobState, StatusFile, dumps_line, error_line, read_status, result_line,
+                     sync_dir, utc_now, write_atomic)
+from .profiles import Profile, ProfileSet
+from .router import JobRejected, ModelVote, Sidecar, read_sidecar, route
+
+log = structlog.get_logger()
+
+
+class EnginePool:
+    """Keeps one engine warm; a different profile replaces it."""
+
+    def __init__(self, factory: Callable[[Profile], Engine]):
+        self.factory = factory
+        self.engine: Engine | None = None
+
+    def get(self, profile: Profile) -> tuple[Engine, float]:
+        """The engine for PROFILE and the seconds spent loading it now (0 if warm)."""
+        if self.engine is not None and self.engine.profile == profile:
+            return self.engine, 0.0
+        self.close()
+        log.info("engine_loading", profile=profile.name, model=profile.model)
+        started = time.monotonic()
+        self.engine = self.factory(profile)
+        seconds = time.monotonic() - started
+        log.info("engine_loaded", profile=profile.name, seconds=round(seconds, 2))
+        return self.engine, seconds
+
+    def close(self) -> None:
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            log.info("engine_closing", profile=engine.profile.name)
+            engine.close()
+
+
+@dataclass
+class Job:
+    """The files and counters of one job while it runs."""
+
+    name: str
+    settings: Settings
+    status: StatusFile = field(init=False)
+    profile: Profile | None = None
+    total: int = 0
+    started: float = field(default_factory=time.monotonic)
+    started_at: str = field(default_factory=utc_now)
+
+    def __post_init__(self) -> None:
+        self.status = StatusFile(self.settings.outbox / f"{self.name}.status.jsonl", self.name)
+
+    @property
+    def input(self) -> Path:
+        return self.settings.work / f"{self.name}.jsonl"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.settings.work / f"{self.name}.ckpt.jsonl"
+
+    @property
+    def sidecar(self) -> Path | None:
+        path = self.settings.work / f"{self.name}.toml"
+        return path if path.exists() or path.is_symlink() else None
+
+    def out(self, suffix: str) -> Path:
+        return self.settings.outbox / f"{self.name}.{suffix}"
+
+
+class Runner:
+    """Runs jobs one at a time on a warm engine. ``stop`` is set by SIGTERM."""
+
+    def __init__(self, settings: Settings, profiles: ProfileSet, pool: EnginePool,
+                 stop: threading.Event | None = None):
+        self.settings = settings
+        self.profiles = profiles
+        self.pool = pool
+        self.stop = stop or threading.Event()
+
+    def cancel_requested(self, job: str) -> bool:
+        return (self.settings.inbox / f"{job}.cancel").exists()
+
+    # -- the job, start to end -----------------------------------------------
+
+    def run(self, name: str) -> JobState | None:
+        """Run a job to a final state; None when a stop interrupted it (it resumes later)."""
+        job = Job(name, self.settings)
+        history = read_status(job.status.path)
+        if history and JobState(history[-1]["state"]).final:
+            return self._cleanup(job, JobState(history[-1]["state"]))  # crashed after publishing
+        if history:
+            job.status.state = JobState(history[-1]["state"])
+            if job.status.state != JobState.QUEUED:
+                job.status.write(JobState.QUEUED, message="resuming after a restart")
+        bound = log.bind(job=name)
+        ckpt = Checkpoint(job.checkpoint, self.settings.engine.checkpoint_every,
+                          self.settings.engine.checkpoint_seconds)
+        try:
+            if job.status.state is None:
+                job.status.write(JobState.QUEUED, message="claimed")
+            resumed = ckpt.resumed_lines
+            message = f"resumed from checkpoint: {resumed} lines already answered" \
+                if resumed else ""
+            if resumed:
+                bound.info("job_resumed", lines=resumed)
+            job.status.write(JobState.VALIDATING, phase="validating", message=message)
+            queued_s = time.monotonic() - job.started
+            try:
+                sidecar, votes = self._validate(job, ckpt)
+                job.profile, reason = route(name, sidecar, votes, self.profiles,
+                                            self.settings.routing.default_profile)
+            except JobRejected as exc:
+                return self._reject(job, ckpt, exc)
+            bound = bound.bind(profile=job.profile.name)
+            bound.info("job_routed", reason=reason, total=job.total)
+            self._write_job_toml(job, sidecar, reason)
+            if self.cancel_requested(name):
+                return self._finish_cancelled(job, ckpt, queued_s, 0.0, 0.0, None)
+            return self._generate(job, ckpt, sidecar, queued_s, bound)
+        finally:
+            ckpt.close()
+
+    def _classified(self, job: Job) -> Iterator[Request | LineError]:
+        dedup = Dedup()
+        for item in iter_file(job.input, self.settings.limits.max_line_bytes):
+            yield dedup.check(item)
+
+    def _validate(self, job: Job, ckpt: Checkpoint) -> tuple[Sidecar, ModelVote]:
+        limits = self.settings.limits
+        size = os.stat(job.input).st_size
+        if size > limits.max_file_bytes:
+            raise JobRejected("file_too_large",
+                              f"{size} bytes is over the limit of {limits.max_file_bytes}")
+        sidecar = read_sidecar(job.sidecar)
+        votes = ModelVote()
+        for item in self._classified(job):
+            job.total += 1
+            if job.total > limits.max_requests:
+                raise JobRejected("too_many_requests",
+                                  f"more than {limits.max_requests} requests", item.line)
+            if isinstance(item, LineError):
+                ckpt.add(item.line, "error", error_line(item))
+            else:
+                votes.add(item.model, item.line)
+        return sidecar, votes
+
+    def _write_job_toml(self, job: Job, sidecar: Sidecar, reason: str) -> None:
+        assert job.profile is not None
+        doc = {"job": job.name, "input": str(job.input), "profile": job.profile.name,
+               "model": job.profile.model, "routed_by": reason, "priority": sidecar.priority,
+               "requests": job.total,
+               "engine": job.profile.engine_args(self.settings.routing.models_dir),
+               "sampling": {**job.profile.sampling, **sidecar.sampling},
+               "chat": job.profile.chat.model_dump()}
+        write_atomic(job.out("job.toml"), [tomli_w.dumps(doc).encode()])
+
+    # -- generation ------------------------------------------------------------
+
+    def _generate(self, job: Job, ckpt: Checkpoint, sidecar: Sidecar, queued_s: float,
+                  bound: Any) -> JobState | None:
+        assert job.profile is not None
+        sampling = {**job.profile.sampling, **sidecar.sampling}
+        deaths = 0
+        load_s = 0.0
+        gen_s = 0.0
+        first_result: float | None = None
+        while True:
+            job.status.write(JobState.IN_PROGRESS, phase="loading_model",
+                             **self._progress(job, ckpt, 0, 0.0))
+            try:
+                engine, spent = self.pool.get(job.profile)
+            except Exception as exc:  # noqa: BLE001 - a model that cannot load fails its job
+                bound.error("engine_load_failed", error=str(exc))
+                return self._fail_rest(job, ckpt, queued_s, load_s, gen_s, first_result,
+                                       "engine_error", f"model failed to load: {exc}")
+            load_s += spent
+            started = time.monotonic()
+            done_before = ckpt.tally.completed + ckpt.tally.failed
+            job.status.write(JobState.IN_PROGRESS, phase="generating",
+                             **self._progress(job, ckpt, 0, 0.0))
+            todo = (item for item in self._classified(job)
+                    if isinstance(item, Request) and item.line not in ckpt.done)
+            stream = engine.stream(todo, sampling, self.settings.engine.window)
+            outcome = None
+            try:
+                for answers in stream:
+                    for answer in answers:
+                        if answer.error is not None:
+                            ckpt.add(answer.request.line, "error", error_line(answer.error))
+                        else:
+                            ckpt.add(answer.request.line, "result",
+                                     result_line(answer.request, answer.body))
+                            if first_result is None:
+                                first_result = time.monotonic() - job.started
+                    ckpt.tick()
+                    if time.monotonic() - job.status.written_at >= self.settings.status.interval:
+                        done_now = ckpt.tally.completed + ckpt.tally.failed - done_before
+                        job.status.write(JobState.IN_PROGRESS, phase="generating",
+                                         **self._progress(job, ckpt, done_now,
+                                                          time.monotonic() - started))
+                    if self.cancel_requested(job.name):
+                        outcome = "cancel"
+                        break
+                    if self.stop.is_set():
+                        outcome = "stop"
+                        break
+            except EngineDead as exc:
+                deaths += 1
+                gen_s += time.monotonic() - started
+                bound.error("engine_died", error=str(exc), deaths=deaths)
+                self.pool.engine = None  # its process is gone; do not reuse it
+                if deaths >= self.settings.engine.max_engine_failures:
+                    return self._fail_rest(job, ckpt, queued_s, load_s, gen_s, first_result,
+                                           "engine_error", f"the engine died {deaths} times "
+                                           f"running this job: {exc}")
+                continue
+            finally:
+                stream.close()  # aborts whatever is still in flight
+            gen_s += time.monotonic() - started
+            if outcome == "stop":
+                ckpt.sync()
+                job.status.write(JobState.QUEUED, phase="interrupted",
+                                 message="daemon stopping; the job resumes at the next start",
+                                 **self._progress(job, ckpt, 0, 0.0))
+                bound.info("job_interrupted", answered=ckpt.tally.completed + ckpt.tally.failed)
+                return None
+            if outcome == "cancel":
+                return self._finish_cancelled(job, ckpt, queued_s, load_s, gen_s, first_result)
+            return self._publish(job, ckpt, JobState.COMPLETED, queued_s, load_s, gen_s,
+                                 first_result)
+
+    def _progress(self, job: Job, ckpt: Checkpoint, done_now: int, seconds: float
+                  ) -> dict[str, Any]:
+        tally = ckpt.tally
+        rate = done_now / seconds if seconds > 0 else 0.0
+        remaining = job.total - tally.completed - tally.failed
+        return {
+            "profile": job.profile.name if job.profile else None,
+            "model": job.profile.model if job.profile else None,
+            "request_counts": {"total": job.total, "completed": tally.completed,
+                               "failed": tally.failed},
+            "tokens": {"prompt": tally.prompt_tokens, "completion": tally.completion_tokens},
+            "throughput": {"requests_per_s": round(rate, 3),
+                           "output_tokens_per_s": round(
+                               tally.completion_tokens / seconds if seconds > 0 else 0.0, 3)},
+            "eta_s": round(remaining / rate, 1) if rate > 0 else None,
+        }
+
+    # -- endings ---------------------------------------------------------------
+
+    def _fill(self, job: Job, ckpt: Checkpoint, code: str, message: str, status: int) -> None:
+        """Give every line not yet answered an error line with CODE."""
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        for item in self._classified(job):
+            if item.line not in ckpt.done:
+                ckpt.add(item.line, "error", error_line(LineError(
+                    item.line, item.custom_id, code, message, None, status, kind)))
+
+    def _finish_cancelled(self, job: Job, ckpt: Checkpoint, queued_s: float, load_s: float,
+                          gen_s: float, first_result: float | None) -> JobState:
+        self._fill(job, ckpt, "cancelled", "the job was cancelled before this line ran", 400)
+        try:
+            os.unlink(self.settings.inbox / f"{job.name}.cancel")
+        except FileNotFoundError:
+            pass
+        log.info("job_cancelled", job=job.name)
+        return self._publish(job, ckpt, JobState.CANCELLED, queued_s, load_s, gen_s,
+                             first_result)
+
+    def _fail_rest(self, job: Job, ckpt: Checkpoint, queued_s: float, load_s: float,
+                   gen_s: float, first_result: float | None, code: str, message: str
+                   ) -> JobState:
+        self._fill(job, ckpt, code, message, 500)
+        return self._publish(job, ckpt, JobState.FAILED, queued_s, load_s, gen_s, first_result,
+                             errors=[{"code": code, "message": message, "line": None}])
+
+    def _reject(self, job: Job, ckpt: Checkpoint, exc: JobRejected) -> JobState:
+        log.warning("job_rejected", job=job.name, code=exc.code, reason=exc.message)
+        if exc.code not in ("file_too_large",):
+            self._fill(job, ckpt, exc.code, exc.message, 400)
+        return self._publish(job, ckpt, JobState.FAILED, 0.0, 0.0, 0.0, None,
+                             errors=[{"code": exc.code, "message": exc.message,
+                                      "line": exc.line}], rejected=True)
+
+    def _publish(self, job: Job, ckpt: Checkpoint, final: JobState, queued_s: float,
+                 load_s: float, gen_s: float, first_result: float | None,
+                 errors: list[dict[str, Any]] | None = None, rejected: bool = False
+                 ) -> JobState:
+        """Results, errors and bench in place, then the final status line, then the input."""
+        job.status.write(JobState.FINALIZING, phase="publishing",
+                         **self._progress(job, ckpt, 0, 0.0))
+        outbox = self.settings.outbox
+        tmp = {kind: outbox / f".{job.name}.{kind}s.jsonl.tmp" for kind in ("result", "error")}
+        streams = {kind: open(path, "wb") for kind, path in tmp.items()}
+        try:
+            for _line, kind, out in ckpt.ordered():
+                streams[kind].write(dumps_line(out))
+            for stream in streams.values():
+                stream.flush()
+                os.fsync(stream.fileno())
+        finally:
+            for stream in streams.values():
+                stream.close()
+        for kind, path in tmp.items():
+            os.replace(path, job.out(f"{kind}s.jsonl"))
+        tally = ckpt.tally
+        profile = job.profile
+        record = bench.record(
+            job=job.name, profile=profile.name if profile else None,
+            model=profile.model if profile else None,
+            engine_args=profile.engine_args(self.settings.routing.models_dir) if profile else {},
+            total=job.total, succeeded=tally.completed, failed=tally.failed,
+            prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens,
+            queued_s=queued_s, model_load_s=load_s, generation_s=gen_s,
+            total_s=time.monotonic() - job.started, first_result_s=first_result,
+            started_at=job.started_at, finished_at=utc_now(), state=final.value,
+            resumed=ckpt.resumed_lines > 0)
+        write_atomic(job.out("bench.json"), [json.dumps(record, indent=2).encode() + b"\n"])
+        sync_dir(outbox)
+        fields = self._progress(job, ckpt, 0, 0.0)
+        fields["throughput"] = {k: record["throughput"][k]
+                                for k in ("requests_per_s", "output_tokens_per_s")}
+        fields["eta_s"] = 0.0
+        if errors:
+            fields["errors"] = errors
+        message = errors[0]["message"] if errors else ""
+        job.status.write(final, phase="done", message=message, **fields)
+        log.info("job_finished", job=job.name, state=final.value, total=job.total,
+                 succeeded=tally.completed, failed=tally.failed,
+                 profile=profile.name if profile else None)
+        return self._cleanup(job, final, rejected)
+
+    def _cleanup(self, job: Job, final: JobState, rejected: bool | None = None) -> JobState:
+        """Move the input out of work/ (after publication) and drop the checkpoint."""
+        if rejected is None:  # recovering after a crash: the status says how it ended
+            last = read_status(job.status.path)[-1]
+            rejected = final == JobState.FAILED and last.get("profile") is None
+        if job.input.exists():
+            target = (self.settings.failed / f"{job.name}.jsonl") if rejected \
+                else job.out("input.jsonl")
+            os.replace(job.input, target)
+        for path in (job.checkpoint, self.settings.work / f"{job.name}.toml"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        sync_dir(self.settings.work)
+        return final

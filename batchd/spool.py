@@ -1,0 +1,209 @@
+"""The spool: which inbox files are eligible and settled, and the claim.
+
+The claim is one ``rename()`` from ``inbox/`` into ``work/``, under a name
+unique to this process, so two daemons (on one host or over NFS) can race for
+a file and exactly one wins. The winner then reserves a job name by creating
+``outbox/JOB.status.jsonl`` with ``O_EXCL`` (nothing is ever overwritten) and
+renames its claim to ``work/JOB.jsonl``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+import time
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+
+from .config import Settings
+
+IGNORED_SUFFIXES = (".part", ".tmp", "~")
+_claims = count(1)
+
+
+def ensure_dirs(settings: Settings) -> None:
+    for folder in (settings.inbox, settings.work, settings.outbox, settings.failed):
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def is_eligible_name(name: str) -> bool:
+    """Whether an inbox entry's name makes it a job (contract section 1)."""
+    return (name.endswith(".jsonl") and not name.startswith(".")
+            and not name.endswith(IGNORED_SUFFIXES))
+
+
+def safe_stem(name: str) -> str:
+    """A job name from a file name: printable, no path parts, no leading dash or dot."""
+    stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else name
+    stem = re.sub(r"[^A-Za-z0-9._+=@,-]", "_", stem).lstrip("-.")
+    return stem[:180] or "job"
+
+
+@dataclass
+class Candidate:
+    path: Path
+    size: int
+    mtime_ns: int
+    regular: bool
+
+
+@dataclass
+class Settler:
+    """Decides when an inbox file is complete.
+
+    A file seen to arrive by rename is complete at once. Any other file is
+    settled when its size, mtime and ctime have not changed for
+    ``settle_seconds`` (an SMB copy or ``cp`` writes in place).
+    """
+
+    settle_seconds: float
+    seen: dict[str, tuple[tuple[int, int, int], float]] = field(default_factory=dict)
+    renamed: set[str] = field(default_factory=set)
+
+    def mark_renamed(self, name: str) -> None:
+        self.renamed.add(name)
+
+    def settled(self, name: str, st: os.stat_result, now: float) -> bool:
+        if name in self.renamed:
+            return True
+        key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        previous = self.seen.get(name)
+        if previous is None or previous[0] != key:
+            self.seen[name] = (key, now)
+            return self.settle_seconds == 0
+        return now - previous[1] >= self.settle_seconds
+
+    def forget(self, name: str) -> None:
+        self.seen.pop(name, None)
+        self.renamed.discard(name)
+
+
+def scan(inbox: Path) -> list[tuple[str, os.stat_result]]:
+    """Eligible inbox entries, oldest first, with their lstat (never followed)."""
+    found = []
+    try:
+        entries = list(os.scandir(inbox))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if not is_eligible_name(entry.name):
+            continue
+        try:
+            found.append((entry.name, entry.stat(follow_symlinks=False)))
+        except FileNotFoundError:
+            continue  # claimed by another daemon meanwhile
+    found.sort(key=lambda item: (item[1].st_mtime_ns, item[0]))
+    return found
+
+
+def pending_count(inbox: Path) -> int:
+    return len(scan(inbox))
+
+
+@dataclass
+class Claimed:
+    job: str
+    input: Path  # work/JOB.jsonl
+    original_name: str
+    sidecar: Path | None  # work/JOB.toml when one came with the file
+
+
+def claim(settings: Settings, name: str) -> Claimed | None:
+    """Take inbox/NAME into work/; None when another process won the race."""
+    source = settings.inbox / name
+    # Unique to this process, and it keeps the original name for recovery.
+    temp = settings.work / f".claim~{os.getpid()}~{next(_claims)}~{socket.gethostname()}~{name}"
+    try:
+        os.rename(source, temp)
+    except FileNotFoundError:
+        return None
+    job = reserve_name(settings, safe_stem(name))
+    target = settings.work / f"{job}.jsonl"
+    os.rename(temp, target)
+    sidecar = None
+    side_source = settings.inbox / (name[: -len(".jsonl")] + ".toml")
+    if side_source.exists() or side_source.is_symlink():
+        side_target = settings.work / f"{job}.toml"
+        try:
+            os.rename(side_source, side_target)
+            sidecar = side_target
+        except FileNotFoundError:
+            pass
+    marker = settings.inbox / f"{name}.ready"
+    try:
+        marker.unlink()  # the ready marker is consumed with the claim
+    except FileNotFoundError:
+        pass
+    return Claimed(job, target, name, sidecar)
+
+
+def reserve_name(settings: Settings, stem: str) -> str:
+    """The first free job name for STEM, reserved by creating its status file."""
+    for n in range(1, 1_000_000):
+        job = stem if n == 1 else f"{stem}-{n}"
+        if (settings.work / f"{job}.jsonl").exists():
+            continue
+        try:
+            fd = os.open(settings.outbox / f"{job}.status.jsonl",
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return job
+    raise RuntimeError(f"no free job name for {stem}")
+
+
+def is_regular(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode)
+
+
+def move_to_failed(settings: Settings, name: str) -> Path | None:
+    """Move an inbox entry into failed/ untouched; None if it cannot be moved."""
+    target = settings.failed / name
+    if target.exists() or target.is_symlink():
+        target = settings.failed / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{name}"
+    try:
+        os.rename(settings.inbox / name, target)
+    except OSError:
+        return None
+    return target
+
+
+def unfinished(settings: Settings) -> list[str]:
+    """Jobs left in work/ (by a crash or a stop), oldest first."""
+    jobs = []
+    try:
+        entries = list(os.scandir(settings.work))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if entry.name.endswith(".jsonl") and not entry.name.startswith(".") \
+                and not entry.name.endswith(".ckpt.jsonl"):
+            jobs.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name[:-6]))
+    return [job for _, job in sorted(jobs)]
+
+
+def orphan_claims(settings: Settings) -> list[tuple[Path, str]]:
+    """Claims of this host whose process died between the two renames of a claim,
+    with the inbox name each came from."""
+    host = socket.gethostname()
+    found = []
+    for path in settings.work.glob(".claim~*"):
+        parts = path.name.split("~", 4)
+        if len(parts) == 5 and parts[3] == host and parts[1].isdigit() \
+                and not _alive(int(parts[1])):
+            found.append((path, parts[4]))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

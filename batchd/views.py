@@ -1,0 +1,172 @@
+"""What an operator looks at: the job table, one job, a live follow, bench report."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import spool
+from .config import Settings
+from .outbox import FINAL_STATES, JobState, read_status
+
+
+def _age(ts: str | None) -> str:
+    if not ts:
+        return "-"
+    then = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    seconds = (datetime.now(timezone.utc) - then).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def job_rows(settings: Settings) -> list[dict[str, Any]]:
+    """The last status of every job, newest first, plus files still in the inbox."""
+    rows = []
+    for path in settings.outbox.glob("*.status.jsonl"):
+        history = read_status(path)
+        if not history:
+            continue
+        last = history[-1]
+        counts = last.get("request_counts") or {}
+        rows.append({
+            "job": last["job"], "state": last["state"], "profile": last.get("profile"),
+            "completed": counts.get("completed", 0), "failed": counts.get("failed", 0),
+            "total": counts.get("total", 0),
+            "output_tokens_per_s": (last.get("throughput") or {}).get("output_tokens_per_s"),
+            "eta_s": last.get("eta_s"), "started": history[0]["ts"], "updated": last["ts"],
+            "message": last.get("message", ""),
+        })
+    rows.sort(key=lambda r: r["started"], reverse=True)
+    for name, _st in spool.scan(settings.inbox):
+        rows.append({"job": spool.safe_stem(name), "state": "waiting", "profile": None,
+                     "completed": 0, "failed": 0, "total": 0, "output_tokens_per_s": None,
+                     "eta_s": None, "started": None, "updated": None,
+                     "message": "in inbox, not claimed yet"})
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    table = Table(box=None, header_style="bold")
+    for column in ("JOB", "STATE", "PROFILE", "DONE/TOTAL", "TOK/S", "ETA", "AGE"):
+        table.add_column(column)
+    for r in rows:
+        done = r["completed"] + r["failed"]
+        tps = r["output_tokens_per_s"]
+        eta = r["eta_s"]
+        table.add_row(r["job"], r["state"], r["profile"] or "-", f"{done}/{r['total']}",
+                      f"{tps:.1f}" if tps else "-", f"{eta:.0f}s" if eta else "-",
+                      _age(r["started"]))
+    Console().print(table)
+
+
+def print_job(path: Path, as_json: bool = False) -> int:
+    history = read_status(path)
+    last = history[-1] if history else {}
+    if as_json:
+        print(json.dumps(last))
+    else:
+        counts = last.get("request_counts") or {}
+        print(f"{last.get('job')}: {last.get('state')} ({last.get('phase', '')}) "
+              f"profile={last.get('profile')} "
+              f"{counts.get('completed', 0) + counts.get('failed', 0)}/{counts.get('total', 0)}"
+              f" failed={counts.get('failed', 0)} {last.get('message', '')}")
+    return 0
+
+
+def follow(path: Path, as_json: bool = False, poll: float = 0.5) -> int:
+    """Show a job live until its final status line; exit 0 if it completed."""
+    if as_json:
+        seen = 0
+        while True:
+            history = read_status(path)
+            for record in history[seen:]:
+                print(json.dumps(record), flush=True)
+            seen = len(history)
+            if history and JobState(history[-1]["state"]) in FINAL_STATES:
+                return 0 if history[-1]["state"] == "completed" else 1
+            time.sleep(poll)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total} req"),
+               TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
+               TextColumn("{task.fields[state]}"))
+    with Progress(*columns, console=Console()) as progress:
+        task = progress.add_task(path.name.replace(".status.jsonl", ""), total=None,
+                                 tps="-", state="")
+        while True:
+            history = read_status(path)
+            last = history[-1] if history else {}
+            counts = last.get("request_counts") or {}
+            tps = (last.get("throughput") or {}).get("output_tokens_per_s")
+            progress.update(task, total=counts.get("total") or None,
+                            completed=counts.get("completed", 0) + counts.get("failed", 0),
+                            tps=f"{tps:.1f}" if tps else "-",
+                            state=f"{last.get('state', '')} {last.get('phase', '')}")
+            if last and JobState(last["state"]) in FINAL_STATES:
+                break
+            time.sleep(poll)
+    print(f"{last['job']}: {last['state']} {last.get('message', '')}".rstrip())
+    return 0 if last["state"] == "completed" else 1
+
+
+def bench_report(outbox: Path, plot: str | None = None) -> int:
+    """A table of all bench records grouped by profile; a bar chart with --plot."""
+    groups: dict[str, dict[str, Any]] = {}
+    for path in sorted(outbox.glob("*.bench.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        g = groups.setdefault(record.get("profile") or "-", {
+            "jobs": 0, "requests": 0, "completion": 0, "total_tokens": 0, "gen": 0.0,
+            "load": 0.0, "hardware": record.get("hardware", {})})
+        g["jobs"] += 1
+        g["requests"] += record["requests"]["succeeded"]
+        g["completion"] += record["tokens"]["completion"]
+        g["total_tokens"] += record["tokens"]["total"]
+        g["gen"] += record["timing_s"]["generation"]
+        g["load"] = max(g["load"], record["timing_s"]["model_load"])
+    table = Table(box=None, header_style="bold")
+    for column in ("PROFILE", "JOBS", "REQUESTS", "TOKENS", "OUT TOK/S", "REQ/S", "LOAD S",
+                   "HARDWARE"):
+        table.add_column(column)
+    for name, g in sorted(groups.items()):
+        gen = g["gen"] or float("nan")
+        hw = g["hardware"]
+        where = ", ".join(hw.get("gpus") or []) or f"{hw.get('cpu_count')}x {hw.get('cpu')}"
+        table.add_row(name, str(g["jobs"]), str(g["requests"]), str(g["total_tokens"]),
+                      f"{g['completion'] / gen:.1f}", f"{g['requests'] / gen:.2f}",
+                      f"{g['load']:.1f}", where[:40])
+    Console().print(table)
+    if plot:
+        _plot(groups, plot)
+    return 0
+
+
+def _plot(groups: dict[str, dict[str, Any]], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("batchd: --plot needs matplotlib (pip install matplotlib)")
+        return
+    names = sorted(groups)
+    rates = [groups[n]["completion"] / groups[n]["gen"] if groups[n]["gen"] else 0
+             for n in names]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names)), 3))
+    ax.bar(names, rates)
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("batchd throughput by profile")
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot written to {path}")

@@ -1,0 +1,99 @@
+"""The watcher only wakes the loop: any inbox event means "look again".
+
+inotify (watchdog's native observer) on local filesystems; polling on network
+and FUSE filesystems, where inotify misses writes made by other hosts. A file
+seen arriving by rename is remembered so the loop claims it without the
+settle wait (a rename delivers a complete file).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import structlog
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+log = structlog.get_logger()
+
+NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse", "fuseblk", "sshfs",
+              "fuse.sshfs", "9p", "ceph", "glusterfs", "lustre", "afs", "davfs", "virtiofs"}
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the mount that holds PATH, from /proc/self/mounts."""
+    target = os.path.realpath(path)
+    best, fstype = "", "unknown"
+    try:
+        with open("/proc/self/mounts") as stream:
+            for line in stream:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mount = parts[1].replace("\\040", " ")
+                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best):
+                    best, fstype = mount, parts[2]
+    except OSError:
+        pass
+    return fstype
+
+
+def choose_mode(mode: str, inbox: Path) -> tuple[str, str]:
+    """("inotify" | "poll", why)."""
+    if mode != "auto":
+        return mode, "set in config"
+    fstype = filesystem_type(inbox)
+    if fstype in NETWORK_FS or fstype.startswith("fuse."):
+        return "poll", f"inbox is on {fstype}, where inotify misses remote writes"
+    return "inotify", f"inbox is on {fstype}"
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: "Watcher"):
+        self.watcher = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type == "moved":
+            self.watcher.renamed_in(os.path.basename(os.fsdecode(event.dest_path)))
+        self.watcher.wake.set()
+
+
+class Watcher:
+    def __init__(self, inbox: Path, mode: str, poll_interval: float):
+        self.inbox = inbox
+        self.mode, self.why = choose_mode(mode, inbox)
+        self.poll_interval = poll_interval
+        self.wake = threading.Event()
+        self._renamed: set[str] = set()
+        self._lock = threading.Lock()
+        self._observer = None
+
+    def renamed_in(self, name: str) -> None:
+        with self._lock:
+            self._renamed.add(name)
+
+    def take_renamed(self) -> set[str]:
+        with self._lock:
+            names, self._renamed = self._renamed, set()
+        return names
+
+    def start(self) -> None:
+        if self.mode == "inotify":
+            observer = Observer()
+        else:
+            observer = PollingObserver(timeout=self.poll_interval)
+        observer.schedule(_Handler(self), str(self.inbox), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+        log.info("watching", inbox=str(self.inbox), mode=self.mode, why=self.why)
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
