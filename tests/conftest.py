@@ -1,0 +1,154 @@
+"""Shared fixtures: temp spools, test profiles, and the real tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from batchd.config import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+BATCHD = str(VENV_BIN / "batchd")
+# Models built once and kept between runs (CI builds them on first use).
+MODELS = ROOT / "models"
+
+TINY_PROFILE = """
+model = "batchd/tiny-llama"
+recipe = "tiny-llama"
+aliases = ["tiny"]
+[environment]
+VLLM_CPU_KVCACHE_SPACE = "1"
+[engine]
+dtype = "float32"
+max_model_len = 512
+enforce_eager = true
+[sampling]
+max_tokens = 16
+"""
+
+OTHER_PROFILE = """
+model = "org/other-model"
+recipe = "tiny-llama"
+[engine]
+dtype = "float32"
+max_model_len = 512
+"""
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):
+    """Poll PREDICATE until it returns something truthy; fail after TIMEOUT."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def final_state(outbox: Path, job: str) -> str | None:
+    records = read_jsonl(outbox / f"{job}.status.jsonl")
+    if records and records[-1]["state"] in ("completed", "failed", "cancelled"):
+        return records[-1]["state"]
+    return None
+
+
+def drop(inbox: Path, name: str, lines: list, how: str = "rename") -> Path:
+    """Drop a file as users do: 'rename' (write hidden, then rename in) or 'inplace'."""
+    data = "".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines)
+    target = inbox / name
+    if how == "rename":
+        tmp = inbox / f".{name}.part"
+        tmp.write_text(data)
+        os.rename(tmp, target)
+    else:
+        with open(target, "w") as out:
+            half = len(data) // 2
+            out.write(data[:half])
+            out.flush()
+            out.write(data[half:])
+    return target
+
+
+@pytest.fixture
+def spool_config(tmp_path: Path):
+    """A config file for a temp spool with test profiles; returns a writer for overrides."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "tiny.toml").write_text(TINY_PROFILE)
+    (profiles / "other.toml").write_text(OTHER_PROFILE)
+
+    def write(extra: str = "") -> Path:
+        config = tmp_path / "config.toml"
+        config.write_text(
+            f'[spool]\nroot = "spool"\n'
+            f'[routing]\nprofiles_dir = "profiles"\ndefault_profile = "tiny"\n'
+            f'models_dir = "{MODELS}"\n'
+            f'[watch]\nsettle_seconds = 0.3\npoll_interval = 0.2\n'
+            f'[status]\ninterval = 0.2\n' + extra)
+        return config
+
+    return write
+
+
+@pytest.fixture
+def settings(spool_config):
+    return load_settings(spool_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The random tiny Llama, built once by the product's own recipe."""
+    subprocess.run([BATCHD, "models", "prepare", "tiny-llama", "--config",
+                    str(ROOT / "config.toml")], check=True, capture_output=True)
+    return MODELS / "tiny-llama"
+
+
+class DaemonProcess:
+    """A real `batchd run` subprocess on a temp spool."""
+
+    def __init__(self, config: Path, env: dict | None = None, args: tuple = ()):
+        self.config = config
+        self.log = config.parent / f"daemon-{time.monotonic_ns()}.log"
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.proc = subprocess.Popen([BATCHD, "run", "--config", str(config), *args],
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"),
+                                     env=full_env)
+
+    def logs(self) -> list[dict]:
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        wait_for(lambda: any(e.get("event") == "daemon_ready" for e in self.logs())
+                 or self.proc.poll() is not None, timeout, what="daemon_ready")
+        assert self.proc.poll() is None, self.log.read_text()[-3000:]
+
+    def stop(self, timeout: float = 120) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)

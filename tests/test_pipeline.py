@@ -1,0 +1,181 @@
+"""The whole pipeline in-process on the fake engine: fast checks of the plumbing.
+
+The same paths run on real vLLM in test_vllm_daemon.py.
+"""
+
+import json
+import os
+
+import pytest
+
+from batchd.checkpoint import Checkpoint
+from batchd.daemon import Daemon
+from batchd.engine import FakeEngine
+from batchd.profiles import ProfileSet
+
+from conftest import drop, final_state, read_jsonl
+
+GOOD = {"messages": [{"role": "user", "content": "hello"}]}
+
+
+@pytest.fixture
+def daemon(settings):
+    engines = []
+
+    def factory(profile):
+        engines.append(FakeEngine(profile))
+        return engines[-1]
+
+    d = Daemon(settings, factory=factory, clock=lambda: 1000.0)
+    d.setup()
+    d.engines = engines
+    return d
+
+
+def drain(d):
+    """Run passes on an advancing clock until nothing is left to claim."""
+    done = 0
+    for tick in range(1000):
+        if d.run_once(now=10_000.0 + tick):
+            done += 1
+        elif not d.waiting():
+            return done
+    raise AssertionError("the spool never drained")
+
+
+def outputs(outbox, job):
+    results = read_jsonl(outbox / f"{job}.results.jsonl")
+    errors = read_jsonl(outbox / f"{job}.errors.jsonl")
+    return results, errors
+
+
+def test_mixed_file_one_output_per_line(daemon, settings):
+    lines = [GOOD, "not json", "", {"custom_id": "dup", "prompt": "a"},
+             {"custom_id": "dup", "prompt": "b"}, {"url": "/v1/nope", "body": {}},
+             {"prompt": "x", "max_tokens": -1}, {"custom_id": "z", "method": "POST",
+                                                 "url": "/v1/completions",
+                                                 "body": {"prompt": "y"}}]
+    drop(settings.inbox, "mixed.jsonl", lines)
+    assert drain(daemon) == 1
+    out = settings.outbox
+    assert final_state(out, "mixed") == "completed"
+    results, errors = outputs(out, "mixed")
+    assert [r["custom_id"] for r in results] == ["line-1", "dup", "z"]
+    assert {e["line"]: e["response"]["body"]["error"]["code"] for e in errors} == {
+        2: "invalid_json_line", 5: "duplicate_custom_id", 6: "unsupported_url",
+        7: "invalid_request"}
+    assert len(results) + len(errors) == 7  # 8 lines, one blank
+    bench = json.loads((out / "mixed.bench.json").read_text())
+    assert bench["requests"] == {"total": 7, "succeeded": 3, "failed": 4}
+    for key in ("job", "profile", "model", "engine_args", "tokens", "timing_s",
+                "first_result_s", "throughput", "hardware", "versions", "started_at",
+                "finished_at"):
+        assert key in bench
+    assert (out / "mixed.input.jsonl").read_bytes().count(b"\n") == 8
+    assert list(settings.work.iterdir()) == []
+    status = read_jsonl(out / "mixed.status.jsonl")
+    assert [s["state"] for s in status][0] == "queued"
+    assert status[-1]["request_counts"] == {"total": 7, "completed": 3, "failed": 4}
+
+
+def test_engine_stays_warm_and_profiles_switch(daemon, settings):
+    drop(settings.inbox, "a.jsonl", [GOOD])
+    drop(settings.inbox, "tiny__b.jsonl", [GOOD])
+    drop(settings.inbox, "other__c.jsonl", [GOOD])
+    assert drain(daemon) == 3
+    assert [e.profile.name for e in daemon.engines] == ["tiny", "other"]
+    assert daemon.engines[0].closed and not daemon.engines[1].closed
+    loads = [json.loads((settings.outbox / f"{j}.bench.json").read_text())["profile"]
+             for j in ("a", "tiny__b", "other__c")]
+    assert loads == ["tiny", "tiny", "other"]
+
+
+def test_sidecar_routing_and_unknown_profile(daemon, settings):
+    (settings.inbox / "s.toml").write_text('profile = "other"\n[sampling]\nmax_tokens = 3\n')
+    drop(settings.inbox, "s.jsonl", [GOOD])
+    (settings.inbox / "u.toml").write_text('profile = "nonesuch"\n')
+    drop(settings.inbox, "u.jsonl", [GOOD, GOOD])
+    drain(daemon)
+    assert json.loads((settings.outbox / "s.bench.json").read_text())["profile"] == "other"
+    results, _ = outputs(settings.outbox, "s")
+    assert len(results[0]["response"]["body"]["choices"][0]["message"]["content"].split()) == 3
+    status = read_jsonl(settings.outbox / "u.status.jsonl")[-1]
+    assert status["state"] == "failed" and status["errors"][0]["code"] == "unknown_profile"
+    assert "other, tiny" in status["errors"][0]["message"]
+    _, errors = outputs(settings.outbox, "u")
+    assert [e["response"]["body"]["error"]["code"] for e in errors] == ["unknown_profile"] * 2
+    assert (settings.failed / "u.jsonl").exists()
+
+
+def test_model_mismatch_rejects_file(daemon, settings):
+    drop(settings.inbox, "m.jsonl", [{"model": "tiny", "prompt": "a"},
+                                     {"model": "other", "prompt": "b"}])
+    drain(daemon)
+    status = read_jsonl(settings.outbox / "m.status.jsonl")[-1]
+    assert status["state"] == "failed" and status["errors"][0]["code"] == "model_mismatch"
+
+
+def test_non_regular_files_never_opened(daemon, settings):
+    os.symlink("/etc/passwd", settings.inbox / "link.jsonl")
+    os.mkfifo(settings.inbox / "fifo.jsonl")
+    (settings.inbox / "dir.jsonl").mkdir()
+    drain(daemon)
+    for job in ("link", "fifo", "dir"):
+        status = read_jsonl(settings.outbox / f"{job}.status.jsonl")[-1]
+        assert status["state"] == "failed"
+        assert status["errors"][0]["code"] == "not_a_regular_file"
+    assert sorted(p.name for p in settings.failed.iterdir()) == [
+        "dir.jsonl", "fifo.jsonl", "link.jsonl"]
+
+
+def test_resume_from_checkpoint_with_torn_line(daemon, settings):
+    """A crash left a checkpoint with two answers and a torn third: resume answers
+    the rest once, keeps the two, and says it resumed."""
+    lines = [{"custom_id": f"c{i}", "prompt": f"p{i}"} for i in range(1, 11)]
+    drop(settings.work, "r.jsonl", lines)
+    (settings.outbox / "r.status.jsonl").write_text(
+        json.dumps({"ts": "x", "job": "r", "state": "in_progress"}) + "\n")
+    ckpt = Checkpoint(settings.work / "r.ckpt.jsonl")
+    for n in (3, 7):
+        ckpt.add(n, "result", {"custom_id": f"c{n}", "response": {"body": {
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1}}}, "marker": "kept"})
+    ckpt.close()
+    with open(settings.work / "r.ckpt.jsonl", "ab") as f:
+        f.write(b'{"line": 9, "kind": "res')
+    drain(daemon)
+    results, errors = outputs(settings.outbox, "r")
+    assert errors == []
+    assert [r["custom_id"] for r in results] == [f"c{i}" for i in range(1, 11)]
+    assert [r.get("marker") for r in results if r.get("marker")] == ["kept", "kept"]
+    status = read_jsonl(settings.outbox / "r.status.jsonl")
+    assert any("resumed from checkpoint: 2 lines" in s.get("message", "") for s in status)
+    assert status[-1]["state"] == "completed"
+
+
+def test_cancel_before_run(daemon, settings):
+    drop(settings.inbox, "c.jsonl", [GOOD, GOOD | {"custom_id": "x"}])
+    (settings.inbox / "c.cancel").write_text("")
+    drain(daemon)
+    assert final_state(settings.outbox, "c") == "cancelled"
+    _, errors = outputs(settings.outbox, "c")
+    assert [e["response"]["body"]["error"]["code"] for e in errors] == ["cancelled"] * 2
+    assert not (settings.inbox / "c.cancel").exists()
+
+
+def test_crash_after_final_status_finishes_cleanup(daemon, settings):
+    drop(settings.inbox, "p.jsonl", [GOOD])
+    drain(daemon)
+    # Put the input back as if the crash hit between the final line and the move.
+    os.rename(settings.outbox / "p.input.jsonl", settings.work / "p.jsonl")
+    before = (settings.outbox / "p.status.jsonl").read_text()
+    drain(daemon)
+    assert (settings.outbox / "p.input.jsonl").exists()
+    assert (settings.outbox / "p.status.jsonl").read_text() == before
+
+
+def test_profiles_shipped_validate():
+    from pathlib import Path
+    shipped = ProfileSet.load(Path(__file__).resolve().parent.parent / "profiles")
+    assert shipped.errors == []
+    assert {"smollm2-135m", "gemma3-4b", "gemma3-12b", "llama3.2-1b", "llama3.2-3b",
+            "qwen3-4b", "qwen3-8b", "olmo2-1b"} <= set(shipped.profiles)

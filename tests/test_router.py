@@ -1,0 +1,60 @@
+"""Routing order: sidecar, PROFILE__ prefix, lines' model, default."""
+
+import pytest
+
+from batchd.profiles import ProfileSet
+from batchd.router import JobRejected, ModelVote, Sidecar, read_sidecar, route
+
+
+@pytest.fixture
+def profiles(settings):
+    return ProfileSet.load(settings.routing.profiles_dir)
+
+
+def votes(*models):
+    v = ModelVote()
+    for i, m in enumerate(models, 1):
+        v.add(m, i)
+    return v
+
+
+def test_order(profiles):
+    assert route("x", Sidecar(profile="other"), votes("tiny"), profiles, "tiny")[1] == "sidecar"
+    p, why = route("other__x", Sidecar(), votes("tiny"), profiles, "tiny")
+    assert (p.name, why) == ("other", "filename prefix")
+    p, why = route("nobody__x", Sidecar(), votes("org/other-model"), profiles, "tiny")
+    assert (p.name, why) == ("other", "lines' model")
+    p, why = route("x", Sidecar(), votes(), profiles, "tiny")
+    assert (p.name, why) == ("tiny", "default")
+    assert route("x", Sidecar(), votes("TINY"), profiles, "other")[0].name == "tiny"
+
+
+def test_rejections(profiles):
+    with pytest.raises(JobRejected) as exc:
+        route("x", Sidecar(profile="gpt-9"), votes(), profiles, "tiny")
+    assert exc.value.code == "unknown_profile" and "other, tiny" in exc.value.message
+    with pytest.raises(JobRejected) as exc:
+        route("x", Sidecar(), votes("tiny", "other"), profiles, "tiny")
+    assert exc.value.code == "model_mismatch" and exc.value.line == 2
+
+
+def test_sidecar_refuses_engine_and_model(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text('profile = "tiny"\n[engine]\ntrust_remote_code = true\n')
+    with pytest.raises(JobRejected) as exc:
+        read_sidecar(path)
+    assert exc.value.code == "invalid_sidecar" and "engine" in exc.value.message
+    path.write_text('profile = "tiny"\npriority = 5\n[sampling]\ntemperature = 0.1\n')
+    side = read_sidecar(path)
+    assert side.priority == 5 and side.sampling == {"temperature": 0.1}
+    path.write_text("profile = ")
+    with pytest.raises(JobRejected):
+        read_sidecar(path)
+
+
+def test_invalid_profile_is_reported_and_others_work(settings):
+    (settings.routing.profiles_dir / "broken.toml").write_text(
+        'model = "m"\n[engine]\nmax_modle_len = 5\n')
+    found = ProfileSet.load(settings.routing.profiles_dir)
+    assert "tiny" in found.profiles and "broken" not in found.profiles
+    assert any("broken.toml" in e and "max_modle_len" in e for e in found.errors)

@@ -1,0 +1,74 @@
+"""Eligibility, settling, the claim race and job names."""
+
+import os
+import threading
+
+from batchd import spool
+
+
+def test_eligible_names():
+    assert spool.is_eligible_name("a.jsonl")
+    for name in (".a.jsonl", "a.jsonl.part", "a.jsonl.tmp", "a.jsonl~", "a.json", ".~tmp~",
+                 "a.jsonl.ready", "a.toml"):
+        assert not spool.is_eligible_name(name), name
+
+
+def test_safe_stem():
+    assert spool.safe_stem("reviews.jsonl") == "reviews"
+    assert spool.safe_stem("--rm -rf .jsonl") == "rm_-rf_"
+    assert "/" not in spool.safe_stem("../../etc.jsonl")
+    assert len(spool.safe_stem("x" * 300 + ".jsonl")) <= 180
+
+
+def test_settler_waits_for_quiet(settings, tmp_path):
+    f = tmp_path / "f"
+    f.write_text("a")
+    settler = spool.Settler(1.0)
+    st = os.stat(f)
+    assert not settler.settled("f", st, 100.0)
+    assert not settler.settled("f", st, 100.5)
+    f.write_text("ab")
+    st2 = os.stat(f)
+    assert not settler.settled("f", st2, 101.2)  # changed: the clock restarts
+    assert settler.settled("f", st2, 102.3)
+    settler.mark_renamed("g")
+    assert settler.settled("g", st, 0.0)
+
+
+def test_claim_race_one_winner(settings):
+    spool.ensure_dirs(settings)
+    (settings.inbox / "job.jsonl").write_text('{"prompt": "x"}\n')
+    results = []
+    barrier = threading.Barrier(8)
+
+    def racer():
+        barrier.wait()
+        results.append(spool.claim(settings, "job.jsonl"))
+
+    threads = [threading.Thread(target=racer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1 and winners[0].job == "job"
+    assert sorted(p.name for p in settings.work.iterdir()) == ["job.jsonl"]
+
+
+def test_names_never_collide(settings):
+    spool.ensure_dirs(settings)
+    jobs = []
+    for _ in range(3):
+        (settings.inbox / "r.jsonl").write_text("{}\n")
+        (settings.inbox / "r.toml").write_text('profile = "tiny"\n')
+        jobs.append(spool.claim(settings, "r.jsonl"))
+    assert [j.job for j in jobs] == ["r", "r-2", "r-3"]
+    assert all(j.sidecar and j.sidecar.name == f"{j.job}.toml" for j in jobs)
+
+
+def test_orphan_claim_goes_back(settings):
+    spool.ensure_dirs(settings)
+    import socket
+    orphan = settings.work / f".claim~999999~1~{socket.gethostname()}~lost.jsonl"
+    orphan.write_text("{}\n")
+    assert spool.orphan_claims(settings) == [(orphan, "lost.jsonl")]
