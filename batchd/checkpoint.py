@@ -85,7 +85,7 @@ class Checkpoint:
         if line in self.done:
             return
         record = {"line": line, "kind": kind, "out": out}
-        self._file.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        self._file.write(json.dumps(record).encode() + b"\n")
         self.done.add(line)
         self.tally.count(kind, out)
         self._unsynced += 1

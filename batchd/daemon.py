@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from typing import Callable, Iterator
@@ -34,10 +35,12 @@ def engine_factory(settings: Settings) -> Callable[[Profile], Engine]:
         step = float(os.environ.get("BATCHD_FAKE_STEP_SECONDS", "0"))
         return lambda profile: FakeEngine(profile, step_seconds=step)
 
+    pidfile = settings.work / f".engine~{socket.gethostname()}~{os.getpid()}"
+
     def load(profile: Profile) -> Engine:
         from .vllm_engine import VllmEngine  # the vLLM import happens only here
 
-        return VllmEngine(profile, settings.routing.models_dir)
+        return VllmEngine(profile, settings.routing.models_dir, pidfile)
 
     return load
 
@@ -63,6 +66,7 @@ class Daemon:
         spool.ensure_dirs(self.settings)
         for error in self.profiles.errors:
             log.error("profile_invalid", error=error)
+        reap_engines(self.settings)
         for path, name in spool.orphan_claims(self.settings):
             # A crash between the claim's two renames: give the file back.
             os.rename(path, self.settings.inbox / name)
@@ -165,6 +169,33 @@ class Daemon:
         for error in self.profiles.errors:
             log.error("profile_invalid", error=error)
         log.info("profiles_reloaded", profiles=sorted(self.profiles.profiles))
+
+
+def reap_engines(settings: Settings) -> None:
+    """End engine processes left by a daemon of this host that died by kill -9.
+
+    vLLM's engine core does not exit when its parent is killed, and would hold
+    its memory (a whole GPU) forever. Under systemd the unit's cgroup is
+    cleaned anyway; this covers daemons started by hand. A pid is only killed
+    when its start time matches the record, so a reused pid is safe.
+    """
+    import psutil
+
+    host = socket.gethostname()
+    for path in settings.work.glob(f".engine~{host}~*"):
+        owner = path.name.rsplit("~", 1)[-1]
+        if owner.isdigit() and psutil.pid_exists(int(owner)) and int(owner) != os.getpid():
+            continue
+        for line in path.read_text().split("\n"):
+            try:
+                pid, started = line.split()
+                proc = psutil.Process(int(pid))
+                if abs(proc.create_time() - float(started)) < 0.01:
+                    proc.kill()
+                    log.warning("engine_orphan_killed", pid=int(pid))
+            except (ValueError, psutil.Error):
+                continue
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

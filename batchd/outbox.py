@@ -68,7 +68,7 @@ class StatusFile:
         record = {"ts": utc_now(), "job": self.job, "state": state.value, **fields}
         record.setdefault("message", "")
         with open(self.path, "ab") as stream:
-            stream.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+            stream.write(json.dumps(record).encode() + b"\n")
             if state.final:
                 stream.flush()
                 os.fsync(stream.fileno())
@@ -135,4 +135,6 @@ def sync_dir(folder: Path) -> None:
 
 
 def dumps_line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+    # ASCII-escaped: model text may hold U+2028 or U+0085, which line splitters
+    # other than "\n" (Python's str.splitlines among them) treat as line ends.
+    return json.dumps(obj).encode() + b"\n"

