@@ -1,0 +1,104 @@
+"""The command line, as a user runs it (subprocesses of the installed `batchd`)."""
+
+import json
+import subprocess
+
+from conftest import BATCHD, read_jsonl
+
+
+def batchd(*args, config=None, env=None):
+    cmd = [BATCHD, *args] + (["--config", str(config)] if config else [])
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_submit_is_atomic_and_never_overwrites(spool_config, tmp_path):
+    config = spool_config()
+    src = tmp_path / "mine.jsonl"
+    src.write_text('{"prompt": "x"}\n')
+    first = batchd("submit", str(src), "--profile", "other", config=config)
+    assert first.returncode == 0 and first.stdout.strip() == "mine"
+    second = batchd("submit", str(src), config=config)
+    assert second.stdout.strip() == "mine-2"
+    inbox = tmp_path / "spool" / "inbox"
+    assert sorted(p.name for p in inbox.iterdir()) == ["mine-2.jsonl", "mine.jsonl", "mine.toml"]
+    assert 'profile = "other"' in (inbox / "mine.toml").read_text()
+    bad = batchd("submit", str(src), "--profile", "nope", config=config)
+    assert bad.returncode == 2 and "unknown profile 'nope'" in bad.stderr
+
+
+def test_validate_reports_file_line_and_field(spool_config, tmp_path):
+    config = spool_config()
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "x"}\n\n{"messages": [{"role": "user", "content": "y"}]}\n')
+    out = batchd("validate", str(good), config=config)
+    assert out.returncode == 0 and "2 requests, 2 valid, 0 invalid; profile tiny" in out.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "max_tokens": "many"}\n{oops\n')
+    out = batchd("validate", str(bad), config=config)
+    assert out.returncode == 1
+    assert "bad.jsonl line 1: invalid_request: max_tokens:" in out.stdout
+    assert "bad.jsonl line 2: invalid_json_line" in out.stdout
+
+
+def test_bad_config_and_usage_exit_2(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[watch]\nmode = \"sometimes\"\n")
+    out = batchd("status", config=config)
+    assert out.returncode == 2 and "watch.mode" in out.stderr and len(out.stderr.splitlines()) == 1
+    config.write_text("[spool]\nroot = ")
+    assert batchd("status", config=config).returncode == 2
+    assert batchd("status", config=tmp_path / "missing.toml").returncode == 2
+    assert batchd("frobnicate").returncode == 2
+
+
+def test_env_overrides_config(spool_config, tmp_path):
+    import os
+    config = spool_config()
+    env = {**os.environ, "BATCHD_SPOOL__ROOT": str(tmp_path / "elsewhere")}
+    src = tmp_path / "e.jsonl"
+    src.write_text('{"prompt": "x"}\n')
+    assert batchd("submit", str(src), config=config, env=env).returncode == 0
+    assert (tmp_path / "elsewhere" / "inbox" / "e.jsonl").exists()
+
+
+def test_profiles_list_and_show(spool_config):
+    config = spool_config()
+    out = batchd("profiles", config=config)
+    assert out.returncode == 0
+    assert "tiny" in out.stdout and "trust_remote_code=false" in out.stdout
+    show = batchd("profiles", "show", "tiny", config=config)
+    assert 'model = "batchd/tiny-llama"' in show.stdout and "max_model_len = 512" in show.stdout
+    assert batchd("profiles", "show", "zzz", config=config).returncode == 2
+
+
+def test_init_and_status_table(tmp_path):
+    out = batchd("init", str(tmp_path / "site"))
+    assert out.returncode == 0
+    for folder in ("inbox", "work", "outbox", "failed"):
+        assert (tmp_path / "site" / "spool" / folder).is_dir()
+    config = tmp_path / "site" / "config.toml"
+    outbox = tmp_path / "site" / "spool" / "outbox"
+    (outbox / "j.status.jsonl").write_text(json.dumps(
+        {"ts": "2026-01-01T00:00:00.000Z", "job": "j", "state": "completed",
+         "profile": "p", "request_counts": {"total": 3, "completed": 2, "failed": 1}}) + "\n")
+    table = batchd("status", config=config)
+    assert "completed" in table.stdout and "3/3" in table.stdout
+    rows = json.loads(batchd("status", "--json", config=config).stdout)
+    assert rows[0]["job"] == "j" and rows[0]["total"] == 3
+    one = json.loads(batchd("status", "j", "--json", config=config).stdout)
+    assert one["state"] == "completed"
+    assert batchd("status", "nope", config=config).returncode == 2
+
+
+def test_run_once_with_fake_engine(spool_config, tmp_path):
+    """`batchd run --once` as a process drains the spool and exits 0."""
+    import os
+    config = spool_config("[engine]\nfake = true\n")
+    src = tmp_path / "f.jsonl"
+    src.write_text('{"prompt": "x"}\n' * 3)
+    assert batchd("submit", str(src), config=config).returncode == 0
+    out = batchd("run", "--once", config=config, env={**os.environ})
+    assert out.returncode == 0, out.stderr
+    status = read_jsonl(tmp_path / "spool" / "outbox" / "f.status.jsonl")
+    assert status[-1]["state"] == "completed"
+    assert status[-1]["request_counts"]["completed"] == 3
