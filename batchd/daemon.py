@@ -54,10 +54,11 @@ class Daemon:
         self.clock = clock
         self.stop = threading.Event()
         self.reload = threading.Event()
-        self.pool = EnginePool(factory or engine_factory(settings))
-        self.runner = Runner(settings, self.profiles, self.pool, self.stop)
-        self.settler = spool.Settler(settings.watch.settle_seconds)
         self.notifier = Notifier()
+        self.beat = watchdog_interval()
+        self.pool = EnginePool(self._keepalive(factory or engine_factory(settings)))
+        self.runner = Runner(settings, self.profiles, self.pool, self.stop, self._progress)
+        self.settler = spool.Settler(settings.watch.settle_seconds)
         self.reported: set[str] = set()  # non-regular entries that could not be moved
         self.watcher: Watcher | None = None
 
@@ -105,6 +106,40 @@ class Daemon:
             return True
         return False
 
+    def _keepalive(self, factory: Callable[[Profile], Engine]) -> Callable[[Profile], Engine]:
+        """Wrap model loading: it blocks the loop for a minute or more, so a helper
+        thread tells systemd the daemon is alive and extends the start timeout."""
+
+        def load(profile: Profile) -> Engine:
+            done = threading.Event()
+            period = self.beat or 10.0
+
+            def ping() -> None:
+                while not done.wait(period):
+                    self.notifier.send(WATCHDOG=1 if self.beat else None,
+                                       EXTEND_TIMEOUT_USEC=int(period * 3_000_000),
+                                       STATUS=f"loading {profile.name} ({profile.model})")
+
+            self.notifier.send(STATUS=f"loading {profile.name} ({profile.model})",
+                               EXTEND_TIMEOUT_USEC=int(period * 3_000_000))
+            threading.Thread(target=ping, daemon=True, name="batchd-load-keepalive").start()
+            try:
+                return factory(profile)
+            finally:
+                done.set()
+
+        return load
+
+    def _progress(self, record: dict) -> None:
+        """After an engine step: the loop is healthy; say what it does."""
+        if self.beat:
+            self.notifier.send(WATCHDOG=1)
+        counts = record.get("request_counts") or {}
+        rate = (record.get("throughput") or {}).get("requests_per_s") or 0
+        done = counts.get("completed", 0) + counts.get("failed", 0)
+        self.notifier.status(f"{record['job']}: {done}/{counts.get('total', 0)}, "
+                             f"{rate:.1f} req/s, {record.get('profile')}")
+
     def _run(self, job: str) -> None:
         self.notifier.status(f"running {job}")
         state = self.runner.run(job)
@@ -138,7 +173,7 @@ class Daemon:
         idle = f"idle, watching {self.settings.inbox}"
         self.notifier.send(READY=1, STATUS=idle)
         log.info("daemon_ready", inbox=str(self.settings.inbox), once=once)
-        beat = watchdog_interval()
+        beat = self.beat
         timeout = min(self.settings.watch.poll_interval, self.settings.watch.settle_seconds
                       or self.settings.watch.poll_interval, beat or 3600)
         try:

@@ -28,7 +28,8 @@ class Notifier:
         """Send ``KEY=value`` lines, e.g. ``send(READY=1, STATUS="idle")``."""
         if self._sock is None:
             return
-        message = "\n".join(f"{key}={value}" for key, value in fields.items())
+        message = "\n".join(f"{key}={value}" for key, value in fields.items()
+                             if value is not None)
         try:
             self._sock.sendto(message.encode(), self.address)
         except OSError:

@@ -93,11 +93,13 @@ class Runner:
     """Runs jobs one at a time on a warm engine. ``stop`` is set by SIGTERM."""
 
     def __init__(self, settings: Settings, profiles: ProfileSet, pool: EnginePool,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None,
+                 heartbeat: Callable[[dict[str, Any]], None] = lambda progress: None):
         self.settings = settings
         self.profiles = profiles
         self.pool = pool
         self.stop = stop or threading.Event()
+        self.heartbeat = heartbeat  # called after every engine step with the progress
 
     def cancel_requested(self, job: str) -> bool:
         return (self.settings.inbox / f"{job}.cancel").exists()
@@ -217,9 +219,10 @@ class Runner:
                     ckpt.tick()
                     if time.monotonic() - job.status.written_at >= self.settings.status.interval:
                         done_now = ckpt.tally.completed + ckpt.tally.failed - done_before
-                        job.status.write(JobState.IN_PROGRESS, phase="generating",
-                                         **self._progress(job, ckpt, done_now,
-                                                          time.monotonic() - started))
+                        record = job.status.write(
+                            JobState.IN_PROGRESS, phase="generating",
+                            **self._progress(job, ckpt, done_now, time.monotonic() - started))
+                        self.heartbeat(record)
                     if self.cancel_requested(job.name):
                         outcome = "cancel"
                         break

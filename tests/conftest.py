@@ -118,6 +118,22 @@ def tiny_model() -> Path:
     return MODELS / "tiny-llama"
 
 
+@pytest.fixture
+def daemons():
+    """Start DaemonProcess objects through this; any still running at teardown
+    (a failed assertion) are killed with their engine processes."""
+    started = []
+
+    def start(*args, **kwargs):
+        started.append(DaemonProcess(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for daemon in started:
+        if daemon.proc.poll() is None:
+            daemon.kill_tree()
+
+
 class DaemonProcess:
     """A real `batchd run` subprocess on a temp spool."""
 
@@ -150,5 +166,19 @@ class DaemonProcess:
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
+        """kill -9 the daemon only (its engine processes are left, as after a crash)."""
         self.proc.kill()
         self.proc.wait(30)
+
+    def kill_tree(self) -> None:
+        import psutil
+        try:
+            tree = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            tree = []
+        self.kill()
+        for child in tree:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass

@@ -4,12 +4,11 @@ Crash points are chosen by the checkpoint's size, not by sleeping.
 """
 
 import signal
-import subprocess
 
 import psutil
 import pytest
 
-from conftest import BATCHD, DaemonProcess, drop, final_state, read_jsonl, wait_for
+from conftest import drop, final_state, read_jsonl, wait_for
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -48,18 +47,18 @@ def check_exactly_once(outbox):
     return results
 
 
-def test_kill9_then_sigterm_then_finish(crash_spool):
+def test_kill9_then_sigterm_then_finish(crash_spool, daemons):
     config, spool = crash_spool
     outbox = spool / "outbox"
 
-    first = DaemonProcess(config)
+    first = daemons(config)
     wait_for(lambda: ckpt_size(spool) > 20_000, 300, what="checkpoint to grow")
     engine_children = children(first.proc)
     first.kill()  # kill -9 in the middle of generation
     assert final_state(outbox, "long") is None
     killed_at = ckpt_size(spool)
 
-    second = DaemonProcess(config)
+    second = daemons(config)
     # The new daemon ends the engine processes its killed predecessor left.
     _, alive = psutil.wait_procs(engine_children, timeout=60)
     assert alive == []
@@ -71,17 +70,17 @@ def test_kill9_then_sigterm_then_finish(crash_spool):
     assert any("resumed from checkpoint" in s.get("message", "") for s in status)
     assert status[-1]["phase"] == "interrupted"
 
-    third = DaemonProcess(config, args=("--once",))
+    third = daemons(config, args=("--once",))
     assert third.proc.wait(600) == 0, third.log.read_text()[-3000:]
     assert final_state(outbox, "long") == "completed"
     check_exactly_once(outbox)
     assert list((spool / "work").iterdir()) == []
 
 
-def test_engine_process_killed_mid_job(crash_spool):
+def test_engine_process_killed_mid_job(crash_spool, daemons):
     config, spool = crash_spool
     outbox = spool / "outbox"
-    daemon = DaemonProcess(config)
+    daemon = daemons(config)
     wait_for(lambda: ckpt_size(spool) > 10_000, 300, what="checkpoint to grow")
     cores = [p for p in children(daemon.proc) if "EngineCore" in " ".join(p.cmdline())
              or "EngineCore" in p.name()]

@@ -32,10 +32,14 @@ def served(tiny_model, tmp_path_factory):
         f'default_profile = "tiny"\nmodels_dir = "{tiny_model.parent}"\n'
         f'[watch]\nsettle_seconds = 0.5\n[status]\ninterval = 0.3\n[engine]\nwindow = 64\n')
     daemon = DaemonProcess(config)
-    daemon.wait_ready()
-    daemon.spool = base / "spool"
-    yield daemon
-    assert daemon.stop() == 0, daemon.log.read_text()[-3000:]
+    try:
+        daemon.wait_ready()
+        daemon.spool = base / "spool"
+        yield daemon
+        assert daemon.stop() == 0, daemon.log.read_text()[-3000:]
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.kill_tree()
 
 
 def wait_final(outbox, job, timeout=300):
