@@ -19,6 +19,9 @@ class Notifier:
         self._sock: socket.socket | None = None
         if self.address:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Never block the loop: a datagram socket whose reader lags blocks the
+            # sender once its small queue is full; dropping a ping is better.
+            self._sock.setblocking(False)
 
     @property
     def enabled(self) -> bool:

@@ -1,0 +1,117 @@
+"""The systemd units verify, and the daemon speaks sd_notify as they expect."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import BATCHD, ROOT, DaemonProcess, drop, final_state, wait_for
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+@pytest.mark.parametrize("unit,name", [("batchd.service", "batchd.service"),
+                                       ("batchd@.service", "batchd@0.service")])
+def test_units_verify(tmp_path, unit, name):
+    # Point ExecStart at this checkout's batchd, as an install to /opt/batchd would.
+    text = (ROOT / "systemd" / unit).read_text().replace("/opt/batchd/.venv/bin/batchd", BATCHD)
+    (tmp_path / name).write_text(text)
+    out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / name)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stderr.strip() == "", out.stderr
+    for line in ("Type=notify", "WatchdogSec=", "ExecReload=", "Restart=on-failure",
+                 "ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes"):
+        assert line in text
+    assert "\nPrivateDevices=" not in text and "\nMemoryDenyWriteExecute=" not in text
+    if unit == "batchd@.service":
+        assert "CUDA_VISIBLE_DEVICES=%i" in text
+
+
+class NotifySocket:
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, dict]] = []
+
+    def pump(self) -> list[dict]:
+        """Read what has arrived (for at most 0.2 s) and return all messages so far."""
+        deadline = time.monotonic() + 0.2
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(4096).decode()
+            except socket.timeout:
+                return [m for _, m in self.messages]
+            fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+            self.messages.append((time.monotonic(), fields))
+        return [m for _, m in self.messages]
+
+    def has(self, key: str, value: str | None = None) -> bool:
+        return any(key in m and (value is None or m[key] == value) for m in self.pump())
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_notify_protocol(spool_config, tmp_path, abstract, daemons):
+    config = spool_config("[engine]\nfake = true\n")
+    if abstract:
+        name = f"batchd-test-{os.getpid()}-{time.monotonic_ns()}"
+        listener = NotifySocket("\0" + name)
+        address = "@" + name
+    else:
+        address = str(tmp_path / "notify.sock")
+        listener = NotifySocket(address)
+    daemon = daemons(config, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000",
+                                  "BATCHD_FAKE_STEP_SECONDS": "0.05"})
+    wait_for(lambda: listener.has("READY", "1"), 30, what="READY=1")
+    assert (tmp_path / "spool" / "inbox").is_dir()  # the spool exists before READY
+    assert any(m.get("STATUS", "").startswith("idle, watching") for m in listener.pump())
+    lines = [{"custom_id": f"c{i}", "prompt": "x"} for i in range(200)]
+    drop(tmp_path / "spool" / "inbox", "work.jsonl", lines)
+    wait_for(lambda: listener.pump() is not None and final_state(tmp_path / "spool" / "outbox",
+                                                                 "work"), 60, what="job end")
+    messages = listener.pump()
+    assert any("EXTEND_TIMEOUT_USEC" in m for m in messages)  # sent as the model loads
+    assert any(m.get("STATUS", "").startswith("work: ") and "req/s" in m["STATUS"]
+               for m in messages)
+    pings = [t for t, m in listener.messages if m.get("WATCHDOG") == "1"]
+    assert len(pings) >= 5
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0
+    assert listener.has("STOPPING", "1")
+
+
+def test_hung_loop_stops_watchdog_pings(spool_config, tmp_path, daemons):
+    """An engine step that never returns (here: a 60 s fake step) must let the
+    watchdog fire: no WATCHDOG=1 while the loop is stuck."""
+    config = spool_config("[engine]\nfake = true\n")
+    address = str(tmp_path / "notify.sock")
+    listener = NotifySocket(address)
+    daemon = daemons(config, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000",
+                                  "BATCHD_FAKE_STEP_SECONDS": "60"})
+    wait_for(lambda: listener.has("READY", "1"), 30, what="READY=1")
+    drop(tmp_path / "spool" / "inbox", "stuck.jsonl", [{"prompt": "x"}])
+    wait_for(lambda: (tmp_path / "spool" / "work" / "stuck.ckpt.jsonl").exists(), 30,
+             what="the job to start")
+    listener.pump()
+    stuck_since = time.monotonic()
+    wait_for(lambda: time.monotonic() - stuck_since > 2.0, 5, what="two seconds")
+    listener.pump()
+    late = [t for t, m in listener.messages if m.get("WATCHDOG") == "1" and t > stuck_since + 0.3]
+    assert late == []  # 2 s of silence against a 0.4 s watchdog: systemd would restart it
+    daemon.kill_tree()
+
+
+def test_an_unread_notify_socket_never_blocks_the_daemon(spool_config, tmp_path, daemons):
+    config = spool_config("[engine]\nfake = true\n")
+    address = str(tmp_path / "notify.sock")
+    listener = NotifySocket(address)  # bound, never read until the end
+    daemon = daemons(config, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "100000",
+                                  "BATCHD_FAKE_STEP_SECONDS": "0.02"})
+    daemon.wait_ready()
+    drop(tmp_path / "spool" / "inbox", "busy.jsonl", [{"prompt": "x"}] * 300)
+    assert wait_for(lambda: final_state(tmp_path / "spool" / "outbox", "busy"), 60,
+                    what="job end") == "completed"
+    assert listener.has("READY", "1")
