@@ -60,6 +60,8 @@ class Daemon:
         self.runner = Runner(settings, self.profiles, self.pool, self.stop, self._progress)
         self.settler = spool.Settler(settings.watch.settle_seconds)
         self.reported: set[str] = set()  # non-regular entries that could not be moved
+        self.retry_at: dict[str, float] = {}  # job or file -> when to try again after OSError
+        self.retry_seconds = 10.0
         self.watcher: Watcher | None = None
 
     def setup(self) -> None:
@@ -81,7 +83,9 @@ class Daemon:
         if self.stop.is_set():
             return False
         for job in spool.unfinished(self.settings):
-            self._run(job)
+            if self.retry_at.get(job, 0.0) > now:
+                continue
+            self._run(job, now)
             return True
         if self.watcher is not None:
             for name in self.watcher.take_renamed():
@@ -95,14 +99,18 @@ class Daemon:
             if self.settings.watch.require_ready_marker and \
                     not (self.settings.inbox / f"{name}.ready").exists():
                 continue
-            if not self.settler.settled(name, st, now):
+            if not self.settler.settled(name, st, now) or self.retry_at.get(name, 0.0) > now:
                 continue
             self.settler.forget(name)
-            claimed = spool.claim(self.settings, name)
+            try:
+                claimed = spool.claim(self.settings, name)
+            except OSError as exc:
+                self._stalled(name, now, exc, "claim_failed")
+                continue
             if claimed is None:
                 continue  # another daemon won the race
             log.info("job_claimed", job=claimed.job, file=name)
-            self._run(claimed.job)
+            self._run(claimed.job, now)
             return True
         return False
 
@@ -140,11 +148,31 @@ class Daemon:
         self.notifier.status(f"{record['job']}: {done}/{counts.get('total', 0)}, "
                              f"{rate:.1f} req/s, {record.get('profile')}")
 
-    def _run(self, job: str) -> None:
+    def _run(self, job: str, now: float) -> None:
         self.notifier.status(f"running {job}")
-        state = self.runner.run(job)
+        try:
+            state = self.runner.run(job)
+        except OSError as exc:
+            # Disk full, a read-only or vanished outbox: the job stays in work/
+            # with its checkpoint and is tried again later; other jobs go on.
+            self._stalled(job, now, exc, "job_stalled")
+            try:
+                StatusFile(self.settings.outbox / f"{job}.status.jsonl", job).write(
+                    JobState.QUEUED, phase="stalled", message=f"stalled: {exc}; kept in "
+                    "work/ with its checkpoint, retried automatically")
+            except OSError:
+                pass  # the outbox itself is what fails; the log says why
+            return
+        self.retry_at.pop(job, None)
         if state is not None:
             self.notifier.status(f"finished {job}: {state.value}")
+
+    def _stalled(self, what: str, now: float, exc: OSError, event: str) -> None:
+        self.retry_at[what] = now + self.retry_seconds
+        message = f"{exc.strerror or exc} ({exc.filename or ''}); retrying in " \
+                  f"{self.retry_seconds:.0f}s"
+        log.error(event, job=what, error=message)
+        self.notifier.status(f"{what}: stalled: {message}")
 
     def _reject_entry(self, name: str) -> None:
         """A symlink, FIFO, device or folder named *.jsonl: never opened, never followed."""

@@ -120,9 +120,13 @@ def claim(settings: Settings, name: str) -> Claimed | None:
         os.rename(source, temp)
     except FileNotFoundError:
         return None
-    job = reserve_name(settings, safe_stem(name))
-    target = settings.work / f"{job}.jsonl"
-    os.rename(temp, target)
+    try:
+        job = reserve_name(settings, safe_stem(name))
+        target = settings.work / f"{job}.jsonl"
+        os.rename(temp, target)
+    except OSError:
+        os.rename(temp, source)  # outbox full or read-only: give the file back
+        raise
     sidecar = None
     side_source = settings.inbox / (name[: -len(".jsonl")] + ".toml")
     if side_source.exists() or side_source.is_symlink():

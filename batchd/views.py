@@ -137,11 +137,11 @@ def bench_report(outbox: Path, plot: str | None = None) -> int:
     table = Table(box=None, header_style="bold")
     for column in ("PROFILE", "JOBS", "REQUESTS", "TOKENS", "OUT TOK/S", "REQ/S", "LOAD S",
                    "HARDWARE"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for name, g in sorted(groups.items()):
         gen = g["gen"] or float("nan")
         hw = g["hardware"]
-        where = ", ".join(hw.get("gpus") or []) or f"{hw.get('cpu_count')}x {hw.get('cpu')}"
+        where = ", ".join(hw.get("gpus") or []) or f"{hw.get('cpu_count')} CPUs, no GPU"
         table.add_row(name, str(g["jobs"]), str(g["requests"]), str(g["total_tokens"]),
                       f"{g['completion'] / gen:.1f}", f"{g['requests'] / gen:.2f}",
                       f"{g['load']:.1f}", where[:40])

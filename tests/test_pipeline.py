@@ -179,3 +179,42 @@ def test_profiles_shipped_validate():
     assert shipped.errors == []
     assert {"smollm2-135m", "gemma3-4b", "gemma3-12b", "llama3.2-1b", "llama3.2-3b",
             "qwen3-4b", "qwen3-8b", "olmo2-1b"} <= set(shipped.profiles)
+
+
+def test_read_only_outbox_stalls_then_recovers(settings):
+    """A read-only outbox (chattr +i: even root cannot write) mid-job: the job stays
+    resumable in work/, a new file is given back to the inbox, the daemon lives on;
+    when the outbox is writable again both finish with every line once."""
+    import shutil
+    import subprocess
+    if shutil.which("chattr") is None:
+        pytest.skip("needs chattr")
+    outbox = settings.outbox
+
+    def factory(profile):
+        subprocess.run(["chattr", "+i", str(outbox)], check=True)
+        return FakeEngine(profile)
+
+    d = Daemon(settings, factory=factory)
+    d.setup()
+    drop(settings.inbox, "a.jsonl", [{"custom_id": f"a{i}", "prompt": "x"} for i in range(20)])
+    try:
+        assert not d.run_once(now=99.0)  # seen, settling
+        assert d.run_once(now=100.0)  # claimed; the outbox turns read-only as it loads
+        assert (settings.work / "a.jsonl").exists()
+        drop(settings.inbox, "b.jsonl", [{"custom_id": "b", "prompt": "y"}])
+        assert not d.run_once(now=100.5)  # a: waiting to retry; b: seen, settling
+        assert not d.run_once(now=101.0)  # b cannot be claimed: given back
+        assert (settings.inbox / "b.jsonl").exists()
+    finally:
+        subprocess.run(["chattr", "-i", str(outbox)], check=True)
+    d.pool.factory = FakeEngine
+    tick = 200.0
+    while d.run_once(now=tick) or d.waiting():
+        tick += 1
+        assert tick < 300
+    for job, n in (("a", 20), ("b", 1)):
+        assert final_state(outbox, job) == "completed"
+        results, errors = outputs(outbox, job)
+        assert len(results) == n and errors == []
+    assert list(settings.work.iterdir()) == []

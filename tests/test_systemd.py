@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import BATCHD, ROOT, DaemonProcess, drop, final_state, wait_for
+from conftest import BATCHD, ROOT, drop, final_state, read_jsonl, wait_for
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
@@ -115,3 +115,21 @@ def test_an_unread_notify_socket_never_blocks_the_daemon(spool_config, tmp_path,
     assert wait_for(lambda: final_state(tmp_path / "spool" / "outbox", "busy"), 60,
                     what="job end") == "completed"
     assert listener.has("READY", "1")
+
+
+def test_sighup_reloads_profiles_without_dropping_work(spool_config, tmp_path, daemons):
+    config = spool_config("[engine]\nfake = true\n")
+    daemon = daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.05"})
+    daemon.wait_ready()
+    inbox, outbox = tmp_path / "spool" / "inbox", tmp_path / "spool" / "outbox"
+    drop(inbox, "running.jsonl", [{"custom_id": f"r{i}", "prompt": "x"} for i in range(400)])
+    wait_for(lambda: (tmp_path / "spool" / "work" / "running.ckpt.jsonl").exists(), 30)
+    (tmp_path / "profiles" / "fresh.toml").write_text('model = "org/fresh"\n')
+    daemon.proc.send_signal(signal.SIGHUP)
+    drop(inbox, "fresh__new.jsonl", [{"prompt": "y"}])
+    assert wait_for(lambda: final_state(outbox, "running"), 60) == "completed"
+    assert len(read_jsonl(outbox / "running.results.jsonl")) == 400
+    assert wait_for(lambda: final_state(outbox, "fresh__new"), 60) == "completed"
+    assert 'profile = "fresh"' in (outbox / "fresh__new.job.toml").read_text()
+    assert any(e.get("event") == "profiles_reloaded" for e in daemon.logs())
+    assert daemon.proc.poll() is None

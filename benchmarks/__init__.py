@@ -1,0 +1,1 @@
+"""batchd's benchmark harness: `python -m benchmarks run SCENARIO`."""

@@ -1,0 +1,41 @@
+"""python -m benchmarks run SCENARIO [--repeats N]   |   python -m benchmarks list"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+SCENARIOS = {
+    "memory": "daemon RSS for 1k vs 100k requests; validate on 1M lines",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list")
+    run = sub.add_parser("run")
+    run.add_argument("scenario", choices=sorted(SCENARIOS))
+    run.add_argument("--repeats", type=int, default=1)
+    run.add_argument("--quick", action="store_true",
+                     help="small sizes: checks that the scenario runs, measures nothing useful")
+    args = parser.parse_args()
+    if args.command == "list":
+        for name, what in SCENARIOS.items():
+            print(f"{name:10} {what}")
+        return
+    module = importlib.import_module(f"benchmarks.{args.scenario}")
+    kwargs = {"repeats": args.repeats}
+    if args.quick:
+        kwargs.update(module.QUICK)
+    path = module.run(**kwargs)
+    record = json.loads(path.read_text())
+    print(f"record: {path}")
+    for key in ("peak_ratio_large_over_small", "ratios"):
+        if key in record:
+            print(f"{key}: {record[key]}")
+
+
+if __name__ == "__main__":
+    main()

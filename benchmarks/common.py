@@ -1,0 +1,87 @@
+"""Shared pieces of the benchmark scenarios: machine facts, processes, records."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from batchd import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+BATCHD = str(Path(sys.executable).parent / "batchd")
+MODELS = ROOT / "models"
+
+TINY_PROFILE = """
+model = "batchd/tiny-llama"
+recipe = "tiny-llama"
+[environment]
+VLLM_CPU_KVCACHE_SPACE = "1"
+[engine]
+dtype = "float32"
+max_model_len = 512
+enforce_eager = true
+"""
+
+
+def machine() -> dict:
+    return {"hardware": bench.hardware(), "versions": bench.versions(),
+            "host": os.uname().nodename, "kernel": os.uname().release}
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": values}
+
+
+def write_record(scenario: str, record: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS / f"{scenario}-{stamp}.json"
+    record = {"scenario": scenario, "at": stamp, "machine": machine(), **record}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def make_spool(base: Path, extra: str = "") -> Path:
+    """A spool with the tiny profile as default; returns its config file."""
+    (base / "profiles").mkdir(parents=True, exist_ok=True)
+    (base / "profiles" / "tiny.toml").write_text(TINY_PROFILE)
+    config = base / "config.toml"
+    config.write_text(f'[spool]\nroot = "spool"\n[routing]\nprofiles_dir = "profiles"\n'
+                      f'default_profile = "tiny"\nmodels_dir = "{MODELS}"\n'
+                      f'[watch]\nsettle_seconds = 0.2\n[log]\nformat = "json"\n' + extra)
+    return config
+
+
+def ensure_tiny() -> None:
+    subprocess.run([BATCHD, "models", "prepare", "tiny-llama", "--config",
+                    str(ROOT / "config.toml")], check=True, capture_output=True)
+
+
+def peak_rss(cmd: list[str], env: dict | None = None, cwd: Path | None = None
+             ) -> tuple[int, float, int]:
+    """Run CMD; return (exit code, seconds, peak RSS bytes of its main process).
+
+    The peak is the kernel's own high-water mark (VmHWM), read until exit.
+    """
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    return proc.returncode, time.monotonic() - started, peak
