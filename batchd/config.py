@@ -52,7 +52,9 @@ class LimitsConfig(_Section):
 
 
 class EngineConfig(_Section):
-    window: int = Field(256, ge=1)  # requests in flight inside vLLM at once
+    # Requests in flight inside vLLM at once: above its max_num_seqs (256 to 1024
+    # by GPU) so its scheduler is always full, yet never the whole file.
+    window: int = Field(1024, ge=1)
     checkpoint_every: int = Field(64, ge=1)  # fsync the checkpoint after this many answers ...
     checkpoint_seconds: float = Field(1.0, gt=0)  # ... or after this long, whichever first
     max_engine_failures: int = Field(2, ge=1)

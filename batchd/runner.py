@@ -56,6 +56,15 @@ class EnginePool:
             log.info("engine_closing", profile=engine.profile.name)
             engine.close()
 
+    def discard(self) -> None:
+        """Drop an engine that died; clean up what can be cleaned, never raise."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            try:
+                engine.close()
+            except Exception as exc:  # noqa: BLE001 - its processes may be gone already
+                log.warning("engine_close_failed", error=str(exc))
+
 
 @dataclass
 class Job:
@@ -233,7 +242,7 @@ class Runner:
                 deaths += 1
                 gen_s += time.monotonic() - started
                 bound.error("engine_died", error=str(exc), deaths=deaths)
-                self.pool.engine = None  # its process is gone; do not reuse it
+                self.pool.discard()  # its process is gone; never reuse it
                 if deaths >= self.settings.engine.max_engine_failures:
                     return self._fail_rest(job, ckpt, queued_s, load_s, gen_s, first_result,
                                            "engine_error", f"the engine died {deaths} times "

@@ -8,6 +8,7 @@ import json
 
 SCENARIOS = {
     "memory": "daemon RSS for 1k vs 100k requests; validate on 1M lines",
+    "overhead": "the same prompts through vllm.LLM.chat and through a warm batchd daemon",
 }
 
 
@@ -28,7 +29,7 @@ def main() -> None:
     module = importlib.import_module(f"benchmarks.{args.scenario}")
     kwargs = {"repeats": args.repeats}
     if args.quick:
-        kwargs.update(module.QUICK)
+        kwargs.update(module.QUICK, quick=True)
     path = module.run(**kwargs)
     record = json.loads(path.read_text())
     print(f"record: {path}")

@@ -36,7 +36,7 @@ def daemon_peak(n: int, fake: bool, base: Path) -> dict:
 
 
 def run(repeats: int = 1, small: int = 1_000, large: int = 100_000,
-        validate_lines: int = 1_000_000) -> Path:
+        validate_lines: int = 1_000_000, quick: bool = False) -> Path:
     ensure_tiny()
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +61,7 @@ def run(repeats: int = 1, small: int = 1_000, large: int = 100_000,
                  for n in (small, large)}
         ratios[engine] = round(peaks[large] / peaks[small], 3)
     return write_record("memory", {
-        "settings": {"small": small, "large": large, "repeats": repeats,
+        "settings": {"small": small, "large": large, "repeats": repeats, "quick": quick,
                      "validate_lines": validate_lines, "model": "tiny-llama, 1 output token"},
         "runs": runs, "validate": validate, "peak_ratio_large_over_small": ratios,
         "goal": "daemon peak RSS for the large job within 1.5x of the small job"})

@@ -91,3 +91,35 @@ def test_engine_process_killed_mid_job(crash_spool, daemons):
     check_exactly_once(outbox)
     assert any(e.get("event") == "engine_died" for e in daemon.logs())
     assert daemon.stop() == 0
+
+
+def test_poison_job_fails_after_repeated_engine_deaths_and_the_queue_moves_on(
+        crash_spool, daemons):
+    """A job that kills the engine max_engine_failures (2) times is failed with
+    engine_error lines for the rest, keeps its answers, and the next file runs."""
+    config, spool = crash_spool
+    outbox = spool / "outbox"
+    daemon = daemons(config)
+    grown = 5_000
+    for _ in range(2):
+        wait_for(lambda: ckpt_size(spool) > grown, 300, what="progress before a kill")
+        cores = [p for p in children(daemon.proc) if "EngineCore" in p.name()
+                 or "EngineCore" in " ".join(p.cmdline())]
+        assert cores
+        for core in cores:
+            core.kill()
+        psutil.wait_procs(cores, timeout=30)
+        grown = ckpt_size(spool) + 5_000
+    drop(spool / "inbox", "after.jsonl", [{"prompt": "next file", "max_tokens": 3}])
+    assert wait_for(lambda: final_state(outbox, "long"), 300, what="poison job end") == "failed"
+    status = read_jsonl(outbox / "long.status.jsonl")[-1]
+    assert status["errors"][0]["code"] == "engine_error"
+    assert "died 2 times" in status["errors"][0]["message"]
+    results = read_jsonl(outbox / "long.results.jsonl")
+    errors = read_jsonl(outbox / "long.errors.jsonl")
+    assert len(results) > 0
+    assert len(results) + len(errors) == N + 1
+    assert {e["response"]["body"]["error"]["code"] for e in errors} == {
+        "engine_error", "invalid_json_line"}
+    assert wait_for(lambda: final_state(outbox, "after"), 300, what="next file") == "completed"
+    assert daemon.stop() == 0
