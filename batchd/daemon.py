@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import threading
 import time
 from typing import Callable, Iterator
@@ -69,6 +70,11 @@ class Daemon:
         spool.ensure_dirs(self.settings)
         for error in self.profiles.errors:
             log.error("profile_invalid", error=error)
+        mode = os.stat(self.settings.inbox).st_mode
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            # Anyone may then delete or rename other users' files, claims included.
+            log.warning("inbox_world_writable", inbox=str(self.settings.inbox),
+                        fix=f"chmod +t {self.settings.inbox}")
         reap_engines(self.settings)
         for path, name in spool.orphan_claims(self.settings):
             # A crash between the claim's two renames: give the file back.

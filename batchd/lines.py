@@ -5,7 +5,10 @@ exactly one outcome.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Literal
@@ -184,9 +187,30 @@ def _to_request(number: int, obj: dict[str, Any]) -> Request | LineError:
     return Request(number, custom_id, url, body)
 
 
+class NotRegularFile(OSError):
+    """The path is a symlink, FIFO, device or folder: it is never read."""
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open PATH for reading only if it is a regular file, without following a
+    symlink and without blocking on a FIFO; the check is made on the opened
+    descriptor, so a file swapped after an earlier lstat is caught too."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegularFile(errno.ELOOP, "is a symbolic link", str(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegularFile(errno.EINVAL, "is not a regular file", str(path))
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def iter_file(path: Path, max_line_bytes: int) -> Iterator[Request | LineError]:
     """Every non-blank line of a file as a Request or LineError, streamed."""
-    with open(path, "rb") as stream:
+    with open_regular(path) as stream:
         for raw in read_lines(stream, max_line_bytes):
             yield parse_line(raw, max_line_bytes)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .lines import open_regular
 from .profiles import SAMPLING_KEYS, Profile, ProfileSet
 
 
@@ -51,7 +52,7 @@ def read_sidecar(path: Path | None) -> Sidecar:
     if path is None:
         return Sidecar()
     try:
-        with open(path, "rb") as stream:  # a symlink or FIFO is refused below
+        with open_regular(path) as stream:  # never a symlink, FIFO or device
             raw = stream.read(65536 + 1)
         data = tomllib.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

@@ -22,7 +22,7 @@ from . import bench
 from .checkpoint import Checkpoint
 from .config import Settings
 from .engine import Engine, EngineDead
-from .lines import Dedup, LineError, Request, iter_file
+from .lines import Dedup, LineError, NotRegularFile, Request, iter_file, open_regular
 from .outbox import (JobState, StatusFile, dumps_line, error_line, read_status, result_line,
                      sync_dir, utc_now, write_atomic)
 from .profiles import Profile, ProfileSet
@@ -160,7 +160,11 @@ class Runner:
 
     def _validate(self, job: Job, ckpt: Checkpoint) -> tuple[Sidecar, ModelVote]:
         limits = self.settings.limits
-        size = os.stat(job.input).st_size
+        try:
+            with open_regular(job.input) as stream:
+                size = os.fstat(stream.fileno()).st_size
+        except NotRegularFile as exc:
+            raise JobRejected("not_a_regular_file", f"{job.input.name} {exc.strerror}") from None
         if size > limits.max_file_bytes:
             raise JobRejected("file_too_large",
                               f"{size} bytes is over the limit of {limits.max_file_bytes}")
@@ -310,7 +314,7 @@ class Runner:
 
     def _reject(self, job: Job, ckpt: Checkpoint, exc: JobRejected) -> JobState:
         log.warning("job_rejected", job=job.name, code=exc.code, reason=exc.message)
-        if exc.code not in ("file_too_large",):
+        if exc.code not in ("file_too_large", "not_a_regular_file"):
             self._fill(job, ckpt, exc.code, exc.message, 400)
         return self._publish(job, ckpt, JobState.FAILED, 0.0, 0.0, 0.0, None,
                              errors=[{"code": exc.code, "message": exc.message,

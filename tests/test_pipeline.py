@@ -218,3 +218,18 @@ def test_read_only_outbox_stalls_then_recovers(settings):
         results, errors = outputs(outbox, job)
         assert len(results) == n and errors == []
     assert list(settings.work.iterdir()) == []
+
+
+def test_input_swapped_for_a_symlink_after_the_scan_is_never_read(daemon, settings, tmp_path):
+    """A writer who replaces a claimed file by a symlink (a race with the scan)
+    gets not_a_regular_file; the target is never opened."""
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"prompt": "do not read me"}\n')
+    os.symlink(secret, settings.work / "swapped.jsonl")
+    (settings.outbox / "swapped.status.jsonl").write_text("")
+    drain(daemon)
+    status = read_jsonl(settings.outbox / "swapped.status.jsonl")[-1]
+    assert status["state"] == "failed"
+    assert status["errors"][0]["code"] == "not_a_regular_file"
+    assert read_jsonl(settings.outbox / "swapped.results.jsonl") == []
+    assert (settings.failed / "swapped.jsonl").is_symlink()

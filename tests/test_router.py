@@ -58,3 +58,13 @@ def test_invalid_profile_is_reported_and_others_work(settings):
     found = ProfileSet.load(settings.routing.profiles_dir)
     assert "tiny" in found.profiles and "broken" not in found.profiles
     assert any("broken.toml" in e and "max_modle_len" in e for e in found.errors)
+
+
+def test_sidecar_symlink_is_refused(tmp_path):
+    target = tmp_path / "elsewhere.toml"
+    target.write_text('profile = "tiny"\n')
+    link = tmp_path / "x.toml"
+    link.symlink_to(target)
+    with pytest.raises(JobRejected) as exc:
+        read_sidecar(link)
+    assert exc.value.code == "invalid_sidecar" and "symbolic link" in exc.value.message
