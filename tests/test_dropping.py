@@ -112,3 +112,15 @@ def test_ready_marker_mode(spool_config, tmp_path, daemons):
     assert wait_for(lambda: final_state(tmp_path / "spool" / "outbox", "marked"), 30) \
         == "completed"
     assert not (inbox / "marked.jsonl.ready").exists()
+
+
+def test_vanished_inbox_does_not_crash_the_daemon(running, tmp_path):
+    """A share that disappears and comes back (here: the inbox folder removed and
+    made again) is survived; files dropped afterwards are answered."""
+    inbox = running.spool / "inbox"
+    shutil.rmtree(inbox)
+    wait_for(lambda: running.proc.poll() is None and not inbox.exists(), 5)
+    inbox.mkdir()
+    drop(inbox, "back.jsonl", [{"prompt": "x"}])
+    assert wait_for(lambda: final_state(running.spool / "outbox", "back"), 30) == "completed"
+    assert running.proc.poll() is None

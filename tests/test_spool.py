@@ -72,3 +72,20 @@ def test_orphan_claim_goes_back(settings):
     orphan = settings.work / f".claim~999999~1~{socket.gethostname()}~lost.jsonl"
     orphan.write_text("{}\n")
     assert spool.orphan_claims(settings) == [(orphan, "lost.jsonl")]
+
+
+def test_auto_mode_polls_on_network_filesystems(monkeypatch, tmp_path):
+    from batchd import watcher
+    monkeypatch.setattr(watcher, "filesystem_type", lambda path: "nfs4")
+    assert watcher.choose_mode("auto", tmp_path) == (
+        "poll", "inbox is on nfs4, where inotify misses remote writes")
+    monkeypatch.setattr(watcher, "filesystem_type", lambda path: "fuse.sshfs")
+    assert watcher.choose_mode("auto", tmp_path)[0] == "poll"
+    monkeypatch.setattr(watcher, "filesystem_type", lambda path: "ext4")
+    assert watcher.choose_mode("auto", tmp_path)[0] == "inotify"
+    assert watcher.choose_mode("poll", tmp_path) == ("poll", "set in config")
+
+
+def test_filesystem_type_reads_the_mount_table(tmp_path):
+    from batchd.watcher import filesystem_type
+    assert filesystem_type(tmp_path) != "unknown"
