@@ -25,6 +25,7 @@ from .engine import Engine, FakeEngine
 from .notify import Notifier, watchdog_interval
 from .outbox import JobState, StatusFile
 from .profiles import Profile, ProfileSet
+from .router import JobRejected, read_sidecar
 from .runner import EnginePool, Runner
 from .watcher import Watcher
 
@@ -96,6 +97,7 @@ class Daemon:
         if self.watcher is not None:
             for name in self.watcher.take_renamed():
                 self.settler.mark_renamed(name)
+        ready: list[str] = []
         for name, st in spool.scan(self.settings.inbox):
             if not spool.is_regular(st):
                 if name not in self.reported:
@@ -107,6 +109,10 @@ class Daemon:
                 continue
             if not self.settler.settled(name, st, now) or self.retry_at.get(name, 0.0) > now:
                 continue
+            ready.append(name)
+        # Higher sidecar priority first; within a priority, oldest first (scan order).
+        ready.sort(key=self._priority, reverse=True)
+        for name in ready:
             self.settler.forget(name)
             try:
                 claimed = spool.claim(self.settings, name)
@@ -119,6 +125,15 @@ class Daemon:
             self._run(claimed.job, now)
             return True
         return False
+
+    def _priority(self, name: str) -> int:
+        sidecar = self.settings.inbox / (name[: -len(".jsonl")] + ".toml")
+        if not sidecar.exists():
+            return 0
+        try:
+            return read_sidecar(sidecar).priority
+        except JobRejected:
+            return 0  # the job itself reports the bad sidecar
 
     def _keepalive(self, factory: Callable[[Profile], Engine]) -> Callable[[Profile], Engine]:
         """Wrap model loading: it blocks the loop for a minute or more, so a helper

@@ -179,6 +179,11 @@ class Runner:
                 ckpt.add(item.line, "error", error_line(item))
             else:
                 votes.add(item.model, item.line)
+            if job.total % 8192 == 0 and \
+                    time.monotonic() - job.status.written_at >= self.settings.status.interval:
+                job.status.write(JobState.VALIDATING, phase="validating",
+                                 message=f"{job.total} lines read",
+                                 **self._progress(job, ckpt, 0, 0.0))
         return sidecar, votes
 
     def _write_job_toml(self, job: Job, sidecar: Sidecar, reason: str) -> None:

@@ -233,3 +233,14 @@ def test_input_swapped_for_a_symlink_after_the_scan_is_never_read(daemon, settin
     assert status["errors"][0]["code"] == "not_a_regular_file"
     assert read_jsonl(settings.outbox / "swapped.results.jsonl") == []
     assert (settings.failed / "swapped.jsonl").is_symlink()
+
+
+def test_sidecar_priority_orders_waiting_files(daemon, settings):
+    for name, priority in (("low", -1), ("plain", None), ("high", 5)):
+        if priority is not None:
+            (settings.inbox / f"{name}.toml").write_text(f"priority = {priority}\n")
+        drop(settings.inbox, f"{name}.jsonl", [GOOD])
+    drain(daemon)
+    finished = {job: (settings.outbox / f"{job}.bench.json").stat().st_mtime_ns
+                for job in ("low", "plain", "high")}
+    assert sorted(finished, key=finished.get) == ["high", "plain", "low"]

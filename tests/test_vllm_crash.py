@@ -123,3 +123,20 @@ def test_poison_job_fails_after_repeated_engine_deaths_and_the_queue_moves_on(
         "engine_error", "invalid_json_line"}
     assert wait_for(lambda: final_state(outbox, "after"), 300, what="next file") == "completed"
     assert daemon.stop() == 0
+
+
+def test_second_sigterm_exits_at_once_without_loss(crash_spool, daemons):
+    config, spool = crash_spool
+    outbox = spool / "outbox"
+    first = daemons(config)
+    wait_for(lambda: ckpt_size(spool) > 20_000, 300, what="checkpoint to grow")
+    engine_children = children(first.proc)
+    first.proc.send_signal(signal.SIGTERM)
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(60) == 128 + signal.SIGTERM  # exited at once, not drained
+    again = daemons(config, args=("--once",))
+    _, alive = psutil.wait_procs(engine_children, timeout=60)
+    assert alive == []  # the engine the hasty exit left behind was ended
+    assert again.proc.wait(600) == 0, again.log.read_text()[-3000:]
+    assert final_state(outbox, "long") == "completed"
+    check_exactly_once(outbox)
