@@ -1,0 +1,54 @@
+"""kill -9 at the other points of a job's life: while validating and while
+publishing. Real daemon processes and real signals on the fake engine (the
+real-vLLM kills are in test_vllm_crash.py); points are chosen by the status file."""
+
+import json
+
+import pytest
+
+from conftest import drop, final_state, read_jsonl, wait_for
+
+pytestmark = pytest.mark.slow
+
+N = 200_000
+
+
+@pytest.fixture
+def big_job(spool_config, tmp_path):
+    config = spool_config("[engine]\nfake = true\nwindow = 4096\n")
+    inbox = tmp_path / "spool" / "inbox"
+    inbox.mkdir(parents=True)
+    lines = [json.dumps({"custom_id": f"r{i}", "prompt": "x"}) for i in range(N)]
+    lines[5] = "{broken"
+    drop(inbox, "big.jsonl", lines)
+    return config, tmp_path / "spool"
+
+
+def last_state(spool):
+    records = read_jsonl(spool / "outbox" / "big.status.jsonl") \
+        if (spool / "outbox" / "big.status.jsonl").exists() else []
+    return records[-1] if records else {}
+
+
+def exactly_once(spool):
+    outbox = spool / "outbox"
+    results = read_jsonl(outbox / "big.results.jsonl")
+    errors = read_jsonl(outbox / "big.errors.jsonl")
+    ids = [r["custom_id"] for r in results] + [e["custom_id"] for e in errors]
+    assert len(ids) == N and len(set(ids)) == N
+    assert [e["line"] for e in errors] == [6]
+
+
+@pytest.mark.parametrize("phase", ["validating", "publishing"])
+def test_kill9_at_phase_then_resume(big_job, daemons, phase):
+    config, spool = big_job
+    daemon = daemons(config, env={"BATCHD_STATUS__INTERVAL": "0.05"})
+    wait_for(lambda: last_state(spool).get("phase") == phase, 120, interval=0.005,
+             what=f"phase {phase}")
+    daemon.kill()
+    assert final_state(spool / "outbox", "big") is None
+    again = daemons(config, args=("--once",))
+    assert again.proc.wait(300) == 0, again.log.read_text()[-2000:]
+    assert final_state(spool / "outbox", "big") == "completed"
+    exactly_once(spool)
+    assert list((spool / "work").iterdir()) == []
