@@ -61,6 +61,12 @@ class EngineConfig(_Section):
     fake: bool = False  # deterministic fake engine, for plumbing tests and dry runs
 
 
+class SchedulingConfig(_Section):
+    # A job in work/ whose owner on another host has not refreshed its lease for
+    # this long is taken over (same-host owners are checked by pid at once).
+    lease_seconds: float = Field(60.0, gt=0)
+
+
 class StatusConfig(_Section):
     interval: float = Field(2.0, gt=0)
 
@@ -86,6 +92,7 @@ class Settings(BaseSettings):
     routing: RoutingConfig = RoutingConfig()
     limits: LimitsConfig = LimitsConfig()
     engine: EngineConfig = EngineConfig()
+    scheduling: SchedulingConfig = SchedulingConfig()
     status: StatusConfig = StatusConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()

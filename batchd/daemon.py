@@ -22,6 +22,7 @@ import structlog
 from . import spool
 from .config import Settings
 from .engine import Engine, FakeEngine
+from .lease import Leases
 from .notify import Notifier, watchdog_interval
 from .outbox import JobState, StatusFile
 from .profiles import Profile, ProfileSet
@@ -61,6 +62,7 @@ class Daemon:
         self.pool = EnginePool(self._keepalive(factory or engine_factory(settings)))
         self.runner = Runner(settings, self.profiles, self.pool, self.stop, self._progress)
         self.settler = spool.Settler(settings.watch.settle_seconds)
+        self.leases = Leases(settings.work, settings.scheduling.lease_seconds)
         self.reported: set[str] = set()  # non-regular entries that could not be moved
         self.retry_at: dict[str, float] = {}  # job or file -> when to try again after OSError
         self.retry_seconds = 10.0
@@ -90,8 +92,8 @@ class Daemon:
         if self.stop.is_set():
             return False
         for job in spool.unfinished(self.settings):
-            if self.retry_at.get(job, 0.0) > now:
-                continue
+            if self.retry_at.get(job, 0.0) > now or not self.leases.acquire(job):
+                continue  # stalled, or another live daemon's job
             self._run(job, now)
             return True
         if self.watcher is not None:
@@ -115,7 +117,7 @@ class Daemon:
         for name in ready:
             self.settler.forget(name)
             try:
-                claimed = spool.claim(self.settings, name)
+                claimed = spool.claim(self.settings, name, self.leases)
             except OSError as exc:
                 self._stalled(name, now, exc, "claim_failed")
                 continue
@@ -185,6 +187,7 @@ class Daemon:
                 pass  # the outbox itself is what fails; the log says why
             return
         self.retry_at.pop(job, None)
+        self.leases.release(job)  # finished, or stopped: any daemon may resume it
         if state is not None:
             self.notifier.status(f"finished {job}: {state.value}")
 
@@ -219,6 +222,7 @@ class Daemon:
         self.watcher = Watcher(self.settings.inbox, self.settings.watch.mode,
                                self.settings.watch.poll_interval)
         self.watcher.start()
+        self.leases.start()
         idle = f"idle, watching {self.settings.inbox}"
         self.notifier.send(READY=1, STATUS=idle)
         log.info("daemon_ready", inbox=str(self.settings.inbox), once=once)
@@ -243,6 +247,7 @@ class Daemon:
             self.notifier.send(STOPPING=1, STATUS="stopping")
             log.info("daemon_stopping")
             self.watcher.stop()
+            self.leases.stop()
             self.pool.close()
         return 0
 

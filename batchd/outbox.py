@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from datetime import datetime, timezone
 from enum import Enum
@@ -47,6 +48,10 @@ TRANSITIONS = {
 }
 
 
+# Which daemon wrote a status line: several may share one spool.
+OWNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -65,7 +70,8 @@ class StatusFile:
         if self.state is not None and state != self.state and state not in TRANSITIONS.get(
                 self.state, set()):
             raise ValueError(f"job {self.job}: no transition {self.state.value} -> {state.value}")
-        record = {"ts": utc_now(), "job": self.job, "state": state.value, **fields}
+        record = {"ts": utc_now(), "job": self.job, "state": state.value, **fields,
+                  "daemon": OWNER}
         record.setdefault("message", "")
         with open(self.path, "ab") as stream:
             stream.write(json.dumps(record).encode() + b"\n")

@@ -19,6 +19,7 @@ from itertools import count
 from pathlib import Path
 
 from .config import Settings
+from .lease import Leases
 
 IGNORED_SUFFIXES = (".part", ".tmp", "~")
 _claims = count(1)
@@ -111,8 +112,8 @@ class Claimed:
     sidecar: Path | None  # work/JOB.toml when one came with the file
 
 
-def claim(settings: Settings, name: str) -> Claimed | None:
-    """Take inbox/NAME into work/; None when another process won the race."""
+def claim(settings: Settings, name: str, leases: Leases) -> Claimed | None:
+    """Take inbox/NAME into work/ under a lease; None when another process won the race."""
     source = settings.inbox / name
     # Unique to this process, and it keeps the original name for recovery.
     temp = settings.work / f".claim~{os.getpid()}~{next(_claims)}~{socket.gethostname()}~{name}"
@@ -122,6 +123,10 @@ def claim(settings: Settings, name: str) -> Claimed | None:
         return None
     try:
         job = reserve_name(settings, safe_stem(name))
+        # The lease exists before work/JOB.jsonl does, so no other daemon ever
+        # sees the job unowned.
+        if not leases.create(job):
+            raise FileExistsError(f"lease for new job {job} exists")
         target = settings.work / f"{job}.jsonl"
         os.rename(temp, target)
     except OSError:
@@ -186,7 +191,10 @@ def unfinished(settings: Settings) -> list[str]:
     for entry in entries:
         if entry.name.endswith(".jsonl") and not entry.name.startswith(".") \
                 and not entry.name.endswith(".ckpt.jsonl"):
-            jobs.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name[:-6]))
+            try:
+                jobs.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name[:-6]))
+            except FileNotFoundError:
+                continue  # finished by its owner meanwhile
     return [job for _, job in sorted(jobs)]
 
 

@@ -4,6 +4,7 @@ import os
 import threading
 
 from batchd import spool
+from batchd.lease import Leases
 
 
 def test_eligible_names():
@@ -43,7 +44,7 @@ def test_claim_race_one_winner(settings):
 
     def racer():
         barrier.wait()
-        results.append(spool.claim(settings, "job.jsonl"))
+        results.append(spool.claim(settings, "job.jsonl", Leases(settings.work, 60)))
 
     threads = [threading.Thread(target=racer) for _ in range(8)]
     for t in threads:
@@ -52,7 +53,7 @@ def test_claim_race_one_winner(settings):
         t.join()
     winners = [r for r in results if r is not None]
     assert len(winners) == 1 and winners[0].job == "job"
-    assert sorted(p.name for p in settings.work.iterdir()) == ["job.jsonl"]
+    assert sorted(p.name for p in settings.work.iterdir()) == ["job.jsonl", "job.lease"]
 
 
 def test_names_never_collide(settings):
@@ -61,7 +62,7 @@ def test_names_never_collide(settings):
     for _ in range(3):
         (settings.inbox / "r.jsonl").write_text("{}\n")
         (settings.inbox / "r.toml").write_text('profile = "tiny"\n')
-        jobs.append(spool.claim(settings, "r.jsonl"))
+        jobs.append(spool.claim(settings, "r.jsonl", Leases(settings.work, 60)))
     assert [j.job for j in jobs] == ["r", "r-2", "r-3"]
     assert all(j.sidecar and j.sidecar.name == f"{j.job}.toml" for j in jobs)
 
@@ -89,3 +90,25 @@ def test_auto_mode_polls_on_network_filesystems(monkeypatch, tmp_path):
 def test_filesystem_type_reads_the_mount_table(tmp_path):
     from batchd.watcher import filesystem_type
     assert filesystem_type(tmp_path) != "unknown"
+
+
+def test_leases_take_over_only_from_the_gone(settings, monkeypatch):
+    import json
+    import time as _time
+    spool.ensure_dirs(settings)
+    mine = Leases(settings.work, lease_seconds=30)
+    other = Leases(settings.work, lease_seconds=30)
+    other.pid = 999_999_999  # a pid that does not exist: a daemon killed by -9
+    assert other.create("a")
+    assert mine.acquire("a")  # same host, dead pid: taken over at once
+    assert json.loads(mine.path("a").read_text())["pid"] == mine.pid
+    remote = Leases(settings.work, lease_seconds=30)
+    remote.host = "elsewhere"
+    assert remote.create("b")
+    assert not mine.acquire("b")  # another host's fresh lease is respected
+    old = _time.time() - 120
+    os.utime(mine.path("b"), (old, old))
+    assert mine.acquire("b")  # its heartbeat is older than lease_seconds
+    assert not remote.acquire("b")  # and the previous owner cannot take it back
+    mine.release("b")
+    assert not mine.path("b").exists()
