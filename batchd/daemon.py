@@ -9,6 +9,7 @@ only set flags; the loop acts on them.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from . import spool
 from .config import Settings
 from .engine import Engine, FakeEngine
 from .lease import Leases
+from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
 from .outbox import JobState, StatusFile
 from .profiles import Profile, ProfileSet
@@ -63,6 +65,7 @@ class Daemon:
         self.runner = Runner(settings, self.profiles, self.pool, self.stop, self._progress)
         self.settler = spool.Settler(settings.watch.settle_seconds)
         self.leases = Leases(settings.work, settings.scheduling.lease_seconds)
+        self.metrics = Metrics(settings.metrics.textfile)
         self.reported: set[str] = set()  # non-regular entries that could not be moved
         self.retry_at: dict[str, float] = {}  # job or file -> when to try again after OSError
         self.retry_seconds = 10.0
@@ -124,6 +127,7 @@ class Daemon:
             if claimed is None:
                 continue  # another daemon won the race
             log.info("job_claimed", job=claimed.job, file=name)
+            self.metrics.claimed()
             self._run(claimed.job, now)
             return True
         return False
@@ -155,14 +159,17 @@ class Daemon:
                                EXTEND_TIMEOUT_USEC=int(period * 3_000_000))
             threading.Thread(target=ping, daemon=True, name="batchd-load-keepalive").start()
             try:
-                return factory(profile)
+                engine = factory(profile)
             finally:
                 done.set()
+            self.metrics.model(profile.name, profile.model)
+            return engine
 
         return load
 
     def _progress(self, record: dict) -> None:
         """After an engine step: the loop is healthy; say what it does."""
+        self.metrics.progress(record)
         if self.beat:
             self.notifier.send(WATCHDOG=1)
         counts = record.get("request_counts") or {}
@@ -190,6 +197,11 @@ class Daemon:
         self.leases.release(job)  # finished, or stopped: any daemon may resume it
         if state is not None:
             self.notifier.status(f"finished {job}: {state.value}")
+            try:
+                bench = json.loads((self.settings.outbox / f"{job}.bench.json").read_text())
+            except (OSError, ValueError):
+                bench = None
+            self.metrics.finished(bench, state.value)
 
     def _stalled(self, what: str, now: float, exc: OSError, event: str) -> None:
         self.retry_at[what] = now + self.retry_seconds

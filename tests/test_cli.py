@@ -102,3 +102,17 @@ def test_run_once_with_fake_engine(spool_config, tmp_path):
     status = read_jsonl(tmp_path / "spool" / "outbox" / "f.status.jsonl")
     assert status[-1]["state"] == "completed"
     assert status[-1]["request_counts"]["completed"] == 3
+
+
+def test_bench_report_table_and_plot(spool_config, tmp_path):
+    import os
+    config = spool_config("[engine]\nfake = true\n")
+    src = tmp_path / "b.jsonl"
+    src.write_text('{"prompt": "x"}\n' * 4)
+    assert batchd("submit", str(src), config=config).returncode == 0
+    assert batchd("run", "--once", config=config, env={**os.environ}).returncode == 0
+    png = tmp_path / "report.png"
+    out = batchd("bench", "report", "--plot", str(png), config=config)
+    assert out.returncode == 0, out.stderr
+    assert "tiny" in out.stdout and "OUT TOK/S" in out.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -244,3 +244,20 @@ def test_sidecar_priority_orders_waiting_files(daemon, settings):
     finished = {job: (settings.outbox / f"{job}.bench.json").stat().st_mtime_ns
                 for job in ("low", "plain", "high")}
     assert sorted(finished, key=finished.get) == ["high", "plain", "low"]
+
+
+def test_metrics_textfile(spool_config, tmp_path):
+    from batchd.config import load_settings
+    settings = load_settings(spool_config('[metrics]\ntextfile = "metrics/batchd.prom"\n'))
+    (tmp_path / "metrics").mkdir()
+    d = Daemon(settings, factory=FakeEngine)
+    d.setup()
+    drop(settings.inbox, "m.jsonl", [GOOD, "bad json", GOOD | {"custom_id": "x"}])
+    drain(d)
+    text = (tmp_path / "metrics" / "batchd.prom").read_text()
+    assert 'batchd_jobs_total{state="completed"} 1' in text
+    assert 'batchd_requests_total{outcome="succeeded",profile="tiny"} 2' in text
+    assert 'batchd_requests_total{outcome="failed",profile="tiny"} 1' in text
+    assert 'batchd_model_loaded{model="batchd/tiny-llama",profile="tiny"} 1' in text
+    assert "# TYPE batchd_tokens_total counter" in text
+    assert "batchd_last_claim_timestamp_seconds " in text
