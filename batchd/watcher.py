@@ -13,7 +13,8 @@ import threading
 from pathlib import Path
 
 import structlog
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
+                             FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
@@ -55,10 +56,14 @@ def choose_mode(mode: str, inbox: Path) -> tuple[str, str]:
 class _Handler(FileSystemEventHandler):
     def __init__(self, watcher: "Watcher"):
         self.watcher = watcher
+        self.inbox = os.fsdecode(os.path.abspath(watcher.inbox))
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type == "moved":
-            self.watcher.renamed_in(os.path.basename(os.fsdecode(event.dest_path)))
+        dest = os.fsdecode(getattr(event, "dest_path", "") or "")
+        if event.event_type == "moved" and os.path.dirname(dest) == self.inbox:
+            self.watcher.renamed_in(os.path.basename(dest))
+        elif os.path.dirname(os.fsdecode(event.src_path)) != self.inbox:
+            return  # work/, outbox/, failed/: watched only to pair moves (below)
         self.watcher.wake.set()
 
 
@@ -83,10 +88,19 @@ class Watcher:
 
     def start(self) -> None:
         if self.mode == "inotify":
+            # The whole spool, not only the inbox: watchdog holds a move *out* of
+            # a watched folder for 0.5 s hoping to pair it, and its queue is FIFO,
+            # so each claim (inbox -> work) would delay the next file's event.
+            # With work/ watched too, the pair completes at once. Only moves,
+            # creations and closes are asked for, so checkpoint and status
+            # writes cost nothing.
             observer = Observer()
+            observer.schedule(_Handler(self), str(self.inbox.parent), recursive=True,
+                              event_filter=[FileCreatedEvent, FileMovedEvent, FileClosedEvent,
+                                            DirCreatedEvent, DirMovedEvent])
         else:
             observer = PollingObserver(timeout=self.poll_interval)
-        observer.schedule(_Handler(self), str(self.inbox), recursive=False)
+            observer.schedule(_Handler(self), str(self.inbox), recursive=False)
         observer.daemon = True
         observer.start()
         self._observer = observer

@@ -9,6 +9,7 @@ import json
 SCENARIOS = {
     "memory": "daemon RSS for 1k vs 100k requests; validate on 1M lines",
     "overhead": "the same prompts through vllm.LLM.chat and through a warm batchd daemon",
+    "claim": "rename into the inbox of an idle daemon -> claim, inotify and poll modes",
 }
 
 
@@ -33,7 +34,7 @@ def main() -> None:
     path = module.run(**kwargs)
     record = json.loads(path.read_text())
     print(f"record: {path}")
-    for key in ("peak_ratio_large_over_small", "ratios"):
+    for key in ("peak_ratio_large_over_small", "ratios", "modes"):
         if key in record:
             print(f"{key}: {record[key]}")
 
