@@ -22,7 +22,7 @@ import structlog
 log = structlog.get_logger()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -89,7 +89,7 @@ class Leases:
 
     def _gone(self, owner: dict, mtime: float) -> bool:
         if owner.get("host") == self.host and isinstance(owner.get("pid"), int):
-            return not _alive(owner["pid"])
+            return not pid_alive(owner["pid"])
         return time.time() - mtime > self.lease_seconds
 
     def release(self, job: str) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 # Keyword arguments of vllm.LLM (its EngineArgs) that a profile may set. A
 # static list keeps `batchd profiles` and validation free of the slow vLLM
@@ -43,6 +43,22 @@ SAMPLING_KEYS = frozenset(
 )
 
 
+def _only(allowed: frozenset[str], what: str) -> AfterValidator:
+    """A validator for a table whose keys must all be in ALLOWED."""
+
+    def check(value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise ValueError(f"unknown {what} key {unknown[0]!r}")
+        return value
+
+    return AfterValidator(check)
+
+
+EngineArgs = Annotated[dict[str, Any], _only(ENGINE_KEYS, "engine")]
+SamplingDefaults = Annotated[dict[str, Any], _only(SAMPLING_KEYS, "sampling")]
+
+
 class ProfileError(Exception):
     """A profile file that cannot be used; the message names the file and key."""
 
@@ -64,26 +80,10 @@ class Profile(BaseModel):
     aliases: list[str] = Field(default_factory=list)
     description: str = ""
     environment: dict[str, str] = Field(default_factory=dict)  # set before vLLM loads
-    engine: dict[str, Any] = Field(default_factory=dict)
-    sampling: dict[str, Any] = Field(default_factory=dict)
+    engine: EngineArgs = Field(default_factory=dict)
+    sampling: SamplingDefaults = Field(default_factory=dict)
     chat: ChatOptions = Field(default_factory=ChatOptions)
     source: Path | None = None
-
-    @field_validator("engine")
-    @classmethod
-    def _known_engine_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(value) - ENGINE_KEYS)
-        if unknown:
-            raise ValueError(f"unknown engine key {unknown[0]!r}")
-        return value
-
-    @field_validator("sampling")
-    @classmethod
-    def _known_sampling_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(value) - SAMPLING_KEYS)
-        if unknown:
-            raise ValueError(f"unknown sampling key {unknown[0]!r}")
-        return value
 
     def names(self) -> set[str]:
         """Every name a job may use to ask for this profile."""

@@ -9,12 +9,11 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .lines import open_regular
-from .profiles import SAMPLING_KEYS, Profile, ProfileSet
+from .profiles import Profile, ProfileSet, SamplingDefaults
 
 
 class JobRejected(Exception):
@@ -37,15 +36,7 @@ class Sidecar(BaseModel):
 
     profile: str | None = Field(None, min_length=1, max_length=200)
     priority: int = Field(0, ge=-1000, le=1000)
-    sampling: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("sampling")
-    @classmethod
-    def _known(cls, value: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(value) - SAMPLING_KEYS)
-        if unknown:
-            raise ValueError(f"unknown sampling key {unknown[0]!r}")
-        return value
+    sampling: SamplingDefaults = Field(default_factory=dict)
 
 
 def read_sidecar(path: Path | None) -> Sidecar:

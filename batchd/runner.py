@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -367,21 +368,41 @@ class Runner:
         if errors:
             fields["errors"] = errors
         message = errors[0]["message"] if errors else ""
+        if not rejected:
+            self._place_input(job)
+            sync_dir(outbox)
         job.status.write(final, phase="done", message=message, **fields)
         log.info("job_finished", job=job.name, state=final.value, total=job.total,
                  succeeded=tally.completed, failed=tally.failed,
                  profile=profile.name if profile else None)
         return self._cleanup(job, final, rejected)
 
+    def _place_input(self, job: Job) -> None:
+        """Put the input in the outbox before the final status line, so a reader
+        who sees that line finds everything. A hard link keeps work/JOB.jsonl in
+        place until the line is written (a crash in between just publishes again);
+        filesystems without links get a copy."""
+        target = job.out("input.jsonl")
+        if target.exists() or not job.input.exists():
+            return
+        try:
+            os.link(job.input, target, follow_symlinks=False)
+        except OSError:
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.copyfile(job.input, tmp, follow_symlinks=False)
+            os.replace(tmp, target)
+
     def _cleanup(self, job: Job, final: JobState, rejected: bool | None = None) -> JobState:
-        """Move the input out of work/ (after publication) and drop the checkpoint."""
+        """After the final status line: the input leaves work/, the checkpoint goes."""
         if rejected is None:  # recovering after a crash: the status says how it ended
             last = read_status(job.status.path)[-1]
             rejected = final == JobState.FAILED and last.get("profile") is None
-        if job.input.exists():
-            target = (self.settings.failed / f"{job.name}.jsonl") if rejected \
-                else job.out("input.jsonl")
-            os.replace(job.input, target)
+        if rejected:
+            if job.input.exists() or job.input.is_symlink():
+                os.replace(job.input, self.settings.failed / f"{job.name}.jsonl")
+        else:
+            self._place_input(job)
+            job.input.unlink(missing_ok=True)
         for path in (job.checkpoint, self.settings.work / f"{job.name}.toml"):
             try:
                 os.unlink(path)

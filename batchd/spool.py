@@ -19,7 +19,7 @@ from itertools import count
 from pathlib import Path
 
 from .config import Settings
-from .lease import Leases
+from .lease import Leases, pid_alive
 
 IGNORED_SUFFIXES = (".part", ".tmp", "~")
 _claims = count(1)
@@ -206,16 +206,6 @@ def orphan_claims(settings: Settings) -> list[tuple[Path, str]]:
     for path in settings.work.glob(".claim~*"):
         parts = path.name.split("~", 4)
         if len(parts) == 5 and parts[3] == host and parts[1].isdigit() \
-                and not _alive(int(parts[1])):
+                and not pid_alive(int(parts[1])):
             found.append((path, parts[4]))
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

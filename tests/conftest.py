@@ -61,7 +61,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def final_state(outbox: Path, job: str) -> str | None:
-    records = read_jsonl(outbox / f"{job}.status.jsonl")
+    from batchd.outbox import read_status  # skips a line the daemon is still writing
+    records = read_status(outbox / f"{job}.status.jsonl")
     if records and records[-1]["state"] in ("completed", "failed", "cancelled"):
         return records[-1]["state"]
     return None
