@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--profile")
     p = command("profiles", cmd_profiles, "list, show or check profiles")
-    p.add_argument("action", nargs="?", default="list", choices=["list", "show"])
+    p.add_argument("action", nargs="?", default="list", choices=["list", "show", "check"])
     p.add_argument("name", nargs="?")
+    p.add_argument("--vram", default="16GiB", help="GPU memory for `check` (default 16GiB)")
     p = command("models", cmd_models, "build a local model from a shipped recipe")
     p.add_argument("action", choices=["prepare", "list"])
     p.add_argument("name", nargs="?")
@@ -191,6 +192,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_profiles(args: argparse.Namespace) -> int:
     settings = _settings(args)
     profiles = ProfileSet.load(settings.routing.profiles_dir)
+    if args.action == "check":
+        return _check_profiles(settings, profiles, args.name, args.vram)
     if args.action == "show":
         if not args.name:
             raise UsageError("profiles show needs a NAME")
@@ -209,6 +212,34 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     for error in profiles.errors:
         print(f"invalid: {error}")
     return 1 if profiles.errors else 0
+
+
+def _check_profiles(settings: Settings, profiles: ProfileSet, name: str | None,
+                    vram_text: str) -> int:
+    from .fit import FitError, check, parse_size
+
+    try:
+        vram = parse_size(vram_text)
+    except FitError as exc:
+        raise UsageError(str(exc)) from None
+    chosen = [profiles.lookup(name)] if name else list(profiles.profiles.values())
+    if None in chosen:
+        raise UsageError(f"unknown profile {name!r}; known: {profiles.known()}")
+    print(f"{'PROFILE':14} {'WEIGHTS':>8} {'BUDGET':>7} {'KV CACHE':>9} {'KV/TOKEN':>9} "
+          f"{'MAX LEN':>8} {'FULL SEQS':>9}  FITS {vram / 1024**3:g} GiB")
+    ok = True
+    for profile in sorted(chosen, key=lambda p: p.name):
+        try:
+            r = check(profile, settings.routing.models_dir, vram)
+        except (FitError, KeyError, ValueError) as exc:
+            print(f"{profile.name:14} cannot estimate: {exc}")
+            ok = False
+            continue
+        ok = ok and r["fits"]
+        print(f"{r['profile']:14} {r['weights_gb']:7.1f}G {r['budget_gb']:6.1f}G "
+              f"{r['kv_cache_gb']:8.1f}G {r['kv_kib_per_token']:7.0f}Ki {r['max_model_len']:8d} "
+              f"{r['full_length_sequences']:9.1f}  {'yes' if r['fits'] else 'NO'}")
+    return 0 if ok else 1
 
 
 def cmd_models(args: argparse.Namespace) -> int:

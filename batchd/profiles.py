@@ -55,7 +55,10 @@ def _only(allowed: frozenset[str], what: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+FIT_KEYS = frozenset({"params_b", "weight_bits", "weight_bytes", "layers", "kv_heads",
+                      "head_size"})
 EngineArgs = Annotated[dict[str, Any], _only(ENGINE_KEYS, "engine")]
+FitFacts = Annotated[dict[str, float], _only(FIT_KEYS, "fit")]
 SamplingDefaults = Annotated[dict[str, Any], _only(SAMPLING_KEYS, "sampling")]
 
 
@@ -83,6 +86,7 @@ class Profile(BaseModel):
     engine: EngineArgs = Field(default_factory=dict)
     sampling: SamplingDefaults = Field(default_factory=dict)
     chat: ChatOptions = Field(default_factory=ChatOptions)
+    fit: FitFacts = Field(default_factory=dict)  # model shape for `batchd profiles check`
     source: Path | None = None
 
     def names(self) -> set[str]:

@@ -116,3 +116,16 @@ def test_bench_report_table_and_plot(spool_config, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "tiny" in out.stdout and "OUT TOK/S" in out.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profiles_check_fit_table():
+    from conftest import ROOT
+    out = batchd("profiles", "check", config=ROOT / "config.toml")
+    assert out.returncode == 0, out.stdout
+    for name in ("gemma3-4b", "gemma3-12b", "llama3.2-1b", "llama3.2-3b", "qwen3-4b",
+                 "qwen3-8b", "olmo2-1b", "smollm2-135m"):
+        line = next(l for l in out.stdout.splitlines() if l.startswith(name + " "))
+        assert line.endswith("yes"), line
+    small = batchd("profiles", "check", "qwen3-8b", "--vram", "8GiB", config=ROOT / "config.toml")
+    assert small.returncode == 1 and small.stdout.strip().endswith("NO")
+    assert batchd("profiles", "check", "--vram", "lots", config=ROOT / "config.toml").returncode == 2
