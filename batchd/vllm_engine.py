@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -40,6 +41,7 @@ class VllmEngine:
         self.llm = LLM(**profile.engine_args(models_dir))
         self.load_seconds = time.monotonic() - started
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.pooling = self.llm.llm_engine.model_config.runner_type == "pooling"
         self._generation_defaults = self.llm.llm_engine.model_config.get_diff_sampling_param()
         self._counter = 0
         self.pidfile = pidfile
@@ -105,6 +107,9 @@ class VllmEngine:
                ) -> Iterator[list[Answer]]:
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        if self.pooling:
+            yield from self._embed_stream(requests, window)
+            return
         engine = self.llm.llm_engine
         source = iter(requests)
         pending: dict[str, Request] = {}
@@ -147,6 +152,67 @@ class VllmEngine:
                     engine.abort_request(list(pending))
                 except Exception:  # noqa: BLE001 - a dying engine cannot abort
                     pass
+
+    # -- embeddings (a pooling profile) ---------------------------------------
+
+    def _embed_stream(self, requests: Iterable[Request], window: int
+                      ) -> Iterator[list[Answer]]:
+        """Embeddings in blocks of WINDOW requests: pooling has no decode phase,
+        so a block is one forward pass and no request waits for a slow neighbour."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        source = iter(requests)
+        try:
+            while batch := list(islice(source, window)):
+                answers: list[Answer] = []
+                good: list[tuple[Request, list[str]]] = []
+                for request in batch:
+                    texts = request.body.get("input")
+                    texts = [texts] if isinstance(texts, str) else texts
+                    if request.url != EMBEDDINGS:
+                        answers.append(fail(request, "invalid_request", f"profile "
+                                            f"{self.profile.name} serves embeddings only",
+                                            param="url"))
+                    elif not texts or not all(isinstance(t, str) and t for t in texts):
+                        answers.append(fail(request, "invalid_request", "input must be a "
+                                            "non-empty string or list of strings",
+                                            param="input"))
+                    else:
+                        good.append((request, texts))
+                answers.extend(self._embed(good))
+                yield answers
+        except EngineDeadError as exc:
+            raise EngineDead(str(exc)) from exc
+
+    def _embed(self, good: list[tuple[Request, list[str]]]) -> list[Answer]:
+        from vllm.entrypoints.pooling.embed.protocol import (EmbeddingResponse,
+                                                              EmbeddingResponseData)
+        from vllm.entrypoints.serve.engine.protocol import UsageInfo
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if not good:
+            return []
+        try:
+            outputs = self.llm.embed([t for _, texts in good for t in texts], use_tqdm=False)
+        except EngineDeadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - find the line at fault, answer the rest
+            if len(good) == 1:
+                return [_request_error(good[0][0], exc)]
+            return [answer for item in good for answer in self._embed([item])]
+        answers, start = [], 0
+        for request, texts in good:
+            mine, start = outputs[start:start + len(texts)], start + len(texts)
+            tokens = sum(len(o.prompt_token_ids or []) for o in mine)
+            self._counter += 1
+            response = EmbeddingResponse(
+                id=f"embd-{request.line}-{self._counter}", model=self.profile.model,
+                data=[EmbeddingResponseData(index=i, embedding=list(o.outputs.embedding))
+                      for i, o in enumerate(mine)],
+                usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens))
+            answers.append(Answer(request, body=response.model_dump(mode="json",
+                                                                    exclude_none=True)))
+        return answers
 
     # -- one answer out -------------------------------------------------------
 

@@ -178,7 +178,7 @@ def test_profiles_shipped_validate():
     shipped = ProfileSet.load(Path(__file__).resolve().parent.parent / "profiles")
     assert shipped.errors == []
     assert {"smollm2-135m", "gemma3-4b", "gemma3-12b", "llama3.2-1b", "llama3.2-3b",
-            "qwen3-4b", "qwen3-8b", "olmo2-1b"} <= set(shipped.profiles)
+            "qwen3-4b", "qwen3-8b", "olmo2-1b", "minilm-l6"} <= set(shipped.profiles)
 
 
 def test_read_only_outbox_stalls_then_recovers(settings):
