@@ -71,6 +71,28 @@ class ChatOptions(BaseModel):
     template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+class RequestLimits(BaseModel):
+    """Caps on what one request may ask of the engine; over a cap is a line error."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_tokens: int = Field(65536, ge=1)
+    n: int = Field(16, ge=1)
+    logprobs: int = Field(20, ge=0)
+
+    def violation(self, body: dict[str, Any]) -> tuple[str, str] | None:
+        """(field, message) for the first cap BODY exceeds, or None."""
+        for key, cap in (("max_tokens", self.max_tokens), ("max_completion_tokens",
+                                                           self.max_tokens),
+                         ("n", self.n), ("top_logprobs", self.logprobs)):
+            value = body.get(key)
+            if isinstance(value, int) and value > cap:
+                return key, f"{key} {value} is over this profile's limit of {cap}"
+        value = body.get("logprobs")  # completions: an int; chat: a bool
+        if isinstance(value, int) and not isinstance(value, bool) and value > self.logprobs:
+            return "logprobs", f"logprobs {value} is over this profile's limit of {self.logprobs}"
+        return None
+
+
 class Profile(BaseModel):
     """One validated profile. ``name`` comes from the file name."""
 
@@ -87,6 +109,7 @@ class Profile(BaseModel):
     sampling: SamplingDefaults = Field(default_factory=dict)
     chat: ChatOptions = Field(default_factory=ChatOptions)
     fit: FitFacts = Field(default_factory=dict)  # model shape for `batchd profiles check`
+    limits: RequestLimits = Field(default_factory=RequestLimits)
     source: Path | None = None
 
     def names(self) -> set[str]:

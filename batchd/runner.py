@@ -221,8 +221,7 @@ class Runner:
             done_before = ckpt.tally.completed + ckpt.tally.failed
             job.status.write(JobState.IN_PROGRESS, phase="generating",
                              **self._progress(job, ckpt, 0, 0.0))
-            todo = (item for item in self._classified(job)
-                    if isinstance(item, Request) and item.line not in ckpt.done)
+            todo = self._runnable(job, ckpt, sampling)
             stream = engine.stream(todo, sampling, self.settings.engine.window)
             outcome = None
             try:
@@ -272,6 +271,21 @@ class Runner:
                 return self._finish_cancelled(job, ckpt, queued_s, load_s, gen_s, first_result)
             return self._publish(job, ckpt, JobState.COMPLETED, queued_s, load_s, gen_s,
                                  first_result)
+
+    def _runnable(self, job: Job, ckpt: Checkpoint, sampling: dict[str, Any]
+                  ) -> Iterator[Request]:
+        """The valid, unanswered requests; one over the profile's limits gets its
+        error line here and never reaches the engine."""
+        assert job.profile is not None
+        for item in self._classified(job):
+            if not isinstance(item, Request) or item.line in ckpt.done:
+                continue
+            over = job.profile.limits.violation({**sampling, **item.body})
+            if over:
+                ckpt.add(item.line, "error", error_line(LineError(
+                    item.line, item.custom_id, "invalid_request", over[1], over[0])))
+                continue
+            yield item
 
     def _progress(self, job: Job, ckpt: Checkpoint, done_now: int, seconds: float
                   ) -> dict[str, Any]:

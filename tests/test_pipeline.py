@@ -261,3 +261,23 @@ def test_metrics_textfile(spool_config, tmp_path):
     assert 'batchd_model_loaded{model="batchd/tiny-llama",profile="tiny"} 1' in text
     assert "# TYPE batchd_tokens_total counter" in text
     assert "batchd_last_claim_timestamp_seconds " in text
+
+
+def test_profile_limits_bound_what_a_request_may_ask(daemon, settings):
+    (settings.routing.profiles_dir / "capped.toml").write_text(
+        'model = "org/capped"\n[limits]\nmax_tokens = 100\nn = 2\nlogprobs = 5\n')
+    daemon.runner.profiles = daemon.profiles = ProfileSet.load(settings.routing.profiles_dir)
+    drop(settings.inbox, "capped__x.jsonl", [
+        {"custom_id": "ok", "prompt": "a", "max_tokens": 100},
+        {"custom_id": "long", "prompt": "a", "max_tokens": 101},
+        {"custom_id": "many", "prompt": "a", "n": 3},
+        {"custom_id": "lp", "prompt": "a", "logprobs": 6},
+        {"custom_id": "chatlp", **GOOD, "logprobs": True, "top_logprobs": 9},
+    ])
+    drain(daemon)
+    results, errors = outputs(settings.outbox, "capped__x")
+    assert [r["custom_id"] for r in results] == ["ok"]
+    params = {e["custom_id"]: e["response"]["body"]["error"]["param"] for e in errors}
+    assert params == {"long": "max_tokens", "many": "n", "lp": "logprobs",
+                      "chatlp": "top_logprobs"}
+    assert "over this profile's limit of 100" in errors[0]["response"]["body"]["error"]["message"]
