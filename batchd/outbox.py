@@ -17,7 +17,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable
 
+import structlog
+
 from .lines import LineError, Request
+
+log = structlog.get_logger()
 
 
 class JobState(str, Enum):
@@ -78,6 +82,9 @@ class StatusFile:
             if state.final:
                 stream.flush()
                 os.fsync(stream.fileno())
+        if state != self.state:  # one log event per transition, not per progress line
+            log.info("job_state", job=self.job, state=state.value, phase=fields.get("phase"),
+                     profile=fields.get("profile"), counts=fields.get("request_counts"))
         self.state, self.last, self.written_at = state, record, time.monotonic()
         return record
 

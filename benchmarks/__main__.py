@@ -10,6 +10,7 @@ SCENARIOS = {
     "memory": "daemon RSS for 1k vs 100k requests; validate on 1M lines",
     "overhead": "the same prompts through vllm.LLM.chat and through a warm batchd daemon",
     "claim": "rename into the inbox of an idle daemon -> claim, inotify and poll modes",
+    "small_files": "20 files x 10 requests: one daemon against run_batch once per file",
     "chunked": "streaming window against fixed chunks of 100 on a mixed-length workload",
 }
 

@@ -129,3 +129,24 @@ def test_profiles_check_fit_table():
     small = batchd("profiles", "check", "qwen3-8b", "--vram", "8GiB", config=ROOT / "config.toml")
     assert small.returncode == 1 and small.stdout.strip().endswith("NO")
     assert batchd("profiles", "check", "--vram", "lots", config=ROOT / "config.toml").returncode == 2
+
+
+def test_status_follow_until_the_job_ends(spool_config, tmp_path, daemons):
+    import os
+    from conftest import drop, wait_for
+    config = spool_config("[engine]\nfake = true\n")
+    daemon = daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.05"})
+    daemon.wait_ready()
+    drop(tmp_path / "spool" / "inbox", "watched.jsonl", [{"prompt": "x"}] * 200)
+    wait_for(lambda: (tmp_path / "spool" / "outbox" / "watched.status.jsonl").exists(), 30)
+    follow = subprocess.run([BATCHD, "status", "watched", "--follow", "--json", "--config",
+                             str(config)], capture_output=True, text=True, timeout=120)
+    assert follow.returncode == 0
+    records = [json.loads(l) for l in follow.stdout.splitlines()]
+    assert records[-1]["state"] == "completed"
+    assert any(r["state"] == "in_progress" for r in records)
+    live = subprocess.run([BATCHD, "status", "watched", "--follow", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, env={**os.environ})
+    assert live.returncode == 0 and "watched: completed" in live.stdout
+    assert any(e.get("event") == "job_state" and e.get("state") == "in_progress"
+               for e in daemon.logs())
