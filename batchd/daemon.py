@@ -22,14 +22,14 @@ import structlog
 
 from . import spool
 from .config import Settings
-from .engine import Engine, FakeEngine
+from .engine import Engine, EnginePool, FakeEngine
 from .lease import Leases
 from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
 from .outbox import JobState, StatusFile
 from .profiles import Profile, ProfileSet
 from .router import JobRejected, read_sidecar
-from .runner import EnginePool, Runner
+from .runner import Runner
 from .watcher import Watcher
 
 log = structlog.get_logger()

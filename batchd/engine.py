@@ -13,10 +13,14 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+import structlog
 
 from .lines import CHAT, COMPLETIONS, EMBEDDINGS, LineError, Request
 from .profiles import Profile
+
+log = structlog.get_logger()
 
 
 @dataclass(frozen=True)
@@ -119,3 +123,38 @@ class FakeEngine:
 
     def close(self) -> None:
         self.closed = True
+
+
+class EnginePool:
+    """Keeps one engine warm; a different profile replaces it."""
+
+    def __init__(self, factory: Callable[[Profile], Engine]):
+        self.factory = factory
+        self.engine: Engine | None = None
+
+    def get(self, profile: Profile) -> tuple[Engine, float]:
+        """The engine for PROFILE and the seconds spent loading it now (0 if warm)."""
+        if self.engine is not None and self.engine.profile == profile:
+            return self.engine, 0.0
+        self.close()
+        log.info("engine_loading", profile=profile.name, model=profile.model)
+        started = time.monotonic()
+        self.engine = self.factory(profile)
+        seconds = time.monotonic() - started
+        log.info("engine_loaded", profile=profile.name, seconds=round(seconds, 2))
+        return self.engine, seconds
+
+    def close(self) -> None:
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            log.info("engine_closing", profile=engine.profile.name)
+            engine.close()
+
+    def discard(self) -> None:
+        """Drop an engine that died; clean up what can be cleaned, never raise."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            try:
+                engine.close()
+            except Exception as exc:  # noqa: BLE001 - its processes may be gone already
+                log.warning("engine_close_failed", error=str(exc))

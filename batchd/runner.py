@@ -22,7 +22,7 @@ import tomli_w
 from . import bench
 from .checkpoint import Checkpoint
 from .config import Settings
-from .engine import Engine, EngineDead
+from .engine import EngineDead, EnginePool
 from .lines import Dedup, LineError, NotRegularFile, Request, iter_file, open_regular
 from .outbox import (JobState, StatusFile, dumps_line, error_line, read_status, result_line,
                      sync_dir, utc_now, write_atomic)
@@ -30,41 +30,6 @@ from .profiles import Profile, ProfileSet
 from .router import JobRejected, ModelVote, Sidecar, read_sidecar, route
 
 log = structlog.get_logger()
-
-
-class EnginePool:
-    """Keeps one engine warm; a different profile replaces it."""
-
-    def __init__(self, factory: Callable[[Profile], Engine]):
-        self.factory = factory
-        self.engine: Engine | None = None
-
-    def get(self, profile: Profile) -> tuple[Engine, float]:
-        """The engine for PROFILE and the seconds spent loading it now (0 if warm)."""
-        if self.engine is not None and self.engine.profile == profile:
-            return self.engine, 0.0
-        self.close()
-        log.info("engine_loading", profile=profile.name, model=profile.model)
-        started = time.monotonic()
-        self.engine = self.factory(profile)
-        seconds = time.monotonic() - started
-        log.info("engine_loaded", profile=profile.name, seconds=round(seconds, 2))
-        return self.engine, seconds
-
-    def close(self) -> None:
-        if self.engine is not None:
-            engine, self.engine = self.engine, None
-            log.info("engine_closing", profile=engine.profile.name)
-            engine.close()
-
-    def discard(self) -> None:
-        """Drop an engine that died; clean up what can be cleaned, never raise."""
-        engine, self.engine = self.engine, None
-        if engine is not None:
-            try:
-                engine.close()
-            except Exception as exc:  # noqa: BLE001 - its processes may be gone already
-                log.warning("engine_close_failed", error=str(exc))
 
 
 @dataclass
