@@ -241,8 +241,10 @@ class Daemon:
         beat = self.beat
         timeout = min(self.settings.watch.poll_interval, self.settings.watch.settle_seconds
                       or self.settings.watch.poll_interval, beat or 3600)
-        try:
-            with handle_signals(self.stop, self.reload):
+        # The handlers stay in place through the shutdown below, so a second
+        # SIGTERM while the engine closes still exits at once (status 143).
+        with handle_signals(self.stop, self.reload):
+            try:
                 while not self.stop.is_set():
                     if beat:
                         self.notifier.send(WATCHDOG=1)
@@ -255,12 +257,12 @@ class Daemon:
                     self.notifier.status(idle)
                     self.watcher.wake.wait(timeout)
                     self.watcher.wake.clear()
-        finally:
-            self.notifier.send(STOPPING=1, STATUS="stopping")
-            log.info("daemon_stopping")
-            self.watcher.stop()
-            self.leases.stop()
-            self.pool.close()
+            finally:
+                self.notifier.send(STOPPING=1, STATUS="stopping")
+                log.info("daemon_stopping")
+                self.watcher.stop()
+                self.leases.stop()
+                self.pool.close()
         return 0
 
     def _reload(self) -> None:

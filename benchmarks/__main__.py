@@ -22,6 +22,9 @@ def main() -> None:
     run = sub.add_parser("run")
     run.add_argument("scenario", choices=sorted(SCENARIOS))
     run.add_argument("--repeats", type=int, default=1)
+    run.add_argument("--model", help="overhead: tiny-llama (default) or smollm2-135m")
+    run.add_argument("--n", type=int, help="overhead: requests per run")
+    run.add_argument("--max-tokens", type=int, help="overhead: output tokens per request")
     run.add_argument("--quick", action="store_true",
                      help="small sizes: checks that the scenario runs, measures nothing useful")
     args = parser.parse_args()
@@ -31,6 +34,9 @@ def main() -> None:
         return
     module = importlib.import_module(f"benchmarks.{args.scenario}")
     kwargs = {"repeats": args.repeats}
+    for key in ("model", "n", "max_tokens"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
     if args.quick:
         kwargs.update(module.QUICK, quick=True)
     path = module.run(**kwargs)

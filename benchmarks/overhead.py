@@ -18,26 +18,38 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import (BATCHD, MODELS, ensure_tiny, make_spool, summary, write_record)
+from .common import BATCHD, MODELS, ensure_tiny, make_spool, summary, write_record
 
 QUICK = {"n": 16, "max_tokens": 4, "repeats": 1}
-ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True}
+# model -> (folder under models/, vllm.LLM arguments, profile TOML for the daemon)
+MODELS_RUN = {
+    "tiny-llama": ("tiny-llama", {"dtype": "float32", "max_model_len": 512,
+                                  "enforce_eager": True}, None),
+    "smollm2-135m": ("smollm2-135m", {"dtype": "float32", "max_model_len": 2048},
+                     'model = "HuggingFaceTB/SmolLM2-135M-Instruct"\nrecipe = "smollm2-135m"\n'
+                     '[environment]\nVLLM_CPU_KVCACHE_SPACE = "1"\n'
+                     '[engine]\ndtype = "float32"\nmax_model_len = 2048\n'),
+}
 
 
-def raw_runs(n: int, max_tokens: int, repeats: int, natural: bool) -> list[dict]:
-    cmd = [sys.executable, "-m", "benchmarks.raw_vllm", "--model", str(MODELS / "tiny-llama"),
+def raw_runs(model: str, n: int, max_tokens: int, repeats: int, natural: bool) -> list[dict]:
+    folder, engine, _ = MODELS_RUN[model]
+    cmd = [sys.executable, "-m", "benchmarks.raw_vllm", "--model", str(MODELS / folder),
            "--n", str(n), "--max-tokens", str(max_tokens), "--repeats", str(repeats),
-           "--engine", json.dumps(ENGINE)] + (["--natural"] if natural else [])
+           "--engine", json.dumps(engine)] + (["--natural"] if natural else [])
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
     return [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
 
 
-def batchd_runs(n: int, max_tokens: int, repeats: int, natural: bool) -> list[dict]:
+def batchd_runs(model: str, n: int, max_tokens: int, repeats: int, natural: bool
+                ) -> list[dict]:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         config = make_spool(Path(tmp))
+        if MODELS_RUN[model][2]:  # the daemon's default profile "tiny" becomes this model
+            (Path(tmp) / "profiles" / "tiny.toml").write_text(MODELS_RUN[model][2])
         inbox, outbox = Path(tmp) / "spool" / "inbox", Path(tmp) / "spool" / "outbox"
         inbox.mkdir(parents=True)
         daemon = subprocess.Popen([BATCHD, "run", "--config", str(config)],
@@ -72,13 +84,14 @@ def batchd_runs(n: int, max_tokens: int, repeats: int, natural: bool) -> list[di
     return runs
 
 
-def run(repeats: int = 3, n: int = 512, max_tokens: int = 64, quick: bool = False) -> Path:
+def run(repeats: int = 3, n: int = 512, max_tokens: int = 64, quick: bool = False,
+        model: str = "tiny-llama") -> Path:
     ensure_tiny()
     cases = {}
     for natural in (False, True):
         name = "natural_stops" if natural else "fixed_length"
-        raw = raw_runs(n, max_tokens, repeats, natural)
-        ours = batchd_runs(n, max_tokens, repeats, natural)
+        raw = raw_runs(model, n, max_tokens, repeats, natural)
+        ours = batchd_runs(model, n, max_tokens, repeats, natural)
         raw_s = summary([r["seconds"] for r in raw])
         gen_s = summary([r["generation_s"] for r in ours])
         e2e_s = summary([r["end_to_end_s"] for r in ours])
@@ -92,7 +105,8 @@ def run(repeats: int = 3, n: int = 512, max_tokens: int = 64, quick: bool = Fals
                                                             "end_to_end_ratio")}), flush=True)
     return write_record("overhead", {
         "settings": {"n": n, "max_tokens": max_tokens, "repeats": repeats, "quick": quick,
-                     "model": "tiny-llama", "engine": ENGINE, "sampling": "greedy, seed 0"},
+                     "model": model, "engine": MODELS_RUN[model][1],
+                     "sampling": "greedy, seed 0"},
         "cases": cases,
         "ratios": {k: {"generation": v["generation_ratio"], "end_to_end": v["end_to_end_ratio"]}
                    for k, v in cases.items()},
