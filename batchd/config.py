@@ -65,6 +65,8 @@ class SchedulingConfig(_Section):
     # A job in work/ whose owner on another host has not refreshed its lease for
     # this long is taken over (same-host owners are checked by pid at once).
     lease_seconds: float = Field(60.0, gt=0)
+    # A file waiting longer than this runs next even if another profile is loaded.
+    max_wait_seconds: float = Field(600.0, ge=0)
 
 
 class StatusConfig(_Section):

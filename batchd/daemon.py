@@ -28,8 +28,9 @@ from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
 from .outbox import JobState, StatusFile
 from .profiles import Profile, ProfileSet
-from .router import JobRejected, read_sidecar
+from .router import JobRejected, hint, read_sidecar
 from .runner import Runner
+from .scheduler import Waiting, order
 from .watcher import Watcher
 
 log = structlog.get_logger()
@@ -67,6 +68,7 @@ class Daemon:
         self.leases = Leases(settings.work, settings.scheduling.lease_seconds)
         self.metrics = Metrics(settings.metrics.textfile)
         self.reported: set[str] = set()  # non-regular entries that could not be moved
+        self.first_seen: dict[str, float] = {}  # inbox name -> when a scan first saw it
         self.retry_at: dict[str, float] = {}  # job or file -> when to try again after OSError
         self.retry_seconds = 10.0
         self.watcher: Watcher | None = None
@@ -103,7 +105,9 @@ class Daemon:
             for name in self.watcher.take_renamed():
                 self.settler.mark_renamed(name)
         ready: list[str] = []
-        for name, st in spool.scan(self.settings.inbox):
+        present = spool.scan(self.settings.inbox)
+        self.first_seen = {name: self.first_seen.get(name, now) for name, _ in present}
+        for name, st in present:
             if not spool.is_regular(st):
                 if name not in self.reported:
                     self._reject_entry(name)
@@ -115,9 +119,12 @@ class Daemon:
             if not self.settler.settled(name, st, now) or self.retry_at.get(name, 0.0) > now:
                 continue
             ready.append(name)
-        # Higher sidecar priority first; within a priority, oldest first (scan order).
-        ready.sort(key=self._priority, reverse=True)
-        for name in ready:
+        loaded = self.pool.engine.profile.name if self.pool.engine is not None else None
+        waiting = [Waiting(name, now - self.first_seen[name], self._priority(name),
+                           self._hint(name)) for name in ready]
+        for candidate, reason in order(waiting, loaded,
+                                       self.settings.scheduling.max_wait_seconds):
+            name = candidate.name
             self.settler.forget(name)
             try:
                 claimed = spool.claim(self.settings, name, self.leases)
@@ -126,11 +133,17 @@ class Daemon:
                 continue
             if claimed is None:
                 continue  # another daemon won the race
-            log.info("job_claimed", job=claimed.job, file=name)
+            log.info("job_claimed", job=claimed.job, file=name, reason=reason,
+                     waited_s=round(candidate.waited, 3))
             self.metrics.claimed()
-            self._run(claimed.job, now)
+            self._run(claimed.job, now, f"claimed: {reason}", candidate.waited)
             return True
         return False
+
+    def _hint(self, name: str) -> str | None:
+        stem = name[: -len(".jsonl")]
+        return hint(self.settings.inbox / name, self.settings.inbox / f"{stem}.toml",
+                    self.profiles, self.settings.routing.default_profile)
 
     def _priority(self, name: str) -> int:
         sidecar = self.settings.inbox / (name[: -len(".jsonl")] + ".toml")
@@ -178,10 +191,10 @@ class Daemon:
         self.notifier.status(f"{record['job']}: {done}/{counts.get('total', 0)}, "
                              f"{rate:.1f} req/s, {record.get('profile')}")
 
-    def _run(self, job: str, now: float) -> None:
+    def _run(self, job: str, now: float, note: str = "", waited: float = 0.0) -> None:
         self.notifier.status(f"running {job}")
         try:
-            state = self.runner.run(job)
+            state = self.runner.run(job, note, waited)
         except OSError as exc:
             # Disk full, a read-only or vanished outbox: the job stays in work/
             # with its checkpoint and is tried again later; other jobs go on.

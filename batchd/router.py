@@ -6,6 +6,7 @@ profile; 3. the lines' ``model`` when they all agree; 4. the default profile.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,3 +105,30 @@ def route(job: str, sidecar: Sidecar, votes: ModelVote, profiles: ProfileSet,
         raise JobRejected("unknown_profile", f"default profile {default!r} is not known; "
                           f"known profiles: {profiles.known()}")
     return profile, "default"
+
+
+def hint(path: Path, sidecar: Path, profiles: ProfileSet, default: str) -> str | None:
+    """Where a waiting file will probably route, cheaply (its first line only):
+    for scheduling, never for running. None when it cannot tell."""
+    try:
+        if sidecar.exists():
+            named = read_sidecar(sidecar).profile
+            if named:
+                profile = profiles.lookup(named)
+                return profile.name if profile else None
+        job = path.name[: -len(".jsonl")]
+        profile = prefix_profile(job, profiles)
+        if profile is not None:
+            return profile.name
+        with open_regular(path) as stream:
+            first = stream.readline(1 << 16)
+        line = json.loads(first) if first.strip() else {}
+        body = line.get("body") if isinstance(line.get("body"), dict) else {}
+        model = line.get("model") or body.get("model")
+        profile = profiles.lookup(model) if isinstance(model, str) else None
+        if profile is not None:
+            return profile.name
+    except (OSError, ValueError, AttributeError, JobRejected):
+        return None
+    profile = profiles.lookup(default)
+    return profile.name if profile else None

@@ -41,6 +41,7 @@ class Job:
     status: StatusFile = field(init=False)
     profile: Profile | None = None
     total: int = 0
+    waited: float = 0.0  # seconds in the inbox before the claim
     started: float = field(default_factory=time.monotonic)
     started_at: str = field(default_factory=utc_now)
 
@@ -81,9 +82,11 @@ class Runner:
 
     # -- the job, start to end -----------------------------------------------
 
-    def run(self, name: str) -> JobState | None:
-        """Run a job to a final state; None when a stop interrupted it (it resumes later)."""
-        job = Job(name, self.settings)
+    def run(self, name: str, note: str = "", waited: float = 0.0) -> JobState | None:
+        """Run a job to a final state; None when a stop interrupted it (it resumes later).
+
+        NOTE says why it was claimed; WAITED is how long it sat in the inbox."""
+        job = Job(name, self.settings, waited=waited)
         history = read_status(job.status.path)
         if history and JobState(history[-1]["state"]).final:
             return self._cleanup(job, JobState(history[-1]["state"]))  # crashed after publishing
@@ -96,14 +99,14 @@ class Runner:
                           self.settings.engine.checkpoint_seconds)
         try:
             if job.status.state is None:
-                job.status.write(JobState.QUEUED, message="claimed")
+                job.status.write(JobState.QUEUED, message=note or "claimed")
             resumed = ckpt.resumed_lines
             message = f"resumed from checkpoint: {resumed} lines already answered" \
                 if resumed else ""
             if resumed:
                 bound.info("job_resumed", lines=resumed)
             job.status.write(JobState.VALIDATING, phase="validating", message=message)
-            queued_s = time.monotonic() - job.started
+            queued_s = job.waited + time.monotonic() - job.started
             try:
                 sidecar, votes = self._validate(job, ckpt)
                 job.profile, reason = route(name, sidecar, votes, self.profiles,
@@ -335,7 +338,7 @@ class Runner:
             total=job.total, succeeded=tally.completed, failed=tally.failed,
             prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens,
             queued_s=queued_s, model_load_s=load_s, generation_s=gen_s,
-            total_s=time.monotonic() - job.started, first_result_s=first_result,
+            total_s=job.waited + time.monotonic() - job.started, first_result_s=first_result,
             started_at=job.started_at, finished_at=utc_now(), state=final.value,
             resumed=ckpt.resumed_lines > 0)
         write_atomic(job.out("bench.json"), [json.dumps(record, indent=2).encode() + b"\n"])

@@ -281,3 +281,29 @@ def test_profile_limits_bound_what_a_request_may_ask(daemon, settings):
     assert params == {"long": "max_tokens", "many": "n", "lp": "logprobs",
                       "chatlp": "top_logprobs"}
     assert "over this profile's limit of 100" in errors[0]["response"]["body"]["error"]["message"]
+
+
+def test_loaded_profile_goes_first_unless_another_waited_too_long(settings):
+    """With 'other' loaded, its files go before older 'tiny' files; once a file has
+    waited past max_wait_seconds it goes next regardless. The status says why."""
+    settings.scheduling.max_wait_seconds = 50
+    settings.watch.settle_seconds = 0  # every file is ready when first seen
+    d = Daemon(settings, factory=FakeEngine)
+    d.setup()
+    drop(settings.inbox, "other__first.jsonl", [GOOD])
+    assert d.run_once(now=0.0)  # loads "other"
+    drop(settings.inbox, "tiny__old.jsonl", [GOOD])
+    drop(settings.inbox, "other__new.jsonl", [GOOD])
+    assert d.run_once(now=10.0)
+    assert final_state(settings.outbox, "other__new") == "completed"
+    assert final_state(settings.outbox, "tiny__old") is None
+    status = read_jsonl(settings.outbox / "other__new.status.jsonl")[0]
+    assert status["message"] == "claimed: profile other is already loaded"
+    drop(settings.inbox, "other__late.jsonl", [GOOD])
+    assert d.run_once(now=61.0)  # tiny__old has waited 51 s > 50
+    assert final_state(settings.outbox, "tiny__old") == "completed"
+    assert final_state(settings.outbox, "other__late") is None
+    status = read_jsonl(settings.outbox / "tiny__old.status.jsonl")[0]
+    assert status["message"].startswith("claimed: waited 51s, over max_wait_seconds")
+    bench = json.loads((settings.outbox / "tiny__old.bench.json").read_text())
+    assert bench["timing_s"]["queued"] >= 51
