@@ -271,7 +271,10 @@ class Daemon:
                     self.watcher.wake.wait(timeout)
                     self.watcher.wake.clear()
             finally:
-                self.notifier.send(STOPPING=1, STATUS="stopping")
+                # Releasing the engine can take a while on a large model: ask systemd
+                # for time beyond TimeoutStopSec rather than be killed mid-shutdown.
+                self.notifier.send(STOPPING=1, STATUS="stopping",
+                                   EXTEND_TIMEOUT_USEC=60_000_000)
                 log.info("daemon_stopping")
                 self.watcher.stop()
                 self.leases.stop()

@@ -81,6 +81,8 @@ def test_notify_protocol(spool_config, tmp_path, abstract, daemons):
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(30) == 0
     assert listener.has("STOPPING", "1")
+    stopping = next(m for m in listener.pump() if m.get("STOPPING") == "1")
+    assert int(stopping["EXTEND_TIMEOUT_USEC"]) > 0  # the drain asks for time
 
 
 def test_hung_loop_stops_watchdog_pings(spool_config, tmp_path, daemons):
