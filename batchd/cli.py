@@ -95,7 +95,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot create the spool at {settings.spool.root}: {exc}") from None
     if not os.access(settings.spool.root, os.W_OK):
         raise ConfigError(f"spool {settings.spool.root} is not writable")
-    return Daemon(settings).run(once=args.once)
+    code = Daemon(settings).run(once=args.once)
+    # Everything is published and fsynced and the engine is shut down. Skip the
+    # interpreter's teardown: native threads of torch and vLLM can abort it
+    # ("terminate called without an active exception", seen with an embedding
+    # model), which would turn a clean stop into a crash for systemd.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
