@@ -44,14 +44,6 @@ def safe_stem(name: str) -> str:
 
 
 @dataclass
-class Candidate:
-    path: Path
-    size: int
-    mtime_ns: int
-    regular: bool
-
-
-@dataclass
 class Settler:
     """Decides when an inbox file is complete.
 
@@ -98,10 +90,6 @@ def scan(inbox: Path) -> list[tuple[str, os.stat_result]]:
             continue  # claimed by another daemon meanwhile
     found.sort(key=lambda item: (item[1].st_mtime_ns, item[0]))
     return found
-
-
-def pending_count(inbox: Path) -> int:
-    return len(scan(inbox))
 
 
 @dataclass

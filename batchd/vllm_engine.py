@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .engine import Answer, EngineDead, fail
-from .lines import CHAT, COMPLETIONS, EMBEDDINGS, Request
+from .lines import CHAT, EMBEDDINGS, Request
 from .profiles import Profile
 
 # The OpenAI fields that batchd accepts as profile or sidecar sampling defaults.

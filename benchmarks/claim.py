@@ -25,7 +25,7 @@ POLL_INTERVAL = 0.5
 
 def latencies(mode: str, files: int) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
-        config = make_spool(Path(tmp), f"[engine]\nfake = true\n")
+        config = make_spool(Path(tmp), "[engine]\nfake = true\n")
         text = config.read_text().replace(
             "[watch]\n", f'[watch]\nmode = "{mode}"\npoll_interval = {POLL_INTERVAL}\n')
         config.write_text(text)

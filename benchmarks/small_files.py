@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import BATCHD, MODELS, ROOT, ensure_tiny, make_spool, write_record
+from .common import BATCHD, MODELS, ensure_tiny, make_spool, write_record
 
 QUICK = {"files": 2, "requests": 2}
 

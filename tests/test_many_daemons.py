@@ -1,8 +1,6 @@
 """Several daemons on one spool (one per GPU, or one per host over NFS): every
 file runs exactly once, and every status file has one writer."""
 
-import json
-
 import pytest
 
 from conftest import drop, final_state, read_jsonl, wait_for

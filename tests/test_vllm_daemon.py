@@ -5,7 +5,6 @@ noise, so these tests check shapes, counts, routing and ordering, not content.
 """
 
 import json
-import os
 
 import pytest
 from openai.types import Completion
