@@ -58,6 +58,9 @@ class EngineConfig(_Section):
     checkpoint_every: int = Field(64, ge=1)  # fsync the checkpoint after this many answers ...
     checkpoint_seconds: float = Field(1.0, gt=0)  # ... or after this long, whichever first
     max_engine_failures: int = Field(2, ge=1)
+    # Free the model after this many seconds without work (0: keep it loaded), so
+    # a GPU shared with other users is given back; the next job loads it again.
+    idle_unload_seconds: float = Field(0.0, ge=0)
     fake: bool = False  # deterministic fake engine, for plumbing tests and dry runs
 
 

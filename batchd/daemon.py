@@ -23,6 +23,7 @@ import structlog
 from . import spool
 from .config import Settings
 from .engine import Engine, EnginePool, FakeEngine
+from .enginehost import HostedEngine, kill_recorded
 from .lease import Leases
 from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
@@ -44,9 +45,7 @@ def engine_factory(settings: Settings) -> Callable[[Profile], Engine]:
     pidfile = settings.work / f".engine~{socket.gethostname()}~{os.getpid()}"
 
     def load(profile: Profile) -> Engine:
-        from .vllm_engine import VllmEngine  # the vLLM import happens only here
-
-        return VllmEngine(profile, settings.routing.models_dir, pidfile)
+        return HostedEngine(profile, settings.routing.models_dir, pidfile)
 
     return load
 
@@ -72,6 +71,7 @@ class Daemon:
         self.retry_at: dict[str, float] = {}  # job or file -> when to try again after OSError
         self.retry_seconds = 10.0
         self.watcher: Watcher | None = None
+        self.unloaded: str | None = None  # the idle status after an idle unload
 
     def setup(self) -> None:
         os.umask(self.settings.spool.umask)
@@ -254,6 +254,7 @@ class Daemon:
         beat = self.beat
         timeout = min(self.settings.watch.poll_interval, self.settings.watch.settle_seconds
                       or self.settings.watch.poll_interval, beat or 3600)
+        last_work = self.clock()
         # The handlers stay in place through the shutdown below, so a second
         # SIGTERM while the engine closes still exits at once (status 143).
         with handle_signals(self.stop, self.reload):
@@ -264,10 +265,11 @@ class Daemon:
                     if self.reload.is_set():
                         self._reload()
                     if self.run_once():
+                        last_work = self.clock()
                         continue
                     if once and not self.waiting():
                         break
-                    self.notifier.status(idle)
+                    self.notifier.status(self._unload_if_idle(last_work) or idle)
                     self.watcher.wake.wait(timeout)
                     self.watcher.wake.clear()
             finally:
@@ -281,6 +283,21 @@ class Daemon:
                 self.pool.close()
         return 0
 
+    def _unload_if_idle(self, last_work: float) -> str | None:
+        """After engine.idle_unload_seconds without work, free the model (its
+        process exits). Returns the idle status line that says so."""
+        after = self.settings.engine.idle_unload_seconds
+        engine = self.pool.engine
+        if engine is not None and after and self.clock() - last_work >= after:
+            log.info("engine_idle_unloaded", profile=engine.profile.name, idle_s=after)
+            self.pool.close()
+            self.metrics.model(None, None)
+            self.unloaded = f"idle, {engine.profile.name} unloaded after {after:g}s " \
+                            f"without work, watching {self.settings.inbox}"
+        if self.pool.engine is not None:
+            self.unloaded = None
+        return self.unloaded
+
     def _reload(self) -> None:
         self.reload.clear()
         self.profiles = ProfileSet.load(self.settings.routing.profiles_dir)
@@ -293,8 +310,9 @@ class Daemon:
 def reap_engines(settings: Settings) -> None:
     """End engine processes left by a daemon of this host that died by kill -9.
 
-    vLLM's engine core does not exit when its parent is killed, and would hold
-    its memory (a whole GPU) forever. Under systemd the unit's cgroup is
+    The engine process exits when it loses the daemon, but vLLM's engine core
+    under it may not (it outlives a kill -9 of its parent), and would hold its
+    memory (a whole GPU) forever. Under systemd the unit's cgroup is
     cleaned anyway; this covers daemons started by hand. A pid is only killed
     when its start time matches the record, so a reused pid is safe.
     """
@@ -305,15 +323,8 @@ def reap_engines(settings: Settings) -> None:
         owner = path.name.rsplit("~", 1)[-1]
         if owner.isdigit() and psutil.pid_exists(int(owner)) and int(owner) != os.getpid():
             continue
-        for line in path.read_text().split("\n"):
-            try:
-                pid, started = line.split()
-                proc = psutil.Process(int(pid))
-                if abs(proc.create_time() - float(started)) < 0.01:
-                    proc.kill()
-                    log.warning("engine_orphan_killed", pid=int(pid))
-            except (ValueError, psutil.Error):
-                continue
+        for pid in kill_recorded(path):
+            log.warning("engine_orphan_killed", pid=pid)
         path.unlink(missing_ok=True)
 
 

@@ -220,6 +220,8 @@ class Runner:
                 gen_s += time.monotonic() - started
                 bound.error("engine_died", error=str(exc), deaths=deaths)
                 self.pool.discard()  # its process is gone; never reuse it
+                if self.stop.is_set():
+                    return self._interrupted(job, ckpt, bound)  # no new engine while stopping
                 if deaths >= self.settings.engine.max_engine_failures:
                     return self._fail_rest(job, ckpt, queued_s, load_s, gen_s, first_result,
                                            "engine_error", f"the engine died {deaths} times "
@@ -229,16 +231,18 @@ class Runner:
                 stream.close()  # aborts whatever is still in flight
             gen_s += time.monotonic() - started
             if outcome == "stop":
-                ckpt.sync()
-                job.status.write(JobState.QUEUED, phase="interrupted",
-                                 message="daemon stopping; the job resumes at the next start",
-                                 **self._progress(job, ckpt, 0, 0.0))
-                bound.info("job_interrupted", answered=ckpt.tally.completed + ckpt.tally.failed)
-                return None
+                return self._interrupted(job, ckpt, bound)
             if outcome == "cancel":
                 return self._finish_cancelled(job, ckpt, queued_s, load_s, gen_s, first_result)
             return self._publish(job, ckpt, JobState.COMPLETED, queued_s, load_s, gen_s,
                                  first_result)
+
+    def _interrupted(self, job: Job, ckpt: Checkpoint, bound: Any) -> None:
+        ckpt.sync()
+        job.status.write(JobState.QUEUED, phase="interrupted",
+                         message="daemon stopping; the job resumes at the next start",
+                         **self._progress(job, ckpt, 0, 0.0))
+        bound.info("job_interrupted", answered=ckpt.tally.completed + ckpt.tally.failed)
 
     def _runnable(self, job: Job, ckpt: Checkpoint, sampling: dict[str, Any]
                   ) -> Iterator[Request]:

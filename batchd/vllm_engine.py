@@ -6,7 +6,8 @@ own chat-template and tokenizer code (the ``LLM`` preprocessing that
 models (``ChatCompletionRequest.to_sampling_params``, the same call its API
 server makes), and responses are vLLM's OpenAI response models. The engine
 core runs in vLLM's own child process; when it dies, ``EngineDead`` is raised
-and the runner starts a fresh engine.
+and the runner starts a fresh engine. The daemon runs this class inside
+``batchd.enginehost``, a process of its own per loaded model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ DEFAULT_MAX_TOKENS = 512
 
 
 class VllmEngine:
-    def __init__(self, profile: Profile, models_dir: Path, pidfile: Path | None = None):
+    def __init__(self, profile: Profile, models_dir: Path):
         os.environ.update(profile.environment)
         # Loaded here, not at module import, so `batchd --help` stays fast.
         from vllm import LLM
@@ -44,9 +45,6 @@ class VllmEngine:
         self.pooling = self.llm.llm_engine.model_config.runner_type == "pooling"
         self._generation_defaults = self.llm.llm_engine.model_config.get_diff_sampling_param()
         self._counter = 0
-        self.pidfile = pidfile
-        if pidfile is not None:
-            record_children(pidfile)
         self._closed = threading.Event()
         threading.Thread(target=self._watch_core, daemon=True, name="batchd-core-watch").start()
 
@@ -252,18 +250,6 @@ class VllmEngine:
             except Exception:  # noqa: BLE001 - best effort; the process exit frees the rest
                 pass
             del llm
-        if self.pidfile is not None:
-            self.pidfile.unlink(missing_ok=True)
-
-
-def record_children(pidfile: Path) -> None:
-    """Write the engine's child processes (pid and start time) to PIDFILE, so a
-    daemon starting after a kill -9 can end the ones its predecessor left."""
-    import psutil
-
-    me = psutil.Process()
-    lines = [f"{p.pid} {p.create_time()}" for p in me.children(recursive=True)]
-    pidfile.write_text("\n".join(lines) + "\n")
 
 
 def _request_error(request: Request, exc: Exception) -> Answer:

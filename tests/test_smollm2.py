@@ -13,13 +13,6 @@ from conftest import BATCHD, MODELS, ROOT, read_jsonl
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-@pytest.fixture(scope="session")
-def smollm2() -> None:
-    subprocess.run([BATCHD, "models", "prepare", "smollm2-135m", "--config",
-                    str(ROOT / "config.toml")], check=True, capture_output=True)
-    assert (MODELS / "smollm2-135m" / "model.safetensors").exists()
-
-
 def test_smollm2_answers_through_the_default_profile(smollm2, tmp_path):
     config = tmp_path / "config.toml"
     config.write_text(f'[spool]\nroot = "spool"\n[routing]\nprofiles_dir = "{ROOT}/profiles"\n'

@@ -37,6 +37,17 @@ def children(proc):
     return psutil.Process(proc.pid).children(recursive=True)
 
 
+def engine_cores(proc):
+    """vLLM's EngineCore processes under a daemon (inside its engine process)."""
+    return [p for p in children(proc) if "EngineCore" in p.name()
+            or "EngineCore" in " ".join(p.cmdline())]
+
+
+def engine_hosts(proc):
+    """The daemon's engine process (python -m batchd.enginehost)."""
+    return [p for p in children(proc) if "batchd.enginehost" in p.cmdline()]
+
+
 def check_exactly_once(outbox):
     results = read_jsonl(outbox / "long.results.jsonl")
     errors = read_jsonl(outbox / "long.errors.jsonl")
@@ -82,8 +93,7 @@ def test_engine_process_killed_mid_job(crash_spool, daemons):
     outbox = spool / "outbox"
     daemon = daemons(config)
     wait_for(lambda: ckpt_size(spool) > 10_000, 300, what="checkpoint to grow")
-    cores = [p for p in children(daemon.proc) if "EngineCore" in " ".join(p.cmdline())
-             or "EngineCore" in p.name()]
+    cores = engine_cores(daemon.proc)
     assert cores, [p.name() for p in children(daemon.proc)]
     for core in cores:
         core.kill()
@@ -96,19 +106,19 @@ def test_engine_process_killed_mid_job(crash_spool, daemons):
 def test_poison_job_fails_after_repeated_engine_deaths_and_the_queue_moves_on(
         crash_spool, daemons):
     """A job that kills the engine max_engine_failures (2) times is failed with
-    engine_error lines for the rest, keeps its answers, and the next file runs."""
+    engine_error lines for the rest, keeps its answers, and the next file runs.
+    The first death is vLLM's engine core, the second batchd's engine process."""
     config, spool = crash_spool
     outbox = spool / "outbox"
     daemon = daemons(config)
     grown = 5_000
-    for _ in range(2):
+    for find in (engine_cores, engine_hosts):
         wait_for(lambda: ckpt_size(spool) > grown, 300, what="progress before a kill")
-        cores = [p for p in children(daemon.proc) if "EngineCore" in p.name()
-                 or "EngineCore" in " ".join(p.cmdline())]
-        assert cores
-        for core in cores:
-            core.kill()
-        psutil.wait_procs(cores, timeout=30)
+        victims = find(daemon.proc)
+        assert victims, [p.cmdline() for p in children(daemon.proc)]
+        for victim in victims:
+            victim.kill()
+        psutil.wait_procs(victims, timeout=30)
         grown = ckpt_size(spool) + 5_000
     drop(spool / "inbox", "after.jsonl", [{"prompt": "next file", "max_tokens": 3}])
     assert wait_for(lambda: final_state(outbox, "long"), 300, what="poison job end") == "failed"
