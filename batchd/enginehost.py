@@ -193,7 +193,7 @@ def serve(conn: Connection) -> int:
     try:
         engine = VllmEngine(profile, models_dir)
     except Exception as exc:  # noqa: BLE001 - the daemon reports it as the job's error
-        conn.send(("error", f"model failed to load: {type(exc).__name__}: {exc}"))
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return 1
     conn.send(("ready", engine.load_seconds))
     try:
