@@ -12,8 +12,6 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import structlog
@@ -23,46 +21,17 @@ from . import bench
 from .checkpoint import Checkpoint
 from .config import Settings
 from .engine import EngineDead, EnginePool
+from .job import Job
 from .lines import Dedup, LineError, NotRegularFile, Request, iter_file, open_regular
-from .outbox import (JobState, StatusFile, dumps_line, error_line, read_status, result_line,
+from .outbox import (JobState, dumps_line, error_line, read_status, result_line,
                      sync_dir, utc_now, write_atomic)
-from .profiles import Profile, ProfileSet
+from .profiles import ProfileSet
 from .router import JobRejected, ModelVote, Sidecar, read_sidecar, route
 
 log = structlog.get_logger()
 
-
-@dataclass
-class Job:
-    """The files and counters of one job while it runs."""
-
-    name: str
-    settings: Settings
-    status: StatusFile = field(init=False)
-    profile: Profile | None = None
-    total: int = 0
-    waited: float = 0.0  # seconds in the inbox before the claim
-    started: float = field(default_factory=time.monotonic)
-    started_at: str = field(default_factory=utc_now)
-
-    def __post_init__(self) -> None:
-        self.status = StatusFile(self.settings.outbox / f"{self.name}.status.jsonl", self.name)
-
-    @property
-    def input(self) -> Path:
-        return self.settings.work / f"{self.name}.jsonl"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.settings.work / f"{self.name}.ckpt.jsonl"
-
-    @property
-    def sidecar(self) -> Path | None:
-        path = self.settings.work / f"{self.name}.toml"
-        return path if path.exists() or path.is_symlink() else None
-
-    def out(self, suffix: str) -> Path:
-        return self.settings.outbox / f"{self.name}.{suffix}"
+# How often a running job looks for inbox/JOB.cancel: not a stat per engine step.
+CANCEL_CHECK_SECONDS = 0.5
 
 
 class Runner:
@@ -192,6 +161,7 @@ class Runner:
             todo = self._runnable(job, ckpt, sampling)
             stream = engine.stream(todo, sampling, self.settings.engine.window)
             outcome = None
+            cancel_check = 0.0
             try:
                 for answers in stream:
                     for answer in answers:
@@ -209,9 +179,10 @@ class Runner:
                             JobState.IN_PROGRESS, phase="generating",
                             **self._progress(job, ckpt, done_now, time.monotonic() - started))
                         self.heartbeat(record)
-                    if self.cancel_requested(job.name):
+                    if time.monotonic() >= cancel_check and self.cancel_requested(job.name):
                         outcome = "cancel"
                         break
+                    cancel_check = time.monotonic() + CANCEL_CHECK_SECONDS
                     if self.stop.is_set():
                         outcome = "stop"
                         break
