@@ -91,10 +91,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     try:
         spool.ensure_dirs(settings)
+        spool.check_writable(settings)
     except OSError as exc:
-        raise ConfigError(f"cannot create the spool at {settings.spool.root}: {exc}") from None
-    if not os.access(settings.spool.root, os.W_OK):
-        raise ConfigError(f"spool {settings.spool.root} is not writable")
+        raise ConfigError(f"cannot use the spool at {settings.spool.root}: "
+                          f"{exc.strerror or exc}") from None
     code = Daemon(settings).run(once=args.once)
     # Everything is published and fsynced and the engine is shut down. Skip the
     # interpreter's teardown: native threads of torch and vLLM can abort it

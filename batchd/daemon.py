@@ -76,6 +76,7 @@ class Daemon:
     def setup(self) -> None:
         os.umask(self.settings.spool.umask)
         spool.ensure_dirs(self.settings)
+        spool.check_writable(self.settings)
         for error in self.profiles.errors:
             log.error("profile_invalid", error=error)
         mode = os.stat(self.settings.inbox).st_mode
@@ -108,13 +109,14 @@ class Daemon:
         present = spool.scan(self.settings.inbox)
         self.first_seen = {name: self.first_seen.get(name, now) for name, _ in present}
         for name, st in present:
-            if not spool.is_regular(st):
+            why = spool.refusal(st)
+            if why:
                 if name not in self.reported:
-                    self._reject_entry(name)
+                    self._reject_entry(name, why)
                     return True
                 continue
             if self.settings.watch.require_ready_marker and \
-                    not (self.settings.inbox / f"{name}.ready").exists():
+                    not spool.has_marker(self.settings.inbox, name):
                 continue
             if not self.settler.settled(name, st, now) or self.retry_at.get(name, 0.0) > now:
                 continue
@@ -223,11 +225,12 @@ class Daemon:
         log.error(event, job=what, error=message)
         self.notifier.status(f"{what}: stalled: {message}")
 
-    def _reject_entry(self, name: str) -> None:
-        """A symlink, FIFO, device or folder named *.jsonl: never opened, never followed."""
+    def _reject_entry(self, name: str, why: str) -> None:
+        """A symlink, FIFO, socket, device, folder or hard link named *.jsonl:
+        never opened, never followed."""
         moved = spool.move_to_failed(self.settings, name)
         job = spool.reserve_name(self.settings, spool.safe_stem(name))
-        message = f"{name} is not a regular file" + ("" if moved else "; left in inbox")
+        message = f"{name!r} {why}" + ("" if moved else "; left in inbox")
         status = StatusFile(self.settings.outbox / f"{job}.status.jsonl", job)
         status.write(JobState.FAILED, phase="done", message=message,
                      errors=[{"code": "not_a_regular_file", "message": message, "line": None}])

@@ -100,9 +100,13 @@ class Runner:
         limits = self.settings.limits
         try:
             with open_regular(job.input) as stream:
-                size = os.fstat(stream.fileno()).st_size
+                st = os.fstat(stream.fileno())
         except NotRegularFile as exc:
             raise JobRejected("not_a_regular_file", f"{job.input.name} {exc.strerror}") from None
+        if st.st_nlink > 1 and not self._published(job, st):
+            raise JobRejected("not_a_regular_file",
+                              f"{job.input.name} is a hard link ({st.st_nlink} names)")
+        size = st.st_size
         if size > limits.max_file_bytes:
             raise JobRejected("file_too_large",
                               f"{size} bytes is over the limit of {limits.max_file_bytes}")
@@ -123,6 +127,15 @@ class Runner:
                                  message=f"{job.total} lines read",
                                  **self._progress(job, ckpt, 0, 0.0))
         return sidecar, votes
+
+    def _published(self, job: Job, st: os.stat_result) -> bool:
+        """Whether the input's second name is its own outbox copy (a crash came
+        between publishing the input and the final status line)."""
+        try:
+            out = os.stat(job.out("input.jsonl"), follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return (out.st_dev, out.st_ino) == (st.st_dev, st.st_ino) and st.st_nlink == 2
 
     def _write_job_toml(self, job: Job, sidecar: Sidecar, reason: str) -> None:
         assert job.profile is not None

@@ -25,9 +25,25 @@ IGNORED_SUFFIXES = (".part", ".tmp", "~")
 _claims = count(1)
 
 
+NAME_MAX = 255  # bytes in one file name on Linux file systems
+
+
 def ensure_dirs(settings: Settings) -> None:
     for folder in (settings.inbox, settings.work, settings.outbox, settings.failed):
         folder.mkdir(parents=True, exist_ok=True)
+
+
+def check_writable(settings: Settings) -> None:
+    """Raise OSError naming the folder unless a file can be made and removed in
+    each spool folder (os.access would say yes to root on a read-only mount)."""
+    for folder in (settings.inbox, settings.work, settings.outbox, settings.failed):
+        probe = folder / f".batchd-probe~{socket.gethostname()}~{os.getpid()}"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot write {folder.name}/ ({exc.strerror})",
+                          str(folder)) from None
 
 
 def is_eligible_name(name: str) -> bool:
@@ -104,7 +120,8 @@ def claim(settings: Settings, name: str, leases: Leases) -> Claimed | None:
     """Take inbox/NAME into work/ under a lease; None when another process won the race."""
     source = settings.inbox / name
     # Unique to this process, and it keeps the original name for recovery.
-    temp = settings.work / f".claim~{os.getpid()}~{next(_claims)}~{socket.gethostname()}~{name}"
+    temp = settings.work / fit_name(
+        f".claim~{os.getpid()}~{next(_claims)}~{socket.gethostname()}~", name)
     try:
         os.rename(source, temp)
     except FileNotFoundError:
@@ -129,12 +146,26 @@ def claim(settings: Settings, name: str, leases: Leases) -> Claimed | None:
             sidecar = side_target
         except FileNotFoundError:
             pass
-    marker = settings.inbox / f"{name}.ready"
-    try:
-        marker.unlink()  # the ready marker is consumed with the claim
-    except FileNotFoundError:
-        pass
+    if has_marker(settings.inbox, name):
+        try:
+            (settings.inbox / f"{name}.ready").unlink()  # consumed with the claim
+        except FileNotFoundError:
+            pass
     return Claimed(job, target, name, sidecar)
+
+
+def has_marker(inbox: Path, name: str) -> bool:
+    """Whether NAME.ready exists (a 255-byte NAME cannot have one)."""
+    return len(os.fsencode(name)) + 6 <= NAME_MAX and (inbox / f"{name}.ready").exists()
+
+
+def fit_name(prefix: str, name: str) -> str:
+    """PREFIX + NAME, shortened to a job-safe stem when it would pass the 255-byte
+    limit of a file name (a crash recovery then gives the file back shortened)."""
+    whole = prefix + name
+    if len(os.fsencode(whole)) <= NAME_MAX:
+        return whole
+    return prefix + safe_stem(name)[: NAME_MAX - len(os.fsencode(prefix)) - 6] + ".jsonl"
 
 
 def reserve_name(settings: Settings, stem: str) -> str:
@@ -154,14 +185,29 @@ def reserve_name(settings: Settings, stem: str) -> str:
 
 
 def is_regular(st: os.stat_result) -> bool:
-    return stat.S_ISREG(st.st_mode)
+    return refusal(st) is None
+
+
+def refusal(st: os.stat_result) -> str | None:
+    """Why an inbox entry (its lstat) is never opened as data; None for a plain file.
+
+    A second name (a hard link) is refused too: the file may belong to someone
+    else, and the input is moved into outbox/ and failed/ with batchd's rights."""
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return None if st.st_nlink <= 1 else f"is a hard link ({st.st_nlink} names)"
+    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a device node"), (stat.S_ISBLK, "a device node"))
+    return "is " + next((what for test, what in kinds if test(mode)), "not a regular file")
 
 
 def move_to_failed(settings: Settings, name: str) -> Path | None:
     """Move an inbox entry into failed/ untouched; None if it cannot be moved."""
     target = settings.failed / name
     if target.exists() or target.is_symlink():
-        target = settings.failed / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{name}"
+        target = settings.failed / fit_name(
+            f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-", name)
     try:
         os.rename(settings.inbox / name, target)
     except OSError:

@@ -111,6 +111,35 @@ def settings(spool_config):
     return load_settings(spool_config())
 
 
+@pytest.fixture
+def daemon(settings):
+    """An in-process daemon on the fake engine, on a fixed clock; see drain()."""
+    from batchd.daemon import Daemon
+    from batchd.engine import FakeEngine
+
+    engines = []
+
+    def factory(profile):
+        engines.append(FakeEngine(profile))
+        return engines[-1]
+
+    d = Daemon(settings, factory=factory, clock=lambda: 1000.0)
+    d.setup()
+    d.engines = engines
+    return d
+
+
+def drain(d):
+    """Run passes on an advancing clock until nothing is left to claim."""
+    done = 0
+    for tick in range(1000):
+        if d.run_once(now=10_000.0 + tick):
+            done += 1
+        elif not d.waiting():
+            return done
+    raise AssertionError("the spool never drained")
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """The random tiny Llama, built once by the product's own recipe."""

@@ -13,34 +13,9 @@ from batchd.daemon import Daemon
 from batchd.engine import FakeEngine
 from batchd.profiles import ProfileSet
 
-from conftest import drop, final_state, read_jsonl
+from conftest import drain, drop, final_state, read_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "hello"}]}
-
-
-@pytest.fixture
-def daemon(settings):
-    engines = []
-
-    def factory(profile):
-        engines.append(FakeEngine(profile))
-        return engines[-1]
-
-    d = Daemon(settings, factory=factory, clock=lambda: 1000.0)
-    d.setup()
-    d.engines = engines
-    return d
-
-
-def drain(d):
-    """Run passes on an advancing clock until nothing is left to claim."""
-    done = 0
-    for tick in range(1000):
-        if d.run_once(now=10_000.0 + tick):
-            done += 1
-        elif not d.waiting():
-            return done
-    raise AssertionError("the spool never drained")
 
 
 def outputs(outbox, job):
