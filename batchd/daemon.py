@@ -68,6 +68,7 @@ class Daemon:
         self.metrics = Metrics(settings.metrics.textfile)
         self.reported: set[str] = set()  # non-regular entries that could not be moved
         self.first_seen: dict[str, float] = {}  # inbox name -> when a scan first saw it
+        self.hints: dict[str, tuple[tuple, str | None]] = {}  # inbox name -> (version, hint)
         self.retry_at: dict[str, float] = {}  # job or file -> when to try again after OSError
         self.retry_seconds = 10.0
         self.watcher: Watcher | None = None
@@ -105,9 +106,10 @@ class Daemon:
         if self.watcher is not None:
             for name in self.watcher.take_renamed():
                 self.settler.mark_renamed(name)
-        ready: list[str] = []
+        ready: list[tuple[str, os.stat_result]] = []
         present = spool.scan(self.settings.inbox)
         self.first_seen = {name: self.first_seen.get(name, now) for name, _ in present}
+        self.hints = {name: self.hints[name] for name, _ in present if name in self.hints}
         for name, st in present:
             why = spool.refusal(st)
             if why:
@@ -120,10 +122,10 @@ class Daemon:
                 continue
             if not self.settler.settled(name, st, now) or self.retry_at.get(name, 0.0) > now:
                 continue
-            ready.append(name)
+            ready.append((name, st))
         loaded = self.pool.engine.profile.name if self.pool.engine is not None else None
         waiting = [Waiting(name, now - self.first_seen[name], self._priority(name),
-                           self._hint(name)) for name in ready]
+                           self._hint(name, st)) for name, st in ready]
         for candidate, reason in order(waiting, loaded,
                                        self.settings.scheduling.max_wait_seconds):
             name = candidate.name
@@ -142,10 +144,22 @@ class Daemon:
             return True
         return False
 
-    def _hint(self, name: str) -> str | None:
+    def _hint(self, name: str, st: os.stat_result) -> str | None:
+        """The profile a waiting file will probably use; read once per version of
+        the file and its sidecar, not on every pass."""
         stem = name[: -len(".jsonl")]
-        return hint(self.settings.inbox / name, self.settings.inbox / f"{stem}.toml",
-                    self.profiles, self.settings.routing.default_profile)
+        sidecar = self.settings.inbox / f"{stem}.toml"
+        try:
+            side = os.stat(sidecar, follow_symlinks=False).st_mtime_ns
+        except OSError:
+            side = None
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, side, id(self.profiles))
+        cached = self.hints.get(name)
+        if cached is None or cached[0] != key:
+            cached = self.hints[name] = (key, hint(
+                self.settings.inbox / name, sidecar, self.profiles,
+                self.settings.routing.default_profile))
+        return cached[1]
 
     def _priority(self, name: str) -> int:
         sidecar = self.settings.inbox / (name[: -len(".jsonl")] + ".toml")

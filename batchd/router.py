@@ -128,7 +128,7 @@ def hint(path: Path, sidecar: Path, profiles: ProfileSet, default: str) -> str |
         profile = profiles.lookup(model) if isinstance(model, str) else None
         if profile is not None:
             return profile.name
-    except (OSError, ValueError, AttributeError, JobRejected):
-        return None
+    except (OSError, ValueError, AttributeError, RecursionError, JobRejected):
+        return None  # a first line nested too deeply is the job's error, not the loop's
     profile = profiles.lookup(default)
     return profile.name if profile else None

@@ -184,6 +184,15 @@ def test_broken_content_gets_one_error_per_line(daemon, settings):
     assert final_state(settings.outbox, "broken") == "completed"
 
 
+def test_a_first_line_nested_too_deeply_does_not_stop_the_loop(daemon, settings):
+    """The scheduler peeks at first lines; a hostile one is the job's error."""
+    write_lines(settings.inbox / "deep.jsonl", [b"[" * 70_000, json.dumps(GOOD).encode()])
+    drain(daemon)
+    assert final_state(settings.outbox, "deep") == "completed"
+    errors = read_jsonl(settings.outbox / "deep.errors.jsonl")
+    assert [e["response"]["body"]["error"]["code"] for e in errors] == ["invalid_json_line"]
+
+
 def test_empty_and_blank_only_files_complete_with_nothing_to_do(daemon, settings):
     (settings.inbox / "empty.jsonl").write_bytes(b"")
     (settings.inbox / "blank.jsonl").write_bytes(b"\n  \n\r\n\t\n")
