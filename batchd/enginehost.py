@@ -15,7 +15,7 @@ The two talk over a socket pair with multiprocessing's message framing:
     daemon -> host   ("stream", sampling, window)     one job's requests follow
     host -> daemon   ("want", n)                      send up to n more requests
     daemon -> host   ("requests", [Request, ...])     an empty list: no more
-    host -> daemon   ("answers", [Answer, ...])       after every engine step
+    host -> daemon   ("answers", [(line, body, error), ...])  every 0.1-0.25 s
     daemon -> host   ("abort",)                       stop this stream early
     host -> daemon   ("end",) | ("dead", text)        the stream is over
     daemon -> host   ("close",) or end of file        exit
@@ -48,6 +48,8 @@ from .profiles import Profile
 log = structlog.get_logger()
 
 WANT = 256  # requests per round trip: few messages, little read ahead
+FLUSH_SECONDS = 0.1  # answers go back at most this often ...
+QUIET_SECONDS = 0.25  # ... and something goes back at least this often
 CLOSE_SECONDS = 30.0  # a clean vLLM shutdown; after this the host is killed
 
 
@@ -95,15 +97,19 @@ class HostedEngine:
     def stream(self, requests: Iterable[Request], sampling: dict[str, Any], window: int
                ) -> Iterator[list[Answer]]:
         source = iter(requests)
+        inflight: dict[int, Request] = {}  # line -> request, sent and not answered
         over = False
         try:
             self.conn.send(("stream", sampling, window))
             while True:
                 message = self._recv()
                 if message[0] == "want":
-                    self.conn.send(("requests", list(islice(source, message[1]))))
+                    batch = list(islice(source, message[1]))
+                    inflight.update((r.line, r) for r in batch)
+                    self.conn.send(("requests", batch))
                 elif message[0] == "answers":
-                    yield message[1]
+                    yield [Answer(inflight.pop(line), body, error)
+                           for line, body, error in message[1]]
                 else:
                     over = True
                     if message[0] == "dead":
@@ -211,7 +217,14 @@ def serve(conn: Connection) -> int:
 
 
 def _stream(conn: Connection, engine: Any, sampling: dict[str, Any], window: int) -> bool:
-    """One stream; False when the engine died in it."""
+    """One stream; False when the engine died in it.
+
+    Answers are sent in bunches, at most every FLUSH_SECONDS, and something is
+    sent at least every QUIET_SECONDS (an empty bunch when nothing finished),
+    so the daemon checkpoints, reports and acts on cancel and stop in time
+    without waking up, and taking a core from the engine, after every step.
+    An answer goes back as (line, body, error): the daemon has the request.
+    """
 
     def requests() -> Iterator[Request]:
         while True:
@@ -224,18 +237,29 @@ def _stream(conn: Connection, engine: Any, sampling: dict[str, Any], window: int
             yield from message[1]
 
     answers = engine.stream(requests(), sampling, window)
+    bunch: list[tuple] = []
+    sent = time.monotonic()
     try:
         for batch in answers:
-            conn.send(("answers", batch))
+            bunch.extend((a.request.line, a.body, a.error) for a in batch)
+            waited = time.monotonic() - sent
+            if (bunch and waited >= FLUSH_SECONDS) or waited >= QUIET_SECONDS \
+                    or len(bunch) >= WANT:
+                conn.send(("answers", bunch))
+                bunch, sent = [], time.monotonic()
             if conn.poll() and conn.recv()[0] == "abort":
+                bunch = []  # the daemon drops what is in flight; so do we
                 break
     except _Aborted:
-        pass
+        bunch = []
     except EngineDead as exc:
+        conn.send(("answers", bunch))  # finished before the death: keep them
         conn.send(("dead", str(exc)))
         return False
     finally:
         answers.close()  # aborts what is still in flight
+    if bunch:
+        conn.send(("answers", bunch))
     conn.send(("end",))
     return True
 

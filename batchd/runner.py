@@ -192,10 +192,11 @@ class Runner:
                             JobState.IN_PROGRESS, phase="generating",
                             **self._progress(job, ckpt, done_now, time.monotonic() - started))
                         self.heartbeat(record)
-                    if time.monotonic() >= cancel_check and self.cancel_requested(job.name):
-                        outcome = "cancel"
-                        break
-                    cancel_check = time.monotonic() + CANCEL_CHECK_SECONDS
+                    if time.monotonic() >= cancel_check:
+                        if self.cancel_requested(job.name):
+                            outcome = "cancel"
+                            break
+                        cancel_check = time.monotonic() + CANCEL_CHECK_SECONDS
                     if self.stop.is_set():
                         outcome = "stop"
                         break
