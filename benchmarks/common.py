@@ -68,22 +68,35 @@ def ensure_tiny() -> None:
 
 
 def peak_rss(cmd: list[str], env: dict | None = None, cwd: Path | None = None
-             ) -> tuple[int, float, int]:
-    """Run CMD; return (exit code, seconds, peak RSS bytes of its main process).
+             ) -> tuple[int, float, int, int]:
+    """Run CMD; return (exit code, seconds, peak RSS bytes of its main process,
+    the sum of the peak RSS bytes of every process under it).
 
-    The peak is the kernel's own high-water mark (VmHWM), read until exit.
+    Peaks are the kernel's own high-water marks (VmHWM), read until exit.
     """
+    import psutil
+
     started = time.monotonic()
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peak = 0
-    status = Path(f"/proc/{proc.pid}/status")
+    peaks: dict[int, int] = {}
     while proc.poll() is None:
         try:
-            for line in status.read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
-        except (OSError, ValueError):
-            pass
+            pids = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(True)]
+        except psutil.Error:
+            pids = [proc.pid]
+        for pid in pids:
+            peaks[pid] = max(peaks.get(pid, 0), _hwm(pid))
         time.sleep(0.05)
-    return proc.returncode, time.monotonic() - started, peak
+    main = peaks.pop(proc.pid, 0)
+    return proc.returncode, time.monotonic() - started, main, sum(peaks.values())
+
+
+def _hwm(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
