@@ -3,7 +3,8 @@
 The peer is `vllm.LLM.chat` on the whole list in one process (the fastest way
 vLLM offers). batchd is a warm daemon: a file is renamed into its inbox and
 timed to its final status line (end to end), and its bench record gives the
-generation time. Same model, same engine arguments, same sampling (greedy,
+generation time. Both are loaded at once and their repeats alternate, so the
+drift of a shared machine falls on both sides alike. Same model, same engine arguments, same sampling (greedy,
 fixed output length with ignore_eos, or natural stops). Reported: the ratio
 of medians, batchd / raw, for generation and end-to-end time.
 """
@@ -32,56 +33,99 @@ MODELS_RUN = {
 }
 
 
-def raw_runs(model: str, n: int, max_tokens: int, repeats: int, natural: bool) -> list[dict]:
-    folder, engine, _ = MODELS_RUN[model]
-    cmd = [sys.executable, "-m", "benchmarks.raw_vllm", "--model", str(MODELS / folder),
-           "--n", str(n), "--max-tokens", str(max_tokens), "--repeats", str(repeats),
-           "--engine", json.dumps(engine)] + (["--natural"] if natural else [])
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True,
-                         cwd=Path(__file__).resolve().parent.parent)
-    return [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+class Raw:
+    """The peer: a warm `vllm.LLM` process that runs one repeat per request."""
+
+    def __init__(self, model: str, n: int, max_tokens: int, natural: bool):
+        folder, engine, _ = MODELS_RUN[model]
+        cmd = [sys.executable, "-m", "benchmarks.raw_vllm", "--model", str(MODELS / folder),
+               "--n", str(n), "--max-tokens", str(max_tokens),
+               "--engine", json.dumps(engine)] + (["--natural"] if natural else [])
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, env=env,
+                                     cwd=Path(__file__).resolve().parent.parent)
+        while self.proc.stdout.readline().strip() != "ready":
+            if self.proc.poll() is not None:
+                raise RuntimeError("the raw vLLM peer exited while loading")
+
+    def once(self) -> dict:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        while not (line := self.proc.stdout.readline()).startswith("{"):
+            if not line:
+                raise RuntimeError("the raw vLLM peer exited")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(120)
 
 
-def batchd_runs(model: str, n: int, max_tokens: int, repeats: int, natural: bool
-                ) -> list[dict]:
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        config = make_spool(Path(tmp))
+class Batchd:
+    """A warm batchd daemon; one repeat is one file dropped and timed to its end."""
+
+    def __init__(self, model: str, n: int, max_tokens: int, natural: bool, tmp: Path):
+        self.n, self.max_tokens, self.natural, self.count = n, max_tokens, natural, 0
+        config = make_spool(tmp)
         if MODELS_RUN[model][2]:  # the daemon's default profile "tiny" becomes this model
-            (Path(tmp) / "profiles" / "tiny.toml").write_text(MODELS_RUN[model][2])
-        inbox, outbox = Path(tmp) / "spool" / "inbox", Path(tmp) / "spool" / "outbox"
-        inbox.mkdir(parents=True)
-        daemon = subprocess.Popen([BATCHD, "run", "--config", str(config)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            (tmp / "profiles" / "tiny.toml").write_text(MODELS_RUN[model][2])
+        self.inbox, self.outbox = tmp / "spool" / "inbox", tmp / "spool" / "outbox"
+        self.inbox.mkdir(parents=True)
+        self.daemon = subprocess.Popen([BATCHD, "run", "--config", str(config)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.once(n=8, max_tokens=4)  # loads and warms the engine, like the peer's warm-up
+
+    def once(self, n: int | None = None, max_tokens: int | None = None) -> dict:
+        self.count += 1
+        job = f"run{self.count}"
+        body = {"max_tokens": max_tokens or self.max_tokens, "temperature": 0.0, "seed": 0,
+                "ignore_eos": not self.natural}
+        lines = [json.dumps({"custom_id": f"{job}-{i}", **body, "messages": [
+            {"role": "user", "content": f"Tell me about request number {i}."}]})
+            for i in range(n or self.n)]
+        tmpfile = self.inbox / f".{job}.part"
+        tmpfile.write_text("\n".join(lines) + "\n")
+        started = time.perf_counter()
+        os.rename(tmpfile, self.inbox / f"{job}.jsonl")
+        status = self.outbox / f"{job}.status.jsonl"
+        while not (status.exists() and '"state": "completed"' in status.read_text()):
+            if self.daemon.poll() is not None:
+                raise RuntimeError("the daemon exited")
+            time.sleep(0.005)
+        end_to_end = time.perf_counter() - started
+        bench = json.loads((self.outbox / f"{job}.bench.json").read_text())
+        return {"end_to_end_s": end_to_end, "generation_s": bench["timing_s"]["generation"],
+                "completion_tokens": bench["tokens"]["completion"]}
+
+    def close(self) -> None:
+        self.daemon.terminate()
+        self.daemon.wait(120)
+
+
+def interleaved(model: str, n: int, max_tokens: int, repeats: int, natural: bool
+                ) -> tuple[list[dict], list[dict]]:
+    """Both sides warm at once, repeats alternating (raw first on even repeats,
+    batchd first on odd ones), so machine drift hits both alike."""
+    raw_runs, ours = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Raw(model, n, max_tokens, natural)
         try:
-            for r in range(repeats + 1):  # the first run warms the engine, like the peer's
-                job = f"run{r}"
-                body = {"max_tokens": max_tokens if r else 4, "temperature": 0.0, "seed": 0,
-                        "ignore_eos": not natural}
-                lines = [json.dumps({"custom_id": f"{job}-{i}", **body, "messages": [
-                    {"role": "user", "content": f"Tell me about request number {i}."}]})
-                    for i in range(n if r else 8)]
-                tmpfile = inbox / f".{job}.part"
-                tmpfile.write_text("\n".join(lines) + "\n")
-                started = time.perf_counter()
-                os.rename(tmpfile, inbox / f"{job}.jsonl")
-                status = outbox / f"{job}.status.jsonl"
-                while not (status.exists() and '"state": "completed"' in status.read_text()):
-                    if daemon.poll() is not None:
-                        raise RuntimeError("the daemon exited")
-                    time.sleep(0.005)
-                end_to_end = time.perf_counter() - started
-                bench = json.loads((outbox / f"{job}.bench.json").read_text())
-                if r:
-                    runs.append({"end_to_end_s": end_to_end,
-                                 "generation_s": bench["timing_s"]["generation"],
-                                 "completion_tokens": bench["tokens"]["completion"]})
+            batchd = Batchd(model, n, max_tokens, natural, Path(tmp))
+            try:
+                for r in range(repeats):
+                    if r % 2 == 0:
+                        raw_runs.append(raw.once())
+                        ours.append(batchd.once())
+                    else:
+                        ours.append(batchd.once())
+                        raw_runs.append(raw.once())
+            finally:
+                batchd.close()
         finally:
-            daemon.terminate()
-            daemon.wait(120)
-    return runs
+            raw.close()
+    return raw_runs, ours
 
 
 def run(repeats: int = 3, n: int = 512, max_tokens: int = 64, quick: bool = False,
@@ -90,8 +134,7 @@ def run(repeats: int = 3, n: int = 512, max_tokens: int = 64, quick: bool = Fals
     cases = {}
     for natural in (False, True):
         name = "natural_stops" if natural else "fixed_length"
-        raw = raw_runs(model, n, max_tokens, repeats, natural)
-        ours = batchd_runs(model, n, max_tokens, repeats, natural)
+        raw, ours = interleaved(model, n, max_tokens, repeats, natural)
         raw_s = summary([r["seconds"] for r in raw])
         gen_s = summary([r["generation_s"] for r in ours])
         e2e_s = summary([r["end_to_end_s"] for r in ours])
@@ -99,6 +142,9 @@ def run(repeats: int = 3, n: int = 512, max_tokens: int = 64, quick: bool = Fals
             "raw": raw, "batchd": ours,
             "raw_generation_s": raw_s, "batchd_generation_s": gen_s, "batchd_end_to_end_s": e2e_s,
             "generation_ratio": round(gen_s["median"] / raw_s["median"], 4),
+            # repeat i of each side ran back to back: the ratio of each pair
+            "paired_generation_ratio": summary([b["generation_s"] / a["seconds"]
+                                                for a, b in zip(raw, ours)]),
             "end_to_end_ratio": round(e2e_s["median"] / raw_s["median"], 4),
         }
         print(name, json.dumps({k: cases[name][k] for k in ("generation_ratio",

@@ -1,13 +1,15 @@
 """The peer of the `overhead` scenario: the same prompts through vllm.LLM.chat
-directly, in one process, timed per repeat. Prints one JSON line per repeat.
+directly, in one warm process. After loading it prints "ready"; then every line
+on stdin runs one timed repeat and prints one JSON line.
 
-python -m benchmarks.raw_vllm --model DIR --n 256 --max-tokens 32 --repeats 3 [--natural]
+python -m benchmarks.raw_vllm --model DIR --n 256 --max-tokens 32 [--natural]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 
@@ -21,7 +23,6 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--natural", action="store_true", help="stop at EOS, not a fixed length")
     parser.add_argument("--engine", default="{}", help="JSON of extra vllm.LLM arguments")
     args = parser.parse_args()
@@ -31,7 +32,8 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, seed=0,
                             ignore_eos=not args.natural)
     llm.chat(prompts(8), params, use_tqdm=False)  # warm-up, as batchd's engine is warm
-    for _ in range(args.repeats):
+    print("ready", flush=True)
+    for _ in sys.stdin:  # one repeat per line, so the caller can interleave with batchd
         started = time.perf_counter()
         outputs = llm.chat(prompts(args.n), params, use_tqdm=False)
         seconds = time.perf_counter() - started

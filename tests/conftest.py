@@ -19,19 +19,11 @@ BATCHD = str(VENV_BIN / "batchd")
 # Models built once and kept between runs (CI builds them on first use).
 MODELS = ROOT / "models"
 
-TINY_PROFILE = """
-model = "batchd/tiny-llama"
-recipe = "tiny-llama"
-aliases = ["tiny"]
-[environment]
-VLLM_CPU_KVCACHE_SPACE = "1"
-[engine]
-dtype = "float32"
-max_model_len = 512
-enforce_eager = true
-[sampling]
-max_tokens = 16
-"""
+sys.path.insert(0, str(ROOT))  # the benchmarks package, run from any folder
+from benchmarks.common import TINY_PROFILE as BENCH_TINY  # noqa: E402
+
+# The benchmarks' tiny-Llama profile, with an alias and a short default length.
+TINY_PROFILE = 'aliases = ["tiny"]\n' + BENCH_TINY + "[sampling]\nmax_tokens = 16\n"
 
 OTHER_PROFILE = """
 model = "org/other-model"

@@ -259,3 +259,17 @@ def test_refuses_to_start_on_a_spool_it_cannot_write(spool_config, tmp_path):
         subprocess.run(["chattr", "-i", str(outbox)], check=True)
     assert run.returncode == 2, run.stderr
     assert "cannot write" in run.stderr and "outbox" in run.stderr
+
+
+@pytest.mark.slow
+def test_a_million_tiny_lines_run_to_the_end(daemon, settings):
+    """The default max_requests is exactly 1,000,000: such a file runs, streamed."""
+    with open(settings.inbox / "million.jsonl", "wb") as f:
+        f.write(b'{"prompt":"x","max_tokens":1}\n' * 1_000_000)
+    drain(daemon)
+    status = statuses(settings.outbox)["million"]
+    assert status["state"] == "completed"
+    assert status["request_counts"] == {"total": 1_000_000, "completed": 1_000_000,
+                                        "failed": 0}
+    with open(settings.outbox / "million.results.jsonl", "rb") as f:
+        assert sum(1 for _ in f) == 1_000_000

@@ -15,17 +15,10 @@ from conftest import DaemonProcess, TINY_PROFILE, drop, final_state, read_jsonl,
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-SMOL_PROFILE = """
-model = "HuggingFaceTB/SmolLM2-135M-Instruct"
-recipe = "smollm2-135m"
-aliases = ["smol"]
-[environment]
-VLLM_CPU_KVCACHE_SPACE = "1"
-[engine]
-dtype = "float32"
-max_model_len = 512
-enforce_eager = true
-"""
+# The same engine settings with the other model.
+SMOL_PROFILE = TINY_PROFILE.replace('aliases = ["tiny"]', 'aliases = ["smol"]').replace(
+    'model = "batchd/tiny-llama"\nrecipe = "tiny-llama"',
+    'model = "HuggingFaceTB/SmolLM2-135M-Instruct"\nrecipe = "smollm2-135m"')
 
 IDLE_UNLOAD = 6  # seconds; well above the gap between one job's end and the next drop
 

@@ -55,7 +55,7 @@ class NotifySocket:
 
 @pytest.mark.parametrize("abstract", [False, True])
 def test_notify_protocol(spool_config, tmp_path, abstract, daemons):
-    config = spool_config("[engine]\nfake = true\n")
+    config = spool_config("[engine]\nfake = true\nidle_unload_seconds = 1\n")
     if abstract:
         name = f"batchd-test-{os.getpid()}-{time.monotonic_ns()}"
         listener = NotifySocket("\0" + name)
@@ -78,6 +78,9 @@ def test_notify_protocol(spool_config, tmp_path, abstract, daemons):
                for m in messages)
     pings = [t for t, m in listener.messages if m.get("WATCHDOG") == "1"]
     assert len(pings) >= 5
+    # After idle_unload_seconds without work the model is freed, and STATUS says so.
+    wait_for(lambda: any(m.get("STATUS", "").startswith("idle, tiny unloaded after 1s")
+                         for m in listener.pump()), 30, what="the idle unload STATUS")
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(30) == 0
     assert listener.has("STOPPING", "1")
