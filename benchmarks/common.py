@@ -68,9 +68,9 @@ def ensure_tiny() -> None:
 
 
 def peak_rss(cmd: list[str], env: dict | None = None, cwd: Path | None = None
-             ) -> tuple[int, float, int, int]:
+             ) -> tuple[int, float, int, dict[str, int]]:
     """Run CMD; return (exit code, seconds, peak RSS bytes of its main process,
-    the sum of the peak RSS bytes of every process under it).
+    {name: peak RSS bytes} of every process under it).
 
     Peaks are the kernel's own high-water marks (VmHWM), read until exit.
     """
@@ -80,16 +80,28 @@ def peak_rss(cmd: list[str], env: dict | None = None, cwd: Path | None = None
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peaks: dict[int, int] = {}
+    names: dict[int, str] = {}
     while proc.poll() is None:
         try:
-            pids = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(True)]
+            children = psutil.Process(proc.pid).children(True)
         except psutil.Error:
-            pids = [proc.pid]
-        for pid in pids:
+            children = []
+        for child in children:
+            if child.pid not in names:
+                try:
+                    line = " ".join(child.cmdline())
+                    names[child.pid] = "batchd.enginehost" if "batchd.enginehost" in line \
+                        else child.name()
+                except psutil.Error:
+                    continue
+        for pid in [proc.pid, *names]:
             peaks[pid] = max(peaks.get(pid, 0), _hwm(pid))
         time.sleep(0.05)
     main = peaks.pop(proc.pid, 0)
-    return proc.returncode, time.monotonic() - started, main, sum(peaks.values())
+    children_peaks: dict[str, int] = {}
+    for pid, peak in peaks.items():
+        children_peaks[names[pid]] = children_peaks.get(names[pid], 0) + peak
+    return proc.returncode, time.monotonic() - started, main, children_peaks
 
 
 def _hwm(pid: int) -> int:

@@ -35,7 +35,8 @@ def daemon_peak(n: int, fake: bool, base: Path) -> dict:
     bench = json.loads((base / "spool" / "outbox" / "job.bench.json").read_text())
     assert code == 0 and bench["requests"]["total"] == n, (code, bench["requests"])
     return {"requests": n, "engine": "fake" if fake else "vllm", "peak_rss_bytes": peak,
-            "engine_processes_peak_rss_bytes": engine_peak,
+            "engine_processes_peak_rss_bytes": sum(engine_peak.values()),
+            "engine_processes": engine_peak,
             "seconds": round(seconds, 2), "generation_s": bench["timing_s"]["generation"]}
 
 
