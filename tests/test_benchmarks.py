@@ -23,5 +23,8 @@ def test_memory_scenario_runs_and_records(tiny_model, tmp_path):
     assert {r["engine"] for r in record["runs"]} == {"fake", "vllm"}
     assert all(r["peak_rss_bytes"] > 0 for r in record["runs"])
     assert record["validate"]["exit_code"] == 0 and record["validate"]["lines"] == 1000
-    assert set(record["peak_ratio_large_over_small"]) == {"fake", "vllm"}
+    assert set(record["peak_ratio_large_over_small"]) == {"fake", "vllm",
+                                                          "vllm_engine_processes"}
+    for run in record["runs"]:  # the model lives in batchd's engine process
+        assert ("batchd.enginehost" in run["engine_processes"]) == (run["engine"] == "vllm")
     assert record["machine"]["hardware"]["cpu_count"] >= 1
