@@ -29,15 +29,18 @@ broken pipe and exits, taking vLLM's engine core with it.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from itertools import islice
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 import structlog
 
@@ -63,19 +66,20 @@ class HostedEngine:
         started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "batchd.enginehost", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         theirs.close()
+        self.output = Output(self.proc.stdout)
         self.conn = Connection(ours.detach())
         try:
             self.conn.send((profile, models_dir))
             reply = self._recv()
         except EngineDead as exc:
-            self.close()
-            raise RuntimeError(f"engine process for {profile.name} ended while loading: "
-                               f"{exc}") from None
+            reply = ("error", f"engine process for {profile.name} ended while loading: {exc}")
         if reply[0] != "ready":
             self.close()
-            raise RuntimeError(reply[1])
+            cause = self.output.cause()
+            raise RuntimeError(reply[1] + (f" (engine log: {cause})" if cause else ""))
         self.load_seconds = time.monotonic() - started
         log.info("engine_process_started", pid=self.proc.pid, profile=profile.name,
                  vllm_load_s=round(reply[1], 2))
@@ -149,7 +153,42 @@ class HostedEngine:
         if self.pidfile is not None:
             kill_recorded(self.pidfile)  # vLLM's core, should it outlive the host
             self.pidfile.unlink(missing_ok=True)
+        self.output.thread.join(5)  # its last lines
         log.info("engine_process_ended", pid=self.proc.pid, code=self.proc.returncode)
+
+
+class Output:
+    """Passes the engine process's output (vLLM's log) through to ours, line by
+    line, and keeps the last lines: a failed load's root cause is printed by
+    vLLM's engine core, while the exception the engine process sees only says
+    "see root cause above"."""
+
+    ERROR = re.compile(r"\b([A-Za-z_.]*(?:Error|Exception)): (.+)$")
+
+    def __init__(self, stream: IO[bytes]):
+        self.lines: deque[str] = deque(maxlen=300)
+        self.thread = threading.Thread(target=self._pump, args=(stream,), daemon=True,
+                                       name="batchd-engine-output")
+        self.thread.start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        out = sys.stdout.buffer
+        for raw in iter(stream.readline, b""):
+            self.lines.append(raw.decode("utf-8", "replace").rstrip())
+            try:
+                out.write(raw)
+                out.flush()
+            except (OSError, ValueError):
+                pass  # our own output is gone; keep draining the pipe
+        stream.close()
+
+    def cause(self) -> str | None:
+        """The last 'SomeError: message' line that is not vLLM's summary."""
+        for line in reversed(self.lines):
+            found = self.ERROR.search(line)
+            if found and "initialization failed" not in found.group(2):
+                return f"{found.group(1)}: {found.group(2)}"[:500]
+        return None
 
 
 def record_children(pidfile: Path) -> None:

@@ -88,7 +88,11 @@ def test_six_swaps_free_memory_and_idle_unload_ends_the_engine(
         assert tree(daemon.proc.pid)[1] == []
         drop(inbox, "again.jsonl", [{"prompt": "Hello", "max_tokens": 2}])
         assert wait_for(lambda: final_state(outbox, "again"), 600, what="reload") == "completed"
+        last = tree(daemon.proc.pid)[1]
+        assert last  # loaded again for the new job
         assert daemon.stop() == 0
+        _, alive = psutil.wait_procs(last, timeout=60)
+        assert alive == []  # nothing outlives the daemon
     finally:
         if daemon.proc.poll() is None:
             daemon.kill_tree()
