@@ -68,7 +68,9 @@ class Daemon:
         self.metrics = Metrics(settings.metrics.textfile)
         self.reported: set[str] = set()  # non-regular entries that could not be moved
         self.first_seen: dict[str, float] = {}  # inbox name -> when a scan first saw it
-        self.hints: dict[str, tuple[tuple, str | None]] = {}  # inbox name -> (version, hint)
+        # inbox name -> (version, (priority, probable profile)); see _peek
+        self.peeks: dict[str, tuple[tuple, tuple[int, str | None]]] = {}
+        self.reloads = 0  # profile reloads so far: part of a peek's version
         self.retry_at: dict[str, float] = {}  # job or file -> when to try again after OSError
         self.retry_seconds = 10.0
         self.watcher: Watcher | None = None
@@ -109,7 +111,7 @@ class Daemon:
         ready: list[tuple[str, os.stat_result]] = []
         present = spool.scan(self.settings.inbox)
         self.first_seen = {name: self.first_seen.get(name, now) for name, _ in present}
-        self.hints = {name: self.hints[name] for name, _ in present if name in self.hints}
+        self.peeks = {name: self.peeks[name] for name, _ in present if name in self.peeks}
         for name, st in present:
             why = spool.refusal(st)
             if why:
@@ -124,8 +126,8 @@ class Daemon:
                 continue
             ready.append((name, st))
         loaded = self.pool.engine.profile.name if self.pool.engine is not None else None
-        waiting = [Waiting(name, now - self.first_seen[name], self._priority(name),
-                           self._hint(name, st)) for name, st in ready]
+        waiting = [Waiting(name, now - self.first_seen[name], *self._peek(name, st))
+                   for name, st in ready]
         for candidate, reason in order(waiting, loaded,
                                        self.settings.scheduling.max_wait_seconds):
             name = candidate.name
@@ -144,31 +146,25 @@ class Daemon:
             return True
         return False
 
-    def _hint(self, name: str, st: os.stat_result) -> str | None:
-        """The profile a waiting file will probably use; read once per version of
-        the file and its sidecar, not on every pass."""
-        stem = name[: -len(".jsonl")]
-        sidecar = self.settings.inbox / f"{stem}.toml"
+    def _peek(self, name: str, st: os.stat_result) -> tuple[int, str | None]:
+        """A waiting file's sidecar priority and probable profile: read once per
+        version of the file, its sidecar and the profiles, not on every pass."""
+        sidecar = self.settings.inbox / (name[: -len(".jsonl")] + ".toml")
         try:
             side = os.stat(sidecar, follow_symlinks=False).st_mtime_ns
         except OSError:
             side = None
-        key = (st.st_ino, st.st_size, st.st_mtime_ns, side, id(self.profiles))
-        cached = self.hints.get(name)
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, side, self.reloads)
+        cached = self.peeks.get(name)
         if cached is None or cached[0] != key:
-            cached = self.hints[name] = (key, hint(
+            try:
+                priority = read_sidecar(sidecar).priority if side is not None else 0
+            except JobRejected:
+                priority = 0  # the job itself reports the bad sidecar
+            cached = self.peeks[name] = (key, (priority, hint(
                 self.settings.inbox / name, sidecar, self.profiles,
-                self.settings.routing.default_profile))
+                self.settings.routing.default_profile)))
         return cached[1]
-
-    def _priority(self, name: str) -> int:
-        sidecar = self.settings.inbox / (name[: -len(".jsonl")] + ".toml")
-        if not sidecar.exists():
-            return 0
-        try:
-            return read_sidecar(sidecar).priority
-        except JobRejected:
-            return 0  # the job itself reports the bad sidecar
 
     def _keepalive(self, factory: Callable[[Profile], Engine]) -> Callable[[Profile], Engine]:
         """Wrap model loading: it blocks the loop for a minute or more, so a helper
@@ -317,6 +313,7 @@ class Daemon:
 
     def _reload(self) -> None:
         self.reload.clear()
+        self.reloads += 1
         self.profiles = ProfileSet.load(self.settings.routing.profiles_dir)
         self.runner.profiles = self.profiles
         for error in self.profiles.errors:

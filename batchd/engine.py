@@ -38,7 +38,6 @@ class EngineDead(Exception):
 
 class Engine(Protocol):
     profile: Profile
-    load_seconds: float
 
     def stream(
         self, requests: Iterable[Request], sampling: dict[str, Any], window: int
@@ -70,7 +69,6 @@ class FakeEngine:
         self.profile = profile
         self.step_seconds = step_seconds
         self.per_step = per_step
-        self.load_seconds = 0.0
         self.closed = False
 
     def stream(self, requests: Iterable[Request], sampling: dict[str, Any], window: int

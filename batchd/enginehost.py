@@ -63,7 +63,6 @@ class HostedEngine:
         self.profile = profile
         self.pidfile = pidfile
         ours, theirs = socket.socketpair()
-        started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "batchd.enginehost", str(theirs.fileno())],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
@@ -80,7 +79,6 @@ class HostedEngine:
             self.close()
             cause = self.output.cause()
             raise RuntimeError(reply[1] + (f" (engine log: {cause})" if cause else ""))
-        self.load_seconds = time.monotonic() - started
         log.info("engine_process_started", pid=self.proc.pid, profile=profile.name,
                  vllm_load_s=round(reply[1], 2))
         if pidfile is not None:
