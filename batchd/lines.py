@@ -18,7 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
-URLS = (CHAT, COMPLETIONS, EMBEDDINGS)
+RESPONSES = "/v1/responses"
+# Score and rerank under every path vLLM's server and batch runner take.
+SCORE_URLS = ("/v1/score", "/score")
+RERANK_URLS = ("/v1/rerank", "/rerank", "/v2/rerank")
+URLS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, *SCORE_URLS, *RERANK_URLS)
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,20 @@ class _EmbeddingBody(_Lenient):
     input: str | list[str] | list[int] | list[list[int]]
 
 
-BODY_MODELS = {CHAT: _ChatBody, COMPLETIONS: _CompletionBody, EMBEDDINGS: _EmbeddingBody}
+class _ResponsesBody(_Sampling):
+    input: str | list[dict[str, Any]]
+
+
+class _ScoringBody(_Lenient):
+    """Score and rerank: vLLM's request models check the rest in the engine process."""
+
+    model: str | None = None
+
+
+BODY_MODELS: dict[str, type[BaseModel]] = {
+    CHAT: _ChatBody, COMPLETIONS: _CompletionBody, EMBEDDINGS: _EmbeddingBody,
+    RESPONSES: _ResponsesBody,
+    **{url: _ScoringBody for url in (*SCORE_URLS, *RERANK_URLS)}}
 BATCH_KEYS = {"custom_id", "method", "url", "body"}
 
 

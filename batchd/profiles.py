@@ -10,7 +10,8 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterator
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
@@ -67,8 +68,71 @@ class ProfileError(Exception):
 
 
 class ChatOptions(BaseModel):
+    """What ``vllm serve`` takes on its command line for chat features."""
+
     model_config = ConfigDict(extra="forbid")
-    template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    tool_call_parser: str | None = None  # --tool-call-parser (hermes, llama3_json, ...)
+    enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice
+    reasoning_parser: str | None = None  # --reasoning-parser (qwen3, deepseek_r1, ...)
+    chat_template: str | None = None  # a file (relative to the profile) or the template
+    template_kwargs: dict[str, Any] = Field(default_factory=dict)  # a line's own win
+
+    def template_argument(self, source: Path | None) -> str:
+        """--chat-template: an inline template as it is, a file as an absolute path."""
+        template = self.chat_template or ""
+        if "{" in template or "\n" in template:
+            return template
+        path = Path(template).expanduser()
+        if not path.is_absolute() and source is not None:
+            path = source.parent / path
+        return str(path)
+
+
+MEDIA_KEYS = frozenset({"url", "image_url", "audio_url", "video_url", "file_url"})
+# Tables that describe the answer, not the input: never media.
+NOT_MEDIA = frozenset({"tools", "tool_choice", "response_format", "structured_outputs",
+                       "text", "metadata"})
+
+
+class MediaOptions(BaseModel):
+    """Where images and audio in a request may come from.
+
+    ``data:`` URLs always work. Remote ``http(s)`` URLs are a line's error
+    unless ``allow_remote`` is set: the engine would fetch them for whoever can
+    write to the inbox. ``file://`` URLs work only under ``local_folder``."""
+
+    model_config = ConfigDict(extra="forbid")
+    allow_remote: bool = False
+    allowed_domains: list[str] = Field(default_factory=list)  # empty: any, when allowed
+    local_folder: str = ""
+
+    def violation(self, body: dict[str, Any]) -> tuple[str, str] | None:
+        """(field path, message) for the first remote URL this profile refuses."""
+        for path, url in _media_urls(body, ""):
+            if not url[:8].lower().startswith(("http://", "https://")):
+                continue
+            host = urlsplit(url).hostname or ""
+            if not self.allow_remote:
+                return path, (f"{path}: remote media URLs are not fetched by this profile; "
+                              "send the data as a data: URL")
+            if self.allowed_domains and host not in self.allowed_domains:
+                return path, f"{path}: {host} is not in this profile's allowed_domains"
+        return None
+
+
+def _media_urls(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if path == "" and key in NOT_MEDIA:
+                continue
+            where = f"{path}.{key}" if path else str(key)
+            if key in MEDIA_KEYS and isinstance(item, str):
+                yield where, item
+            else:
+                yield from _media_urls(item, where)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _media_urls(item, f"{path}.{i}")
 
 
 class RequestLimits(BaseModel):
@@ -108,6 +172,7 @@ class Profile(BaseModel):
     engine: EngineArgs = Field(default_factory=dict)
     sampling: SamplingDefaults = Field(default_factory=dict)
     chat: ChatOptions = Field(default_factory=ChatOptions)
+    media: MediaOptions = Field(default_factory=MediaOptions)
     fit: FitFacts = Field(default_factory=dict)  # model shape for `batchd profiles check`
     limits: RequestLimits = Field(default_factory=RequestLimits)
     source: Path | None = None

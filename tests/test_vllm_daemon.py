@@ -66,7 +66,7 @@ def test_mixed_file_through_real_vllm(served):
     assert [r["custom_id"] for r in results] == ["chat", "cmpl", "short"]
     codes = {e["custom_id"]: e["response"]["body"]["error"]["code"] for e in errors}
     assert codes == {"line-3": "invalid_json_line", "long": "context_length_exceeded",
-                     "chat": "duplicate_custom_id", "emb": "invalid_request",
+                     "chat": "duplicate_custom_id", "emb": "unsupported_url",
                      "badrole": "invalid_request"}
     assert all(e["response"]["status_code"] == 400 and e["line"] for e in errors)
     chat = ChatCompletion.model_validate(results[0]["response"]["body"])

@@ -1,0 +1,287 @@
+"""vLLM's own OpenAI serving layer, opened for one profile.
+
+The engine process answers every request the way ``vllm serve`` and vLLM's
+batch runner do: an async engine client plus the serving objects that the API
+server builds (``init_app_state``), with the server's command-line options
+taken from the profile. A response body is the serving object's response,
+dumped as the server's router dumps it; an error is the server's
+``ErrorResponse``. Nothing here builds a body by hand.
+
+vLLM moved these entry points between releases; ``_first`` finds each one
+under the names of the releases batchd supports (docs/ARCHITECTURE.md).
+This module and ``vllm_engine`` are the only ones that import vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .lines import (CHAT, COMPLETIONS, EMBEDDINGS, RERANK_URLS, RESPONSES, SCORE_URLS,
+                    LineError, Request)
+from .profiles import Profile
+
+
+def _first(modules: tuple[str, ...], name: str) -> Any:
+    """NAME from the first of MODULES that has it (vLLM moves things between releases)."""
+    for module in modules:
+        try:
+            found = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if found is not None:
+            return found
+    raise ImportError(f"{name} not found in {', '.join(modules)}")
+
+
+_LAUNCH = ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server")
+_CLI = ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One URL: vLLM's request model for its body and the serving call that answers it."""
+
+    parse: Callable[[dict[str, Any]], Any]
+    fields: frozenset[str]  # every top-level body key the request model takes
+    call: Callable[[Any], Any]  # async: request -> response model, ErrorResponse or Response
+    sampling: bool  # whether profile and sidecar sampling defaults apply
+
+
+def server_args(profile: Profile, models_dir: Path) -> Any:
+    """The argparse Namespace ``vllm serve`` would build for this profile.
+
+    The server's own flags (tool and reasoning parsers, chat template) are
+    parsed from a command line; the profile's [engine] table is set on the
+    result as the keyword arguments ``vllm.LLM`` takes, so dict values need no
+    command-line spelling. A key vLLM's engine does not know is an error here,
+    not something silently ignored.
+    """
+    parser_cls = _first(("vllm.utils.argparse_utils", "vllm.utils"), "FlexibleArgumentParser")
+    make_parser = _first(_CLI, "make_arg_parser")
+    engine_args_cls = _first(("vllm.engine.arg_utils",), "AsyncEngineArgs")
+    chat, media = profile.chat, profile.media
+    argv = ["--model", profile.model_location(models_dir),
+            "--served-model-name", profile.model, "--disable-log-stats"]
+    if chat.tool_call_parser:
+        argv += ["--tool-call-parser", chat.tool_call_parser]
+    if chat.enable_auto_tool_choice:
+        argv += ["--enable-auto-tool-choice"]
+    if chat.reasoning_parser:
+        argv += ["--reasoning-parser", chat.reasoning_parser]
+    if chat.chat_template:
+        argv += ["--chat-template", chat.template_argument(profile.source)]
+    if chat.template_kwargs:
+        argv += ["--default-chat-template-kwargs", json.dumps(chat.template_kwargs)]
+    if media.local_folder:
+        argv += ["--allowed-local-media-path", str(Path(media.local_folder).expanduser())]
+    if media.allow_remote and media.allowed_domains:
+        argv += ["--allowed-media-domains", *media.allowed_domains]
+    args = make_parser(parser_cls()).parse_args(argv)
+    known = {f.name for f in dataclasses.fields(engine_args_cls)}
+    for key, value in profile.engine.items():
+        if key not in known:
+            raise ValueError(f"profile {profile.name}: engine key {key!r} is not an "
+                             "engine argument of this vLLM release")
+        current = getattr(args, key, None)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            value = type(current)(**value)  # what the parser makes of the JSON flag
+        setattr(args, key, value)
+    return args
+
+
+class Serving:
+    """The engine client and serving objects of one loaded profile (async side)."""
+
+    def __init__(self, profile: Profile, models_dir: Path):
+        self.profile = profile
+        self.args = server_args(profile, models_dir)
+        self._stack = contextlib.AsyncExitStack()
+        self.client: Any = None
+        self.endpoints: dict[str, Endpoint] = {}
+
+    async def open(self) -> "Serving":
+        from starlette.datastructures import State
+
+        build_client = _first(_LAUNCH, "build_async_engine_client")
+        init_app_state = _first(("vllm.entrypoints.launchers.api_server.app_state",
+                                 *_LAUNCH), "init_app_state")
+        usage = _first(("vllm.usage.usage_lib",), "UsageContext").OPENAI_BATCH_RUNNER
+        self.client = await self._stack.enter_async_context(
+            build_client(self.args, usage_context=usage))
+        tasks = await self.client.get_supported_tasks()
+        state = State()
+        await init_app_state(self.client, state, self.args, tasks)
+        self.endpoints = _endpoints(state)
+        return self
+
+    @property
+    def dead(self) -> bool:
+        return bool(getattr(self.client, "errored", False))
+
+    async def answer(self, request: Request, sampling: dict[str, Any]
+                     ) -> tuple[dict[str, Any] | None, LineError | None]:
+        """(body, None) or (None, error) for one request, as the server answers it."""
+        endpoint = self.endpoints.get(request.url)
+        if endpoint is None:
+            return None, _error(request, "unsupported_url", f"profile {self.profile.name} "
+                                f"({self.profile.model}) does not serve {request.url}", "url")
+        body = dict(request.body)
+        unknown = sorted(set(body) - endpoint.fields)
+        if unknown:
+            return None, _error(request, "invalid_request", f"field {unknown[0]!r} is not "
+                                f"supported for {request.url} by this vLLM release",
+                                unknown[0])
+        if endpoint.sampling:
+            body = {**{k: v for k, v in sampling.items() if k in endpoint.fields}, **body}
+        body["model"] = self.profile.model  # routing already chose the model
+        try:
+            parsed = endpoint.parse(body)
+        except Exception as exc:  # a pydantic ValidationError, or vLLM's own checks
+            return None, _validation_error(request, exc)
+        try:
+            response = await endpoint.call(parsed)
+        except Exception as exc:  # the server turns these into its ErrorResponse too
+            response = _first(("vllm.entrypoints.serve.exception_handling.error_response",
+                               "vllm.entrypoints.serve", "vllm.entrypoints.utils"),
+                              "create_error_response")(exc)
+        return _outcome(request, response)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+
+def _endpoints(state: Any) -> dict[str, Endpoint]:
+    """The URLs this profile's runner serves, with the serving call for each."""
+    from pydantic import BaseModel, TypeAdapter
+
+    def model(modules: tuple[str, ...], name: str) -> tuple[Callable, frozenset[str]]:
+        found = _first(modules, name)
+        if isinstance(found, type) and issubclass(found, BaseModel):
+            return found.model_validate, _field_names(found)
+        adapter = TypeAdapter(found)  # a union of request models (embeddings, score)
+        names = frozenset().union(*(_field_names(m) for m in _union_members(found)))
+        return adapter.validate_python, names
+
+    def serving(*candidates: tuple[str, str | None]) -> Callable | None:
+        for attr, method in candidates:
+            obj = getattr(state, attr, None)
+            if obj is not None:
+                return getattr(obj, method) if method else obj
+        return None
+
+    old = "vllm.entrypoints.openai.protocol"
+    table = [
+        (CHAT, ("vllm.entrypoints.openai.chat_completion.protocol", old),
+         "ChatCompletionRequest", serving(("openai_serving_chat", "create_chat_completion")),
+         True),
+        (COMPLETIONS, ("vllm.entrypoints.openai.completion.protocol", old),
+         "CompletionRequest", serving(("openai_serving_completion", "create_completion")),
+         True),
+        (RESPONSES, ("vllm.entrypoints.openai.responses.protocol", old),
+         "ResponsesRequest", serving(("openai_serving_responses", "create_responses")), True),
+        (EMBEDDINGS, ("vllm.entrypoints.pooling.embed.protocol", old), "EmbeddingRequest",
+         serving(("serving_embedding", None), ("openai_serving_embedding", "create_embedding")),
+         False),
+    ]
+    scores = serving(("serving_scores", None), ("openai_serving_scores", "create_score"))
+    reranks = serving(("serving_scores", None), ("openai_serving_scores", "do_rerank"))
+    for url in SCORE_URLS:
+        table.append((url, ("vllm.entrypoints.pooling.scoring.protocol",
+                            "vllm.entrypoints.pooling.score.protocol", old),
+                      "ScoreRequest", scores, False))
+    for url in RERANK_URLS:
+        table.append((url, ("vllm.entrypoints.pooling.scoring.protocol",
+                            "vllm.entrypoints.pooling.score.protocol", old),
+                      "RerankRequest", reranks, False))
+    endpoints = {}
+    for url, modules, name, call, sampling in table:
+        if call is None:
+            continue
+        parse, fields = model(modules, name)
+        endpoints[url] = Endpoint(parse, fields, _caller(call), sampling)
+    return endpoints
+
+
+def _caller(call: Callable) -> Callable:
+    async def run(parsed: Any) -> Any:
+        return await call(parsed, None)  # no HTTP request behind it (raw_request=None)
+    return run
+
+
+def _union_members(tp: Any) -> list[type]:
+    import typing
+
+    args = typing.get_args(tp)
+    if args and typing.get_origin(tp) is typing.Annotated:
+        return _union_members(args[0])
+    return [a for a in args if isinstance(a, type)] or [tp]
+
+
+def _field_names(model: type) -> frozenset[str]:
+    names = set()
+    for name, info in model.model_fields.items():
+        names.add(name)
+        if info.alias:
+            names.add(info.alias)
+    return frozenset(names)
+
+
+# -- responses and errors --------------------------------------------------------
+
+def _outcome(request: Request, response: Any) -> tuple[dict[str, Any] | None, LineError | None]:
+    """The server's answer as a body or a line error."""
+    if hasattr(response, "body") and hasattr(response, "status_code"):  # a starlette Response
+        payload = json.loads(bytes(response.body))
+        if response.status_code >= 400 or "error" in payload and len(payload) == 1:
+            return None, _server_error(request, payload.get("error") or {}, response.status_code)
+        return payload, None
+    if hasattr(response, "model_dump"):
+        payload = response.model_dump(mode="json")
+        if set(payload) == {"error"}:  # ErrorResponse
+            error = payload["error"]
+            return None, _server_error(request, error, int(error.get("code") or 400))
+        return payload, None
+    return None, _error(request, "invalid_request", "streaming is not available in a batch",
+                        "stream")
+
+
+_CONTEXT = ("maximum context length", "context length", "maximum model length",
+            "longer than the maximum", "is too long")
+
+
+def _server_error(request: Request, error: dict[str, Any], status: int) -> LineError:
+    message = str(error.get("message") or "request failed")
+    param = error.get("param")
+    if status >= 500:
+        return LineError(request.line, request.custom_id, "engine_error", message[:2000],
+                         param, 500, "server_error")
+    code = "context_length_exceeded" if any(t in message for t in _CONTEXT) \
+        else "invalid_request"
+    return LineError(request.line, request.custom_id, code, message[:2000], param, 400)
+
+
+def _error(request: Request, code: str, message: str, param: str | None) -> LineError:
+    return LineError(request.line, request.custom_id, code, message, param, 400)
+
+
+def _validation_error(request: Request, exc: Exception) -> LineError:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+        except Exception:  # not a pydantic error after all
+            first = None
+        if first:
+            loc = [str(p) for p in first.get("loc", ()) if not str(p).startswith("function-")]
+            param = ".".join(loc) or None
+            message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+            return _error(request, "invalid_request", message, param)
+    text = str(exc).strip() or type(exc).__name__
+    return _error(request, "invalid_request", text.splitlines()[0][:2000],
+                  getattr(exc, "parameter", None))

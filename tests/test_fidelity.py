@@ -1,0 +1,226 @@
+"""batchd's answers against vLLM's own: the same multi-feature file through a
+batchd daemon, vLLM's OpenAI API server and vLLM's batch runner, on the same
+local model with the same server options; bodies equal field by field once
+ids and timestamps are removed.
+
+The model is the tiny random Llama (its tokenizer has <think> and <tool_call>
+tokens, so the qwen3 reasoning parser and the hermes tool parser load on it).
+Its text is noise, so every line is greedy or seeded, and the reasoning line
+controls the model's output with a regex (structured outputs apply inside
+reasoning: enable_in_reasoning) after a prefilled "<think>" assistant turn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from conftest import DaemonProcess, drop, final_state, read_jsonl, wait_for
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+MODEL = "batchd/tiny-llama"
+# The server's options, as `vllm serve` flags and as the profile that says the same.
+SERVER_FLAGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+                "--tool-call-parser", "hermes", "--enable-auto-tool-choice",
+                "--reasoning-parser", "qwen3",
+                "--structured-outputs-config", '{"enable_in_reasoning": true}']
+PROFILE = f"""
+model = "{MODEL}"
+recipe = "tiny-llama"
+[environment]
+VLLM_CPU_KVCACHE_SPACE = "1"
+[engine]
+dtype = "float32"
+max_model_len = 512
+enforce_eager = true
+structured_outputs_config = {{ enable_in_reasoning = true }}
+[chat]
+tool_call_parser = "hermes"
+enable_auto_tool_choice = true
+reasoning_parser = "qwen3"
+"""
+
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 12},
+                                           "sure": {"type": "boolean"}},
+          "required": ["answer", "sure"], "additionalProperties": False}
+GREEDY = {"temperature": 0.0}
+CHAT, CMPL, RESP = "/v1/chat/completions", "/v1/completions", "/v1/responses"
+
+LINES = [
+    ("logprobs", CHAT, {"messages": USER, "max_tokens": 6, "logprobs": True,
+                        "top_logprobs": 2, **GREEDY}),
+    ("n-seed-stop", CHAT, {"messages": USER, "max_tokens": 5, "n": 2, "seed": 7,
+                           "temperature": 0.9, "stop": ["zz"]}),
+    ("tools-required", CHAT, {"messages": USER, "tools": [WEATHER], "tool_choice": "required",
+                              "max_tokens": 40, **GREEDY}),
+    ("tools-named", CHAT, {"messages": USER, "tools": [WEATHER], "max_tokens": 40,
+                           "tool_choice": {"type": "function",
+                                           "function": {"name": "get_weather"}}, **GREEDY}),
+    ("json-schema", CHAT, {"messages": USER, "max_tokens": 40, **GREEDY, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}}),
+    ("reasoning", CHAT, {"messages": USER + [{"role": "assistant", "content": "<think>"}],
+                         "continue_final_message": True, "add_generation_prompt": False,
+                         "structured_outputs": {"regex": "plan</think>answer"},
+                         "max_tokens": 20, **GREEDY}),
+    ("thinking-off", CHAT, {"messages": USER, "max_completion_tokens": 4, "min_tokens": 4,
+                            "chat_template_kwargs": {"enable_thinking": False},
+                            "prompt_logprobs": 1, **GREEDY}),
+    ("echo", CMPL, {"prompt": "The quick brown fox", "max_tokens": 4, "echo": True,
+                    "logprobs": 2, **GREEDY}),
+    ("completion-seed", CMPL, {"prompt": "Batch inference", "max_tokens": 5, "seed": 3,
+                               "temperature": 1.0}),
+    ("responses", RESP, {"input": "What is the capital of France?", "max_output_tokens": 6,
+                         **GREEDY}),
+]
+VOLATILE = {"id", "created", "created_at", "system_fingerprint", "call_id"}
+
+
+def comparable(value):
+    """A body without ids and timestamps, floats rounded (batch order may move
+    the last bits of a logprob)."""
+    if isinstance(value, dict):
+        return {k: comparable(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [comparable(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 3)
+    if isinstance(value, str) and value.startswith(("chatcmpl-tool-", "call_", "msg_", "rs_")):
+        return "<id>"
+    return value
+
+
+def batch_line(custom_id, url, body):
+    return {"custom_id": custom_id, "method": "POST", "url": url,
+            "body": {"model": MODEL, **body}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def answers(tiny_model, tmp_path_factory):
+    """{source: {custom_id: body}} for batchd, vLLM's server and vLLM's batch runner."""
+    base = tmp_path_factory.mktemp("fidelity")
+    (base / "profiles").mkdir()
+    (base / "profiles" / "tiny.toml").write_text(PROFILE)
+    config = base / "config.toml"
+    config.write_text(f'[spool]\nroot = "spool"\n[routing]\nprofiles_dir = "profiles"\n'
+                      f'default_profile = "tiny"\nmodels_dir = "{tiny_model.parent}"\n'
+                      f'[watch]\nsettle_seconds = 0.2\n[status]\ninterval = 0.3\n')
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    port = free_port()
+    server_log = open(base / "server.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
+         "--served-model-name", MODEL, "--port", str(port), "--host", "127.0.0.1",
+         *SERVER_FLAGS], stdout=server_log, stderr=subprocess.STDOUT, env=env)
+    daemon = DaemonProcess(config)
+    try:
+        daemon.wait_ready()
+        spool = base / "spool"
+        drop(spool / "inbox", "features.jsonl", [batch_line(*line) for line in LINES] + EXTRA)
+        wait_for(lambda: final_state(spool / "outbox", "features"), 600, what="batchd job")
+        ours = {r["custom_id"]: r for r in read_jsonl(spool / "outbox" / "features.results.jsonl")}
+        errors = {e["custom_id"]: e for e in read_jsonl(spool / "outbox" / "features.errors.jsonl")}
+
+        def ready():
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                return True
+            except OSError:
+                assert server.poll() is None, (base / "server.log").read_text()[-3000:]
+                return False
+
+        wait_for(ready, 600, interval=1.0, what="vLLM's API server")
+        served = {}
+        for custom_id, url, body in LINES:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}{url}", json.dumps({"model": MODEL, **body}).encode(),
+                {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=300) as reply:
+                served[custom_id] = json.loads(reply.read())
+    finally:
+        server.terminate()
+        server.wait(120)
+        assert daemon.stop() == 0, daemon.log.read_text()[-3000:]
+    # vLLM's batch runner takes chat lines only (0.32: no /v1/completions or /v1/responses).
+    runner_in, runner_out = base / "runner.jsonl", base / "runner.out.jsonl"
+    runner_in.write_text("".join(json.dumps(batch_line(*line)) + "\n"
+                                 for line in LINES if line[1] == CHAT))
+    subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i",
+                    str(runner_in), "-o", str(runner_out), "--model", str(tiny_model),
+                    "--served-model-name", MODEL, *SERVER_FLAGS], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=open(base / "runner.log", "wb"))
+    runner = {r["custom_id"]: r["response"]["body"] for r in read_jsonl(runner_out)}
+    return {"batchd": {k: v["response"]["body"] for k, v in ours.items()}, "errors": errors,
+            "server": served, "run_batch": runner}
+
+
+# Lines only batchd runs: its per-line refusals.
+EXTRA = [
+    {"custom_id": "unknown-field", "method": "POST", "url": CHAT,
+     "body": {"messages": USER, "frobnicate": True}},
+    {"custom_id": "remote-image", "method": "POST", "url": CHAT, "body": {"messages": [
+        {"role": "user", "content": [
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}},
+    {"custom_id": "responses-unknown", "method": "POST", "url": RESP,
+     "body": {"input": "hi", "max_tokens": 3}},
+]
+
+
+@pytest.mark.parametrize("custom_id", [line[0] for line in LINES])
+def test_body_equals_vllm_server(answers, custom_id):
+    assert custom_id in answers["batchd"], answers["errors"].get(custom_id)
+    assert comparable(answers["batchd"][custom_id]) == comparable(answers["server"][custom_id])
+
+
+@pytest.mark.parametrize("custom_id", [line[0] for line in LINES if line[1] == CHAT])
+def test_chat_body_equals_vllm_batch_runner(answers, custom_id):
+    assert comparable(answers["batchd"][custom_id]) == comparable(answers["run_batch"][custom_id])
+
+
+def test_features_are_in_the_bodies(answers):
+    ours = answers["batchd"]
+    first = ours["logprobs"]["choices"][0]
+    assert len(first["logprobs"]["content"][0]["top_logprobs"]) == 2
+    assert len(ours["n-seed-stop"]["choices"]) == 2
+    for name in ("tools-required", "tools-named"):
+        calls = ours[name]["choices"][0]["message"]["tool_calls"]
+        assert calls and calls[0]["function"]["name"] == "get_weather"
+        assert "city" in json.loads(calls[0]["function"]["arguments"])
+    parsed = json.loads(ours["json-schema"]["choices"][0]["message"]["content"])
+    assert set(parsed) == {"answer", "sure"}
+    message = ours["reasoning"]["choices"][0]["message"]
+    assert (message.get("reasoning") or message.get("reasoning_content")) == "plan"
+    assert message["content"] == "answer"
+    assert ours["thinking-off"]["usage"]["completion_tokens"] == 4
+    assert ours["thinking-off"]["prompt_logprobs"]
+    echo = ours["echo"]["choices"][0]
+    assert echo["text"].startswith("The quick brown fox") and echo["logprobs"]["top_logprobs"]
+    assert ours["responses"]["object"] == "response"
+    assert all(body["model"] == MODEL for body in ours.values())
+
+
+def test_refused_fields_are_line_errors_naming_the_field(answers):
+    errors = {k: v["response"]["body"]["error"] for k, v in answers["errors"].items()}
+    assert errors["unknown-field"]["param"] == "frobnicate"
+    assert errors["remote-image"]["param"] == "messages.0.content.1.image_url.url"
+    assert errors["responses-unknown"]["param"] == "max_tokens"
+    assert all(e["code"] == "invalid_request" for e in errors.values())
+    assert set(errors) == {"unknown-field", "remote-image", "responses-unknown"}
