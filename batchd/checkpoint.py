@@ -115,7 +115,7 @@ class Checkpoint:
         """
         self.sync()
         offsets = array("q")
-        for end, record, start in _records(self.path, with_start=True):
+        for _end, record, start in _records(self.path, with_start=True):
             line = record["line"]
             if line >= len(offsets):
                 offsets.extend([-1] * (line + 1 - len(offsets)))

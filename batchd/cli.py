@@ -229,8 +229,9 @@ def _check_profiles(settings: Settings, profiles: ProfileSet, name: str | None,
         vram = parse_size(vram_text)
     except FitError as exc:
         raise UsageError(str(exc)) from None
-    chosen = [profiles.lookup(name)] if name else list(profiles.profiles.values())
-    if None in chosen:
+    found = [profiles.lookup(name)] if name else list(profiles.profiles.values())
+    chosen = [p for p in found if p is not None]
+    if len(chosen) < len(found):
         raise UsageError(f"unknown profile {name!r}; known: {profiles.known()}")
     print(f"{'PROFILE':14} {'WEIGHTS':>8} {'BUDGET':>7} {'KV CACHE':>9} {'KV/TOKEN':>9} "
           f"{'MAX LEN':>8} {'FULL SEQS':>9}  FITS {vram / 1024**3:g} GiB")

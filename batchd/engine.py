@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Generator, Iterable, Protocol
 
 import structlog
 
@@ -41,7 +41,7 @@ class Engine(Protocol):
 
     def stream(
         self, requests: Iterable[Request], sampling: dict[str, Any], window: int
-    ) -> Iterator[list[Answer]]:
+    ) -> Generator[list[Answer], None, None]:
         """Answers as they finish, one list per engine step (possibly empty)."""
         ...
 
@@ -72,7 +72,7 @@ class FakeEngine:
         self.closed = False
 
     def stream(self, requests: Iterable[Request], sampling: dict[str, Any], window: int
-               ) -> Iterator[list[Answer]]:
+               ) -> Generator[list[Answer], None, None]:
         source = iter(requests)
         pending: list[Request] = []
         exhausted = False
@@ -110,7 +110,7 @@ class FakeEngine:
         if request.url == CHAT:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "finish_reason": "length", "logprobs": None}
-            obj = {"id": f"chatcmpl-{rid}", "object": "chat.completion"}
+            obj: dict[str, Any] = {"id": f"chatcmpl-{rid}", "object": "chat.completion"}
         else:
             assert request.url == COMPLETIONS
             choice = {"index": 0, "text": text, "finish_reason": "length", "logprobs": None}

@@ -40,7 +40,7 @@ from collections import deque
 from itertools import islice
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Generator, Iterable, Iterator
 
 import structlog
 
@@ -68,6 +68,7 @@ class HostedEngine:
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         theirs.close()
+        assert self.proc.stdout is not None
         self.output = Output(self.proc.stdout)
         self.conn = Connection(ours.detach())
         try:
@@ -97,7 +98,7 @@ class HostedEngine:
             raise EngineDead(f"engine process lost: {exc or type(exc).__name__}") from None
 
     def stream(self, requests: Iterable[Request], sampling: dict[str, Any], window: int
-               ) -> Iterator[list[Answer]]:
+               ) -> Generator[list[Answer], None, None]:
         source = iter(requests)
         inflight: dict[int, Request] = {}  # line -> request, sent and not answered
         over = False
@@ -205,7 +206,7 @@ def kill_recorded(pidfile: Path) -> list[int]:
     its start time matches the record, so a reused pid is safe."""
     import psutil
 
-    killed = []
+    killed: list[int] = []
     try:
         lines = pidfile.read_text().split("\n")
     except FileNotFoundError:

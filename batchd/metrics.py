@@ -32,7 +32,7 @@ class Metrics:
         self.running = 0
         self.throughput = 0.0
         self.requests_per_s = 0.0
-        self.loaded: tuple[str, str] | None = None
+        self.loaded: tuple[str, str | None] | None = None
         self.load_seconds: dict[str, float] = {}
         self.last_claim = 0.0
 

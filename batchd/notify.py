@@ -29,7 +29,7 @@ class Notifier:
 
     def send(self, **fields: object) -> None:
         """Send ``KEY=value`` lines, e.g. ``send(READY=1, STATUS="idle")``."""
-        if self._sock is None:
+        if self._sock is None or self.address is None:
             return
         message = "\n".join(f"{key}={value}" for key, value in fields.items()
                              if value is not None)

@@ -32,6 +32,7 @@ ENGINE_KEYS = frozenset(
     served_model_name enable_lora max_lora_rank max_loras override_pooler_config
     pooler_config disable_log_stats num_gpu_blocks_override speculative_config
     calculate_kv_scales rope_scaling rope_theta model_impl async_scheduling
+    structured_outputs_config logprobs_mode mm_processor_cache_gb
     """.split()
 )
 

@@ -123,7 +123,7 @@ def hint(path: Path, sidecar: Path, profiles: ProfileSet, default: str) -> str |
         with open_regular(path) as stream:
             first = stream.readline(1 << 16)
         line = json.loads(first) if first.strip() else {}
-        body = line.get("body") if isinstance(line.get("body"), dict) else {}
+        body = line["body"] if isinstance(line.get("body"), dict) else {}
         model = line.get("model") or body.get("model")
         profile = profiles.lookup(model) if isinstance(model, str) else None
         if profile is not None:

@@ -182,6 +182,7 @@ class Runner:
                         if answer.error is not None:
                             ckpt.add(answer.request.line, "error", error_line(answer.error))
                         else:
+                            assert answer.body is not None  # an answer is one or the other
                             ckpt.add(answer.request.line, "result",
                                      result_line(answer.request, answer.body))
                             if first_result is None:
@@ -207,7 +208,8 @@ class Runner:
                 bound.error("engine_died", error=str(exc), deaths=deaths)
                 self.pool.discard()  # its process is gone; never reuse it
                 if self.stop.is_set():
-                    return self._interrupted(job, ckpt, bound)  # no new engine while stopping
+                    self._interrupted(job, ckpt, bound)  # no new engine while stopping
+                    return None
                 if deaths >= self.settings.engine.max_engine_failures:
                     return self._fail_rest(job, ckpt, queued_s, load_s, gen_s, first_result,
                                            "engine_error", f"the engine died {deaths} times "
@@ -217,7 +219,8 @@ class Runner:
                 stream.close()  # aborts whatever is still in flight
             gen_s += time.monotonic() - started
             if outcome == "stop":
-                return self._interrupted(job, ckpt, bound)
+                self._interrupted(job, ckpt, bound)
+                return None
             if outcome == "cancel":
                 return self._finish_cancelled(job, ckpt, queued_s, load_s, gen_s, first_result)
             return self._publish(job, ckpt, JobState.COMPLETED, queued_s, load_s, gen_s,

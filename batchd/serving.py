@@ -20,7 +20,7 @@ import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from .lines import (CHAT, COMPLETIONS, EMBEDDINGS, RERANK_URLS, RESPONSES, SCORE_URLS,
                     LineError, Request)
@@ -90,7 +90,7 @@ def server_args(profile: Profile, models_dir: Path) -> Any:
                              "engine argument of this vLLM release")
         current = getattr(args, key, None)
         if isinstance(value, dict) and dataclasses.is_dataclass(current):
-            value = type(current)(**value)  # what the parser makes of the JSON flag
+            value = cast(Any, type(current))(**value)  # what the parser makes of the JSON flag
         setattr(args, key, value)
     return args
 
@@ -111,7 +111,11 @@ class Serving:
         build_client = _first(_LAUNCH, "build_async_engine_client")
         init_app_state = _first(("vllm.entrypoints.launchers.api_server.app_state",
                                  *_LAUNCH), "init_app_state")
-        usage = _first(("vllm.usage.usage_lib",), "UsageContext").OPENAI_BATCH_RUNNER
+        # vLLM sizes its default batch (max_num_seqs, max_num_batched_tokens) by
+        # usage context; a batch spool wants vllm.LLM's offline defaults (on the
+        # CPU build 256 sequences and 4096 tokens, against 128 and 2048 for the
+        # batch runner). A profile's own values win.
+        usage = _first(("vllm.usage.usage_lib",), "UsageContext").LLM_CLASS
         self.client = await self._stack.enter_async_context(
             build_client(self.args, usage_context=usage))
         tasks = await self.client.get_supported_tasks()
@@ -148,8 +152,8 @@ class Serving:
             response = await endpoint.call(parsed)
         except Exception as exc:  # the server turns these into its ErrorResponse too
             response = _first(("vllm.entrypoints.serve.exception_handling.error_response",
-                               "vllm.entrypoints.serve", "vllm.entrypoints.utils"),
-                              "create_error_response")(exc)
+                               "vllm.entrypoints.serve.utils.error_response",
+                               "vllm.entrypoints.serve"), "create_error_response")(exc)
         return _outcome(request, response)
 
     async def close(self) -> None:
@@ -176,7 +180,7 @@ def _endpoints(state: Any) -> dict[str, Endpoint]:
         return None
 
     old = "vllm.entrypoints.openai.protocol"
-    table = [
+    table: list[tuple[str, tuple[str, ...], str, Callable | None, bool]] = [
         (CHAT, ("vllm.entrypoints.openai.chat_completion.protocol", old),
          "ChatCompletionRequest", serving(("openai_serving_chat", "create_chat_completion")),
          True),
@@ -223,7 +227,7 @@ def _union_members(tp: Any) -> list[type]:
     return [a for a in args if isinstance(a, type)] or [tp]
 
 
-def _field_names(model: type) -> frozenset[str]:
+def _field_names(model: Any) -> frozenset[str]:
     names = set()
     for name, info in model.model_fields.items():
         names.add(name)

@@ -12,12 +12,13 @@ its own per loaded model.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Generator, Iterable
 
 from .engine import Answer, EngineDead
 from .lines import Request
@@ -48,25 +49,37 @@ class VllmEngine:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def stream(self, requests: Iterable[Request], sampling: dict[str, Any], window: int
-               ) -> Iterator[list[Answer]]:
+               ) -> Generator[list[Answer], None, None]:
         """Answers as they finish; closing the generator cancels what is in flight
         (cancelling a serving call aborts its request in the engine)."""
-        done: queue.SimpleQueue[tuple[Request, Any]] = queue.SimpleQueue()
+        done: queue.SimpleQueue[list[tuple[Request, asyncio.Task]]] = queue.SimpleQueue()
         tasks: dict[int, asyncio.Task] = {}  # touched only on the loop's thread
+        finished: list[tuple[Request, asyncio.Task]] = []  # likewise
         source = iter(requests)
         inflight = 0
         exhausted = False
+        # Refill when a quarter of the window is free, not after every answer:
+        # each hand-over wakes the loop's thread, and on a small machine those
+        # wake-ups take CPU from vLLM's engine core.
+        low = window - max(1, window // 4)
 
         def submit(batch: list[Request]) -> None:  # runs on the loop
             for request in batch:
                 task = self.loop.create_task(self.serving.answer(request, sampling))
                 tasks[request.line] = task
-                task.add_done_callback(lambda t, r=request: finished(r, t))
+                task.add_done_callback(functools.partial(finish, request))
 
-        def finished(request: Request, task: asyncio.Task) -> None:  # runs on the loop
+        def finish(request: Request, task: asyncio.Task) -> None:  # runs on the loop
             tasks.pop(request.line, None)
-            if not task.cancelled():
-                done.put((request, task))
+            if task.cancelled():
+                return
+            if not finished:  # one hand-over for all that finish in this loop pass
+                self.loop.call_soon(flush)
+            finished.append((request, task))
+
+        def flush() -> None:  # runs on the loop
+            done.put(finished[:])
+            finished.clear()
 
         def cancel_all() -> None:  # runs on the loop
             for task in list(tasks.values()):
@@ -75,27 +88,28 @@ class VllmEngine:
         try:
             while True:
                 batch: list[Request] = []
-                while not exhausted and inflight + len(batch) < window:
-                    request = next(source, None)
-                    if request is None:
-                        exhausted = True
-                    else:
-                        batch.append(request)
+                if inflight <= low:
+                    while not exhausted and inflight + len(batch) < window:
+                        request = next(source, None)
+                        if request is None:
+                            exhausted = True
+                        else:
+                            batch.append(request)
                 if batch:
                     inflight += len(batch)
                     self.loop.call_soon_threadsafe(submit, batch)
                 if not inflight:
                     return
                 try:
-                    ready = [done.get(timeout=QUIET_SECONDS)]
+                    ready = done.get(timeout=QUIET_SECONDS)
                 except queue.Empty:
                     if self.serving.dead:
-                        raise EngineDead(f"vLLM's engine died: {self._dead_error()}")
+                        raise EngineDead(f"vLLM's engine died: {self._dead_error()}") from None
                     yield []
                     continue
                 while True:
                     try:
-                        ready.append(done.get_nowait())
+                        ready += done.get_nowait()
                     except queue.Empty:
                         break
                 inflight -= len(ready)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 from pathlib import Path
 
 import structlog
@@ -75,7 +76,7 @@ class Watcher:
         self.wake = threading.Event()
         self._renamed: set[str] = set()
         self._lock = threading.Lock()
-        self._observer = None
+        self._observer: Any = None  # a watchdog observer while watching
 
     def renamed_in(self, name: str) -> None:
         with self._lock:

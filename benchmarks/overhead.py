@@ -4,7 +4,8 @@ The peer is `vllm.LLM.chat` on the whole list in one process (the fastest way
 vLLM offers). batchd is a warm daemon: a file is renamed into its inbox and
 timed to its final status line (end to end), and its bench record gives the
 generation time. Both are loaded at once and their repeats alternate, so the
-drift of a shared machine falls on both sides alike. Same model, same engine arguments, same sampling (greedy,
+drift of a shared machine falls on both sides alike. Same model, same engine
+arguments, same sampling (greedy,
 fixed output length with ignore_eos, or natural stops). Reported: the ratio
 of medians, batchd / raw, for generation and end-to-end time.
 """

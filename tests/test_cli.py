@@ -126,9 +126,11 @@ def test_profiles_check_fit_table():
                  "qwen3-8b", "olmo2-1b", "smollm2-135m"):
         line = next(l for l in out.stdout.splitlines() if l.startswith(name + " "))
         assert line.endswith("yes"), line
-    small = batchd("profiles", "check", "qwen3-8b", "--vram", "8GiB", config=ROOT / "config.toml")
+    small = batchd("profiles", "check", "qwen3-8b", "--vram", "8GiB",
+                   config=ROOT / "config.toml")
     assert small.returncode == 1 and small.stdout.strip().endswith("NO")
-    assert batchd("profiles", "check", "--vram", "lots", config=ROOT / "config.toml").returncode == 2
+    lots = batchd("profiles", "check", "--vram", "lots", config=ROOT / "config.toml")
+    assert lots.returncode == 2
 
 
 def test_status_follow_until_the_job_ends(spool_config, tmp_path, daemons):

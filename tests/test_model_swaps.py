@@ -61,7 +61,7 @@ def test_six_swaps_free_memory_and_idle_unload_ends_the_engine(
                 {"custom_id": f"a{i}", "messages": [{"role": "user", "content": "Hi"}],
                  "max_tokens": 4},
                 {"custom_id": f"b{i}", "prompt": "The sky is", "max_tokens": 4}])
-            assert wait_for(lambda: final_state(outbox, job), 600,
+            assert wait_for(lambda job=job: final_state(outbox, job), 600,
                             what=f"{job}") == "completed", daemon.log.read_text()[-3000:]
             assert len(read_jsonl(outbox / f"{job}.results.jsonl")) == 2
             me, children = tree(daemon.proc.pid)

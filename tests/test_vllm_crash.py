@@ -113,7 +113,7 @@ def test_poison_job_fails_after_repeated_engine_deaths_and_the_queue_moves_on(
     daemon = daemons(config)
     grown = 5_000
     for find in (engine_cores, engine_hosts):
-        wait_for(lambda: ckpt_size(spool) > grown, 300, what="progress before a kill")
+        wait_for(lambda grown=grown: ckpt_size(spool) > grown, 300, what="progress before a kill")
         victims = find(daemon.proc)
         assert victims, [p.cmdline() for p in children(daemon.proc)]
         for victim in victims:
