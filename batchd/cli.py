@@ -133,16 +133,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _copy_in(data, inbox: Path, name: str) -> None:
     """Write under a hidden name (never eligible), fsync, rename into place."""
-    tmp = inbox / f".{name}.{os.getpid()}.part"
-    with open(tmp, "wb") as out:
-        if isinstance(data, bytes):
-            out.write(data)
-        else:
-            while chunk := data.read(1 << 20):
-                out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    os.rename(tmp, inbox / name)
+    from functools import partial
+
+    from .outbox import write_atomic
+
+    chunks = [data] if isinstance(data, bytes) else iter(partial(data.read, 1 << 20), b"")
+    write_atomic(inbox / name, chunks)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

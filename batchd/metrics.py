@@ -7,7 +7,6 @@ since it started, as Prometheus expects of a process's counters.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -97,9 +96,9 @@ class Metrics:
     def write(self) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        from .outbox import write_atomic
+
         try:
-            tmp.write_text(self.render())
-            os.replace(tmp, self.path)
+            write_atomic(self.path, [self.render().encode()])
         except OSError:
             pass  # metrics must never stop the daemon

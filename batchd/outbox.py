@@ -122,8 +122,11 @@ def error_line(error: LineError) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write PATH so that readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write PATH so that readers see the old file or the whole new one: CHUNKS
+    stream into a hidden temp name in the same folder (ours alone: it carries
+    the pid), which is fsynced, renamed into place, and the folder fsynced.
+    Every file batchd publishes goes through here."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as stream:
         for chunk in chunks:
             stream.write(chunk)

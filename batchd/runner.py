@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+from functools import partial
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -364,9 +364,8 @@ class Runner:
         try:
             os.link(job.input, target, follow_symlinks=False)
         except OSError:
-            tmp = target.with_name(f".{target.name}.tmp")
-            shutil.copyfile(job.input, tmp, follow_symlinks=False)
-            os.replace(tmp, target)
+            with open_regular(job.input) as source:
+                write_atomic(target, iter(partial(source.read, 1 << 20), b""))
 
     def _cleanup(self, job: Job, final: JobState, rejected: bool | None = None) -> JobState:
         """After the final status line: the input leaves work/, the checkpoint goes."""

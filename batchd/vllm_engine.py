@@ -28,10 +28,11 @@ QUIET_SECONDS = 0.1  # an empty list comes back this often when nothing finished
 
 
 class VllmEngine:
-    def __init__(self, profile: Profile, models_dir: Path):
-        os.environ.update(profile.environment)
-        from .serving import Serving  # imports vLLM: not at module import
+    """The runner's engine over vLLM's serving layer (``serving`` may be given:
+    anything with ``async answer(request, sampling)``, ``dead``, ``client`` and
+    ``async close()``, as the bridge's own tests do without vLLM)."""
 
+    def __init__(self, profile: Profile, models_dir: Path, serving: Any = None):
         self.profile = profile
         started = time.monotonic()
         self.loop = asyncio.new_event_loop()
@@ -39,10 +40,15 @@ class VllmEngine:
                                         name="batchd-serving")
         self._thread.start()
         try:
-            self.serving = self._call(Serving(profile, models_dir).open())
+            if serving is None:
+                os.environ.update(profile.environment)
+                from .serving import Serving  # imports vLLM: not at module import
+
+                serving = self._call(Serving(profile, models_dir).open())
         except BaseException:
             self.loop.call_soon_threadsafe(self.loop.stop)
             raise
+        self.serving = serving
         self.load_seconds = time.monotonic() - started
 
     def _call(self, coro: Any) -> Any:

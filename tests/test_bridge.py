@@ -1,0 +1,103 @@
+"""The bridge from the runner's synchronous stream() to an async serving layer,
+with a fake serving object in place of vLLM's (the real one runs in
+test_fidelity.py and the daemon tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from batchd.engine import EngineDead
+from batchd.lines import CHAT, LineError, Request
+from batchd.profiles import Profile
+from batchd.vllm_engine import VllmEngine
+
+
+class FakeServing:
+    def __init__(self, fail_at: int | None = None):
+        self.running = 0
+        self.peak = 0
+        self.started: list[int] = []
+        self.cancelled = 0
+        self.dead = False
+        self.client = None
+        self.fail_at = fail_at
+
+    async def answer(self, request, sampling):
+        self.started.append(request.line)
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await asyncio.sleep(random.uniform(0, 0.003))
+            if request.line == self.fail_at:
+                self.dead = True
+                return None, LineError(request.line, request.custom_id, "engine_error",
+                                       "engine core gone", None, 500, "server_error")
+            if request.line % 7 == 0:
+                return None, LineError(request.line, request.custom_id, "invalid_request",
+                                       "bad", "x")
+            return {"line": request.line, **sampling}, None
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.running -= 1
+
+    async def close(self):
+        pass
+
+
+def requests(n):
+    return [Request(i, f"r{i}", CHAT, {"messages": []}) for i in range(1, n + 1)]
+
+
+@pytest.fixture
+def engine():
+    made = []
+
+    def make(serving):
+        made.append(VllmEngine(Profile(model="m", name="p"), None, serving=serving))
+        return made[-1]
+
+    yield make
+    for e in made:
+        e.close()
+
+
+@pytest.mark.parametrize("window", [1, 3, 64])
+def test_every_request_answered_once_within_the_window(engine, window):
+    serving = FakeServing()
+    answers = [a for batch in engine(serving).stream(requests(500), {"seed": 1}, window)
+               for a in batch]
+    assert sorted(a.request.line for a in answers) == list(range(1, 501))
+    assert serving.peak <= window
+    errors = {a.request.line for a in answers if a.error is not None}
+    assert errors == {i for i in range(1, 501) if i % 7 == 0}
+    assert all(a.body == {"line": a.request.line, "seed": 1} for a in answers if a.body)
+
+
+def test_closing_the_stream_cancels_what_is_in_flight(engine):
+    serving = FakeServing()
+    e = engine(serving)
+    stream = e.stream(requests(1000), {}, 50)
+    got = 0
+    for batch in stream:
+        got += len(batch)
+        if got >= 100:
+            break
+    stream.close()
+    e._call(asyncio.sleep(0.05))  # let the cancellations run on the loop
+    assert serving.running == 0
+    assert serving.cancelled > 0
+    assert len(serving.started) < 1000  # the rest never reached the serving layer
+
+
+def test_a_server_error_from_a_dead_engine_is_engine_death_not_a_line_error(engine):
+    serving = FakeServing(fail_at=40)
+    seen = []
+    with pytest.raises(EngineDead):
+        for batch in engine(serving).stream(requests(200), {}, 16):
+            seen += [a.request.line for a in batch]
+    assert 40 not in seen
