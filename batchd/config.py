@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 SEARCH_PATH = (Path("config.toml"), Path("/etc/batchd/config.toml"))
@@ -46,8 +46,9 @@ class RoutingConfig(_Section):
 
 
 class LimitsConfig(_Section):
-    max_file_bytes: int = Field(10 * 1024**3, gt=0)
-    max_line_bytes: int = Field(8 * 1024**2, gt=0)
+    # Sizes take a number of bytes or a string such as "10GiB" (pydantic's ByteSize).
+    max_file_bytes: ByteSize = Field(ByteSize(10 * 1024**3), gt=0)
+    max_line_bytes: ByteSize = Field(ByteSize(8 * 1024**2), gt=0)
     max_requests: int = Field(1_000_000, gt=0)
 
 

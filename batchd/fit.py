@@ -13,9 +13,10 @@ local model folder.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import ByteSize, TypeAdapter, ValidationError
 
 from .profiles import Profile
 
@@ -29,13 +30,12 @@ class FitError(ValueError):
 
 
 def parse_size(text: str) -> int:
-    """'16GiB', '16 GB', '24g' -> bytes."""
-    match = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?)b?\s*", text.lower())
-    if not match:
-        raise FitError(f"not a size: {text!r} (try 16GiB)")
-    number, unit, binary = match.groups()
-    power = " kmgt".index(unit or " ")
-    return int(float(number) * (1024 if binary or not unit else 1000) ** power)
+    """'16GiB', '16 GB', '24g' -> bytes (pydantic's ByteSize: KiB/MiB/GiB are
+    binary, k/KB/g/GB decimal), as config sizes are read."""
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        raise FitError(f"not a size: {text!r} (try 16GiB)") from None
 
 
 @dataclass

@@ -37,15 +37,23 @@ def children(proc):
     return psutil.Process(proc.pid).children(recursive=True)
 
 
+def command(p) -> str:
+    """A process's name and command line; "" for one that has just exited (vLLM's
+    short-lived helpers come and go while the tree is listed)."""
+    try:
+        return p.name() + " " + " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def engine_cores(proc):
     """vLLM's EngineCore processes under a daemon (inside its engine process)."""
-    return [p for p in children(proc) if "EngineCore" in p.name()
-            or "EngineCore" in " ".join(p.cmdline())]
+    return [p for p in children(proc) if "EngineCore" in command(p)]
 
 
 def engine_hosts(proc):
     """The daemon's engine process (python -m batchd.enginehost)."""
-    return [p for p in children(proc) if "batchd.enginehost" in p.cmdline()]
+    return [p for p in children(proc) if "batchd.enginehost" in command(p)]
 
 
 def check_exactly_once(outbox):
@@ -115,7 +123,7 @@ def test_poison_job_fails_after_repeated_engine_deaths_and_the_queue_moves_on(
     for find in (engine_cores, engine_hosts):
         wait_for(lambda grown=grown: ckpt_size(spool) > grown, 300, what="progress before a kill")
         victims = find(daemon.proc)
-        assert victims, [p.cmdline() for p in children(daemon.proc)]
+        assert victims, [command(p) for p in children(daemon.proc)]
         for victim in victims:
             victim.kill()
         psutil.wait_procs(victims, timeout=30)
