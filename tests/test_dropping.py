@@ -57,6 +57,7 @@ def test_rsync_into_a_running_daemon(running, tmp_path, flags):
                    for e in running.logs())
 
 
+@pytest.mark.slow  # a writer that takes seconds, on purpose
 def test_slow_in_place_writer(running, tmp_path):
     """Pauses longer than a poll interval, shorter than the settle time."""
     src = tmp_path / "slow.jsonl"
@@ -70,6 +71,7 @@ def test_slow_in_place_writer(running, tmp_path):
     claimed_once_complete(running.spool, "slow", digest, 3000)
 
 
+@pytest.mark.slow  # waits out the settle time, on purpose
 def test_zero_byte_file_that_grows(running, tmp_path):
     target = running.spool / "inbox" / "grows.jsonl"
     target.touch()
@@ -80,6 +82,7 @@ def test_zero_byte_file_that_grows(running, tmp_path):
     claimed_once_complete(running.spool, "grows", digest, 500)
 
 
+@pytest.mark.slow  # a writer that takes seconds, on purpose
 def test_preallocated_file_written_in_place(running, tmp_path):
     """Windows Explorer sets the final size first, then fills the bytes in."""
     src = tmp_path / "prealloc.jsonl"

@@ -223,6 +223,7 @@ def test_a_100_mb_line_is_one_error_in_bounded_memory(daemon, settings):
     assert len(read_jsonl(settings.outbox / "huge.results.jsonl")) == 2
 
 
+@pytest.mark.slow  # writes and reads 1,000,001 lines: about 85 s
 def test_a_file_over_max_requests_is_refused_whole(spool_config, tmp_path):
     from batchd.config import load_settings
     from batchd.daemon import Daemon
