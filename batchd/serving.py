@@ -122,6 +122,11 @@ class Serving:
         state = State()
         await init_app_state(self.client, state, self.args, tasks)
         self.endpoints = _endpoints(state)
+        # Looked up once here, not on every failing request.
+        self._error_response = _first(
+            ("vllm.entrypoints.serve.exception_handling.error_response",
+             "vllm.entrypoints.serve.utils.error_response", "vllm.entrypoints.serve"),
+            "create_error_response")
         return self
 
     @property
@@ -151,9 +156,7 @@ class Serving:
         try:
             response = await endpoint.call(parsed)
         except Exception as exc:  # the server turns these into its ErrorResponse too
-            response = _first(("vllm.entrypoints.serve.exception_handling.error_response",
-                               "vllm.entrypoints.serve.utils.error_response",
-                               "vllm.entrypoints.serve"), "create_error_response")(exc)
+            response = self._error_response(exc)
         return _outcome(request, response)
 
     async def close(self) -> None:
@@ -242,7 +245,7 @@ def _outcome(request: Request, response: Any) -> tuple[dict[str, Any] | None, Li
     """The server's answer as a body or a line error."""
     if hasattr(response, "body") and hasattr(response, "status_code"):  # a starlette Response
         payload = json.loads(bytes(response.body))
-        if response.status_code >= 400 or "error" in payload and len(payload) == 1:
+        if response.status_code >= 400 or set(payload) == {"error"}:
             return None, _server_error(request, payload.get("error") or {}, response.status_code)
         return payload, None
     if hasattr(response, "model_dump"):

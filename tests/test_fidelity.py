@@ -22,7 +22,7 @@ import urllib.request
 
 import pytest
 
-from conftest import DaemonProcess, drop, final_state, read_jsonl, wait_for
+from conftest import BENCH_TINY, DaemonProcess, drop, final_state, read_jsonl, wait_for
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -35,18 +35,10 @@ SERVER_FLAGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager
                 "--tool-call-parser", "hermes", "--enable-auto-tool-choice",
                 "--reasoning-parser", "qwen3",
                 "--structured-outputs-config", '{"enable_in_reasoning": true}']
-PROFILE = f"""
-model = "{MODEL}"
-recipe = "tiny-llama"
-[environment]
-VLLM_CPU_KVCACHE_SPACE = "1"
-[engine]
-dtype = "float32"
-max_model_len = 512
-enforce_eager = true
-max_num_seqs = 256
+# The tests' tiny profile (its [engine] table last), with the same options added.
+PROFILE = BENCH_TINY + """max_num_seqs = 256
 max_num_batched_tokens = 4096
-structured_outputs_config = {{ enable_in_reasoning = true }}
+structured_outputs_config = { enable_in_reasoning = true }
 [chat]
 tool_call_parser = "hermes"
 enable_auto_tool_choice = true
