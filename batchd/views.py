@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -146,20 +147,18 @@ def bench_report(outbox: Path, plot: str | None = None) -> int:
                       f"{g['completion'] / gen:.1f}", f"{g['requests'] / gen:.2f}",
                       f"{g['load']:.1f}", where[:40])
     Console().print(table)
-    if plot:
-        _plot(groups, plot)
-    return 0
+    return _plot(groups, plot) if plot else 0
 
 
-def _plot(groups: dict[str, dict[str, Any]], path: str) -> None:
+def _plot(groups: dict[str, dict[str, Any]], path: str) -> int:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("batchd: --plot needs matplotlib (pip install matplotlib)")
-        return
+        print("batchd: --plot needs matplotlib (pip install 'batchd[plot]')", file=sys.stderr)
+        return 1
     names = sorted(groups)
     rates = [groups[n]["completion"] / groups[n]["gen"] if groups[n]["gen"] else 0
              for n in names]
@@ -170,3 +169,4 @@ def _plot(groups: dict[str, dict[str, Any]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     print(f"plot written to {path}")
+    return 0
