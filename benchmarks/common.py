@@ -42,10 +42,12 @@ def summary(values: list[float]) -> dict:
             "runs": values}
 
 
-def write_record(scenario: str, record: dict) -> Path:
+def write_record(scenario: str, record: dict, path: Path | None = None) -> Path:
+    """Write RESULTS/SCENARIO-STAMP.json (or rewrite PATH, for a scenario that
+    saves what it has after each part)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS / f"{scenario}-{stamp}.json"
+    path = path or RESULTS / f"{scenario}-{stamp}.json"
     record = {"scenario": scenario, "at": stamp, "machine": machine(), **record}
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path

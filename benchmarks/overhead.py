@@ -37,21 +37,33 @@ MODELS_RUN = {
 class Raw:
     """The peer: a warm `vllm.LLM` process that runs one repeat per request."""
 
-    def __init__(self, model: str, n: int, max_tokens: int, natural: bool):
-        folder, engine, _ = MODELS_RUN[model]
-        cmd = [sys.executable, "-m", "benchmarks.raw_vllm", "--model", str(MODELS / folder),
-               "--n", str(n), "--max-tokens", str(max_tokens),
-               "--engine", json.dumps(engine)] + (["--natural"] if natural else [])
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    def __init__(self, args: list[str], env: dict[str, str] | None = None):
+        """Start the peer with these `benchmarks.raw_vllm` arguments; `ready()` waits
+        for its load, so a caller can load something else meanwhile."""
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+               **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.raw_vllm", *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, env=env,
                                      cwd=Path(__file__).resolve().parent.parent)
+
+    @classmethod
+    def for_model(cls, model: str, n: int, max_tokens: int, natural: bool) -> Raw:
+        folder, engine, _ = MODELS_RUN[model]
+        raw = cls(["--model", str(MODELS / folder), "--n", str(n),
+                   "--max-tokens", str(max_tokens), "--engine", json.dumps(engine)]
+                  + (["--natural"] if natural else []))
+        return raw.ready()
+
+    def ready(self) -> Raw:
         while self.proc.stdout.readline().strip() != "ready":
             if self.proc.poll() is not None:
                 raise RuntimeError("the raw vLLM peer exited while loading")
+        return self
 
-    def once(self) -> dict:
-        self.proc.stdin.write("run\n")
+    def once(self, requests: Path | None = None) -> dict:
+        """One timed repeat (of the REQUESTS file, from now on, when given)."""
+        self.proc.stdin.write(f"{requests or 'run'}\n")
         self.proc.stdin.flush()
         while not (line := self.proc.stdout.readline()).startswith("{"):
             if not line:
@@ -111,7 +123,7 @@ def interleaved(model: str, n: int, max_tokens: int, repeats: int, natural: bool
     batchd first on odd ones), so machine drift hits both alike."""
     raw_runs, ours = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        raw = Raw(model, n, max_tokens, natural)
+        raw = Raw.for_model(model, n, max_tokens, natural)
         try:
             batchd = Batchd(model, n, max_tokens, natural, Path(tmp))
             try:

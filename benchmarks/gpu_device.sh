@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The `gpu` scenario on a lent GPU machine (no network, 64 MiB per call, warm
+# for 30 s after a call). Three steps:
+#
+#   here:      bash benchmarks/gpu_device.sh prepare
+#              -> build/gpu/: vLLM 0.26.0 for torch 2.11 in two ~59 MiB parts
+#                 (benchmarks/gpu_payload/build.sh, ~5 min), batchd's own
+#                 dependencies as py3.12 wheels, SmolLM2's tokenizer files
+#   device 1:  bash benchmarks/gpu_device.sh part0
+#              carry: build/gpu/part0, build/gpu/extra
+#   device 2:  bash benchmarks/gpu_device.sh run        (within 30 s of call 1)
+#              carry: build/gpu/part1
+#
+# The run writes the record, its logs and nvidia-smi's view to $OUT; commit
+# the record under benchmarks/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step=${1:?usage: gpu_device.sh prepare|part0|run}
+GPU=build/gpu
+case $step in
+prepare)
+  mkdir -p $GPU/part0 $GPU/part1 $GPU/extra/wheels $GPU/extra/tokenizer
+  test -f $GPU/payload/vllm026.sha256 || bash benchmarks/gpu_payload/build.sh "$PWD/$GPU/payload"
+  cp $GPU/payload/vllm026.txz.part00 $GPU/payload/vllm026.sha256 $GPU/part0/
+  cp $GPU/payload/vllm026.txz.part01 $GPU/part1/
+  # batchd's dependencies the device's image and the vLLM payload lack
+  python3 -m pip download -q --no-deps --python-version 3.12 --only-binary=:all: \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+    -d $GPU/extra/wheels pydantic-settings python-dotenv structlog tomli-w watchdog
+  cp models/smollm2-135m/{tokenizer.json,tokenizer_config.json,chat_template.jinja} \
+    $GPU/extra/tokenizer/
+  du -sh $GPU/part0 $GPU/part1 $GPU/extra ;;
+part0)
+  mkdir -p /tmp/vp /tmp/extra
+  cp $GPU/part0/* /tmp/vp/ && cp -r $GPU/extra/* /tmp/extra/
+  ls -l /tmp/vp; nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv ;;
+run)
+  cp $GPU/part1/* /tmp/vp/
+  test -d /tmp/site || {
+    cat /tmp/vp/vllm026.txz.part0[01] > /tmp/vp/all.txz
+    echo "$(cat /tmp/vp/vllm026.sha256)  /tmp/vp/all.txz" | sha256sum -c -
+    python3 -c 'import tarfile; tarfile.open("/tmp/vp/all.txz").extractall("/tmp/site")'
+    python3 -m pip install -q --no-deps --no-index --target /tmp/site /tmp/extra/wheels/*.whl
+  }
+  export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
+    HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 BATCHD_BENCH_RESULTS=${OUT:-/tmp/out} \
+    BATCHD_BENCH_TOKENIZER=/tmp/extra/tokenizer
+  nvidia-smi > "$BATCHD_BENCH_RESULTS/nvidia-smi.txt"
+  # ~45 s of unpacking went before: the parts share 480 s, the call's limit is 600
+  timeout 530 python3 -m benchmarks run gpu --repeats 3 --budget-s "${BUDGET_S:-480}" \
+    2>&1 | tee "$BATCHD_BENCH_RESULTS/gpu-run.log" ;;
+*) echo "unknown step $step" >&2; exit 2 ;;
+esac
