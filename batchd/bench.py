@@ -52,7 +52,8 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
            total: int, succeeded: int, failed: int, prompt_tokens: int,
            completion_tokens: int, queued_s: float, model_load_s: float,
            generation_s: float, total_s: float, first_result_s: float | None,
-           started_at: str, finished_at: str, state: str, resumed: bool) -> dict[str, Any]:
+           started_at: str, finished_at: str, state: str, resumed: bool,
+           order: str = "input", cached_tokens: int = 0) -> dict[str, Any]:
     """The contract's bench record (section 6)."""
     gen = generation_s if generation_s > 0 else None
     return {
@@ -71,6 +72,12 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
             if gen else 0.0,
         },
         "resumed": resumed,
+        # the order requests reached the engine, and how much of the prompts vLLM's
+        # prefix cache already held (usage.prompt_tokens_details.cached_tokens)
+        "order": order,
+        "prefix_cache": {"cached_tokens": cached_tokens,
+                         "hit_rate": round(cached_tokens / prompt_tokens, 4)
+                         if prompt_tokens else 0.0},
         "hardware": hardware(),
         "versions": versions(),
         "started_at": started_at, "finished_at": finished_at,

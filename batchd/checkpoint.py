@@ -43,6 +43,7 @@ class Tally:
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens vLLM's prefix cache already held
 
     def count(self, kind: str, out: dict[str, Any]) -> None:
         if kind == "result":
@@ -50,6 +51,8 @@ class Tally:
             usage = (out.get("response") or {}).get("body", {}).get("usage") or {}
             self.prompt_tokens += usage.get("prompt_tokens") or 0
             self.completion_tokens += usage.get("completion_tokens") or 0
+            details = usage.get("prompt_tokens_details") or {}
+            self.cached_tokens += details.get("cached_tokens") or 0
         else:
             self.failed += 1
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Settings
+from .order import PrefixOrder
 from .outbox import StatusFile, utc_now
 from .profiles import Profile
 
@@ -19,6 +20,7 @@ class Job:
     settings: Settings
     status: StatusFile = field(init=False)
     profile: Profile | None = None
+    order: PrefixOrder | None = None  # None: requests go to the engine in input order
     total: int = 0
     waited: float = 0.0  # seconds in the inbox before the claim
     started: float = field(default_factory=time.monotonic)
@@ -39,6 +41,10 @@ class Job:
     def sidecar(self) -> Path | None:
         path = self.settings.work / f"{self.name}.toml"
         return path if path.exists() or path.is_symlink() else None
+
+    @property
+    def order_name(self) -> str:
+        return "input" if self.order is None else "prefix"
 
     def out(self, suffix: str) -> Path:
         return self.settings.outbox / f"{self.name}.{suffix}"

@@ -58,6 +58,7 @@ class RawLine:
     number: int
     data: bytes | None  # None when the line was longer than the limit
     length: int = 0
+    offset: int = 0  # where the line starts in the file
 
 
 class _Lenient(BaseModel):
@@ -118,22 +119,25 @@ def read_lines(stream: BinaryIO, max_line_bytes: int) -> Iterator[RawLine]:
     with ``data=None``, so one huge line cannot exhaust memory.
     """
     number = 0
+    offset = stream.tell()
     while True:
         chunk = stream.readline(max_line_bytes + 1)
         if not chunk:
             return
         number += 1
+        start, offset = offset, offset + len(chunk)
         if len(chunk) > max_line_bytes and not chunk.endswith(b"\n"):
             length = len(chunk)
             while chunk and not chunk.endswith(b"\n"):
                 chunk = stream.readline(1 << 20)
                 length += len(chunk)
-            yield RawLine(number, None, length)
+            offset = start + length
+            yield RawLine(number, None, length, start)
             continue
-        if number == 1 and chunk.startswith(b"\xef\xbb\xbf"):
+        if number == 1 and start == 0 and chunk.startswith(b"\xef\xbb\xbf"):
             chunk = chunk[3:]  # a UTF-8 byte order mark, as Windows editors write
         if chunk.strip():
-            yield RawLine(number, chunk, len(chunk))
+            yield RawLine(number, chunk, len(chunk), start)
 
 
 def _reject_constant(name: str) -> Any:
@@ -227,9 +231,23 @@ def open_regular(path: Path) -> BinaryIO:
 
 def iter_file(path: Path, max_line_bytes: int) -> Iterator[Request | LineError]:
     """Every non-blank line of a file as a Request or LineError, streamed."""
+    for _offset, item in iter_file_at(path, max_line_bytes):
+        yield item
+
+
+def iter_file_at(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Request | LineError]]:
+    """As iter_file, with the byte offset where each line starts."""
     with open_regular(path) as stream:
         for raw in read_lines(stream, max_line_bytes):
-            yield parse_line(raw, max_line_bytes)
+            yield raw.offset, parse_line(raw, max_line_bytes)
+
+
+def read_line_at(stream: BinaryIO, offset: int, number: int, max_line_bytes: int
+                 ) -> Request | LineError:
+    """The line NUMBER that starts at OFFSET, parsed as iter_file parses it."""
+    stream.seek(offset)
+    raw = next(read_lines(stream, max_line_bytes))
+    return parse_line(RawLine(number, raw.data, raw.length, offset), max_line_bytes)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -38,6 +39,7 @@ class Sidecar(BaseModel):
     profile: str | None = Field(None, min_length=1, max_length=200)
     priority: int = Field(0, ge=-1000, le=1000)
     sampling: SamplingDefaults = Field(default_factory=dict)
+    order: Literal["prefix", "input"] | None = None  # None: the daemon's [engine] order
 
 
 def read_sidecar(path: Path | None) -> Sidecar:

@@ -22,7 +22,9 @@ from .checkpoint import Checkpoint
 from .config import Settings
 from .engine import EngineDead, EnginePool
 from .job import Job
-from .lines import Dedup, LineError, NotRegularFile, Request, iter_file, open_regular
+from .lines import (Dedup, LineError, NotRegularFile, Request, iter_file_at, open_regular,
+                    read_line_at)
+from .order import PrefixOrder
 from .outbox import (JobState, dumps_line, error_line, read_status, result_line,
                      sync_dir, utc_now, write_atomic)
 from .profiles import ProfileSet
@@ -92,9 +94,13 @@ class Runner:
             ckpt.close()
 
     def _classified(self, job: Job) -> Iterator[Request | LineError]:
+        for _offset, item in self._classified_at(job):
+            yield item
+
+    def _classified_at(self, job: Job) -> Iterator[tuple[int, Request | LineError]]:
         dedup = Dedup()
-        for item in iter_file(job.input, self.settings.limits.max_line_bytes):
-            yield dedup.check(item)
+        for offset, item in iter_file_at(job.input, self.settings.limits.max_line_bytes):
+            yield offset, dedup.check(item)
 
     def _validate(self, job: Job, ckpt: Checkpoint) -> tuple[Sidecar, ModelVote]:
         limits = self.settings.limits
@@ -112,7 +118,9 @@ class Runner:
                               f"{size} bytes is over the limit of {limits.max_file_bytes}")
         sidecar = read_sidecar(job.sidecar)
         votes = ModelVote()
-        for item in self._classified(job):
+        order = PrefixOrder() if (sidecar.order or self.settings.engine.order) == "prefix" \
+            else None
+        for offset, item in self._classified_at(job):
             job.total += 1
             if job.total > limits.max_requests:
                 raise JobRejected("too_many_requests",
@@ -121,11 +129,14 @@ class Runner:
                 ckpt.add(item.line, "error", error_line(item))
             else:
                 votes.add(item.model, item.line)
+                if order is not None and item.line not in ckpt.done:
+                    order.add(item, offset)
             if job.total % 8192 == 0 and \
                     time.monotonic() - job.status.written_at >= self.settings.status.interval:
                 job.status.write(JobState.VALIDATING, phase="validating",
                                  message=f"{job.total} lines read",
                                  **self._progress(job, ckpt, 0, 0.0))
+        job.order = order if order is not None and not order.overflow else None
         return sidecar, votes
 
     def _published(self, job: Job, st: os.stat_result) -> bool:
@@ -141,7 +152,7 @@ class Runner:
         assert job.profile is not None
         doc = {"job": job.name, "input": str(job.input), "profile": job.profile.name,
                "model": job.profile.model, "routed_by": reason, "priority": sidecar.priority,
-               "requests": job.total,
+               "requests": job.total, "order": job.order_name,
                "engine": job.profile.engine_args(self.settings.routing.models_dir),
                "sampling": {**job.profile.sampling, **sidecar.sampling},
                "chat": job.profile.chat.model_dump(exclude_none=True),
@@ -238,9 +249,7 @@ class Runner:
         """The valid, unanswered requests; one over the profile's limits gets its
         error line here and never reaches the engine."""
         assert job.profile is not None
-        for item in self._classified(job):
-            if not isinstance(item, Request) or item.line in ckpt.done:
-                continue
+        for item in self._pending(job, ckpt):
             over = job.profile.limits.violation({**sampling, **item.body}) \
                 or job.profile.media.violation(item.body)
             if over:
@@ -248,6 +257,21 @@ class Runner:
                     item.line, item.custom_id, "invalid_request", over[1], over[0])))
                 continue
             yield item
+
+    def _pending(self, job: Job, ckpt: Checkpoint) -> Iterator[Request]:
+        """The valid, unanswered requests in the job's order (batchd/order.py)."""
+        if job.order is None:
+            for item in self._classified(job):
+                if isinstance(item, Request) and item.line not in ckpt.done:
+                    yield item
+            return
+        max_line = self.settings.limits.max_line_bytes
+        with open_regular(job.input) as stream:
+            for line, offset in job.order.sequence():
+                if line not in ckpt.done:
+                    item = read_line_at(stream, offset, line, max_line)
+                    assert isinstance(item, Request)  # it was one when the order was made
+                    yield item
 
     def _progress(self, job: Job, ckpt: Checkpoint, done_now: int, seconds: float
                   ) -> dict[str, Any]:
@@ -259,7 +283,9 @@ class Runner:
             "model": job.profile.model if job.profile else None,
             "request_counts": {"total": job.total, "completed": tally.completed,
                                "failed": tally.failed},
-            "tokens": {"prompt": tally.prompt_tokens, "completion": tally.completion_tokens},
+            "tokens": {"prompt": tally.prompt_tokens, "completion": tally.completion_tokens,
+                       "cached": tally.cached_tokens},
+            "order": job.order_name,
             "throughput": {"requests_per_s": round(rate, 3),
                            "output_tokens_per_s": round(
                                tally.completion_tokens / seconds if seconds > 0 else 0.0, 3)},
@@ -334,7 +360,8 @@ class Runner:
             queued_s=queued_s, model_load_s=load_s, generation_s=gen_s,
             total_s=job.waited + time.monotonic() - job.started, first_result_s=first_result,
             started_at=job.started_at, finished_at=utc_now(), state=final.value,
-            resumed=ckpt.resumed_lines > 0)
+            resumed=ckpt.resumed_lines > 0, order=job.order_name,
+            cached_tokens=tally.cached_tokens)
         write_atomic(job.out("bench.json"), [json.dumps(record, indent=2).encode() + b"\n"])
         sync_dir(outbox)
         fields = self._progress(job, ckpt, 0, 0.0)

@@ -67,7 +67,10 @@ def server_args(profile: Profile, models_dir: Path) -> Any:
     engine_args_cls = _first(("vllm.engine.arg_utils",), "AsyncEngineArgs")
     chat, media = profile.chat, profile.media
     argv = ["--model", profile.model_location(models_dir),
-            "--served-model-name", profile.model, "--disable-log-stats"]
+            "--served-model-name", profile.model, "--disable-log-stats",
+            # usage.prompt_tokens_details.cached_tokens, as OpenAI reports it: the
+            # prefix cache's hits, summed into the bench record
+            "--enable-prompt-tokens-details"]
     if chat.tool_call_parser:
         argv += ["--tool-call-parser", chat.tool_call_parser]
     if chat.enable_auto_tool_choice:

@@ -31,6 +31,7 @@ MODEL = "batchd/tiny-llama"
 # The scheduler's batch is given explicitly: vLLM's defaults differ by entry
 # point (batchd opens vLLM with LLM's offline defaults).
 SERVER_FLAGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+                "--enable-prompt-tokens-details",  # batchd always reports cached_tokens
                 "--max-num-seqs", "256", "--max-num-batched-tokens", "4096",
                 "--tool-call-parser", "hermes", "--enable-auto-tool-choice",
                 "--reasoning-parser", "qwen3",
@@ -84,7 +85,8 @@ LINES = [
     ("responses", RESP, {"input": "What is the capital of France?", "max_output_tokens": 6,
                          **GREEDY}),
 ]
-VOLATILE = {"id", "created", "created_at", "system_fingerprint", "call_id"}
+# cached_tokens depends on what ran before on each side (the prefix cache)
+VOLATILE = {"id", "created", "created_at", "system_fingerprint", "call_id", "cached_tokens"}
 
 
 def comparable(value):

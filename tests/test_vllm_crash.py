@@ -3,6 +3,7 @@
 Crash points are chosen by the checkpoint's size, not by sleeping.
 """
 
+import json
 import signal
 
 import psutil
@@ -61,6 +62,8 @@ def check_exactly_once(outbox):
     errors = read_jsonl(outbox / "long.errors.jsonl")
     ids = [r["custom_id"] for r in results] + [e["custom_id"] for e in errors]
     assert len(ids) == N + 1
+    # published in input order, although the engine got them in prefix order
+    assert [r["custom_id"] for r in results] == [f"r{i}" for i in range(N)]
     assert sorted(ids) == sorted([f"r{i}" for i in range(N)] + ["line-8"])
     assert [e["response"]["body"]["error"]["code"] for e in errors] == ["invalid_json_line"]
     return results
@@ -76,6 +79,16 @@ def test_kill9_then_sigterm_then_finish(crash_spool, daemons):
     first.kill()  # kill -9 in the middle of generation
     assert final_state(outbox, "long") is None
     killed_at = ckpt_size(spool)
+    # The engine was fed in prefix order (every prompt differs in its first
+    # characters, so that is a hash order): what was answered is scattered over
+    # the file, not its first lines.
+    answered = []
+    for raw in (spool / "work" / "long.ckpt.jsonl").read_text().splitlines():
+        try:
+            answered.append(json.loads(raw)["line"])
+        except ValueError:
+            break  # a record torn by the kill
+    assert max(answered) > 3 * len(answered)
 
     second = daemons(config)
     # The new daemon ends the engine processes its killed predecessor left.

@@ -140,3 +140,26 @@ def test_cancel_a_running_job(served):
     unknown = subprocess.run([BATCHD, "cancel", "nosuchjob", "--config", str(served.config)],
                              capture_output=True, text=True)
     assert unknown.returncode == 1 and "no such job" in unknown.stderr
+
+
+def test_shared_prefixes_hit_vllms_prefix_cache(served):
+    """A shuffled file of three long shared prompts: fed in prefix order, and
+    vLLM's own per-request cached_tokens add up to the bench record's hit rate."""
+    import random
+    inbox, outbox = served.spool / "inbox", served.spool / "outbox"
+    heads = [f"Rubric {g}: " + "answer briefly and grade fairly. " * 8 for g in range(3)]
+    lines = [{"custom_id": f"g{g}-q{q}", "max_tokens": 2, "messages": [
+        {"role": "system", "content": heads[g]}, {"role": "user", "content": f"Item {q}?"}]}
+        for g in range(3) for q in range(6)]
+    random.Random(5).shuffle(lines)
+    drop(inbox, "graded.jsonl", lines)
+    assert wait_final(outbox, "graded") == "completed"
+    results = read_jsonl(outbox / "graded.results.jsonl")
+    assert [r["custom_id"] for r in results] == [line["custom_id"] for line in lines]
+    cached = [r["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"]
+              for r in results]
+    assert sum(cached) > 0
+    bench = json.loads((outbox / "graded.bench.json").read_text())
+    assert bench["order"] == "prefix"
+    assert bench["prefix_cache"]["cached_tokens"] == sum(cached)
+    assert 0 < bench["prefix_cache"]["hit_rate"] < 1
