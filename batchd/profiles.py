@@ -196,6 +196,24 @@ class Profile(BaseModel):
         return {"model": self.model_location(models_dir), **self.engine}
 
 
+DEFAULT_SHIPPED = "smollm2-135m.toml"  # the CPU default: every install ships it
+
+
+def shipped_profiles() -> Path | None:
+    """The profiles batchd ships: the package ``batchd.shipped_profiles`` of an
+    installed wheel (the top-level profiles/ folder, packaged), else profiles/ of a
+    source tree run without installing; None when neither is there."""
+    try:
+        from importlib.resources import files
+
+        # a folder without __init__.py: on Python 3.11 files() of it is a
+        # MultiplexedPath, whose joinpath gives a real path
+        folder = Path(str(files("batchd.shipped_profiles").joinpath(DEFAULT_SHIPPED))).parent
+    except (ImportError, TypeError):
+        folder = Path(__file__).resolve().parent.parent / "profiles"
+    return folder if folder.is_dir() and any(folder.glob("*.toml")) else None
+
+
 def load_profile(path: Path) -> Profile:
     """Read one profile file; raise ProfileError naming the file and key."""
     try:
