@@ -230,12 +230,17 @@ def test_metrics_textfile(spool_config, tmp_path):
     drop(settings.inbox, "m.jsonl", [GOOD, "bad json", GOOD | {"custom_id": "x"}])
     drain(d)
     text = (tmp_path / "metrics" / "batchd.prom").read_text()
-    assert 'batchd_jobs_total{state="completed"} 1' in text
-    assert 'batchd_requests_total{outcome="succeeded",profile="tiny"} 2' in text
-    assert 'batchd_requests_total{outcome="failed",profile="tiny"} 1' in text
-    assert 'batchd_model_loaded{model="batchd/tiny-llama",profile="tiny"} 1' in text
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("batchd_jobs_total", (("state", "completed"),))] == 1
+    assert samples[("batchd_jobs_total", (("state", "failed"),))] == 0
+    assert samples[("batchd_requests_total", (("outcome", "succeeded"), ("profile", "tiny")))] == 2
+    assert samples[("batchd_requests_total", (("outcome", "failed"), ("profile", "tiny")))] == 1
+    assert samples[("batchd_model_loaded", (("model", "batchd/tiny-llama"),
+                                            ("profile", "tiny")))] == 1
     assert "# TYPE batchd_tokens_total counter" in text
-    assert "batchd_last_claim_timestamp_seconds " in text
+    assert samples[("batchd_last_claim_timestamp_seconds", ())] > 0
 
 
 def test_profile_limits_bound_what_a_request_may_ask(daemon, settings):
