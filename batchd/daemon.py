@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import stat
 import threading
 import time
@@ -22,32 +21,18 @@ import structlog
 
 from . import spool
 from .config import Settings
-from .engine import Engine, EnginePool, FakeEngine
-from .enginehost import HostedEngine, kill_recorded
+from .engine import Engine, EnginePool
+from .hosted import engine_factory, reap_engines
 from .lease import Leases
 from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
 from .outbox import JobState, StatusFile
 from .profiles import Profile, ProfileSet
-from .router import JobRejected, hint, read_sidecar
 from .runner import Runner
-from .scheduler import Waiting, order
+from .scheduler import Backlog, order
 from .watcher import Watcher
 
 log = structlog.get_logger()
-
-
-def engine_factory(settings: Settings) -> Callable[[Profile], Engine]:
-    if settings.engine.fake:
-        step = float(os.environ.get("BATCHD_FAKE_STEP_SECONDS", "0"))
-        return lambda profile: FakeEngine(profile, step_seconds=step)
-
-    pidfile = settings.work / f".engine~{socket.gethostname()}~{os.getpid()}"
-
-    def load(profile: Profile) -> Engine:
-        return HostedEngine(profile, settings.routing.models_dir, pidfile)
-
-    return load
 
 
 class Daemon:
@@ -67,10 +52,7 @@ class Daemon:
         self.leases = Leases(settings.work, settings.scheduling.lease_seconds)
         self.metrics = Metrics(settings.metrics.textfile)
         self.reported: set[str] = set()  # non-regular entries that could not be moved
-        self.first_seen: dict[str, float] = {}  # inbox name -> when a scan first saw it
-        # inbox name -> (version, (priority, probable profile)); see _peek
-        self.peeks: dict[str, tuple[tuple, tuple[int, str | None]]] = {}
-        self.reloads = 0  # profile reloads so far: part of a peek's version
+        self.backlog = Backlog(settings.inbox, settings.routing.default_profile)
         self.retry_at: dict[str, float] = {}  # job or file -> when to try again after OSError
         self.retry_seconds = 10.0
         self.watcher: Watcher | None = None
@@ -110,8 +92,7 @@ class Daemon:
                 self.settler.mark_renamed(name)
         ready: list[tuple[str, os.stat_result]] = []
         present = spool.scan(self.settings.inbox)
-        self.first_seen = {name: self.first_seen.get(name, now) for name, _ in present}
-        self.peeks = {name: self.peeks[name] for name, _ in present if name in self.peeks}
+        self.backlog.present([name for name, _ in present], now)
         for name, st in present:
             why = spool.refusal(st)
             if why:
@@ -126,8 +107,7 @@ class Daemon:
                 continue
             ready.append((name, st))
         loaded = self.pool.engine.profile.name if self.pool.engine is not None else None
-        waiting = [Waiting(name, now - self.first_seen[name], *self._peek(name, st))
-                   for name, st in ready]
+        waiting = [self.backlog.waiting(name, st, now, self.profiles) for name, st in ready]
         for candidate, reason in order(waiting, loaded,
                                        self.settings.scheduling.max_wait_seconds):
             name = candidate.name
@@ -145,26 +125,6 @@ class Daemon:
             self._run(claimed.job, now, f"claimed: {reason}", candidate.waited)
             return True
         return False
-
-    def _peek(self, name: str, st: os.stat_result) -> tuple[int, str | None]:
-        """A waiting file's sidecar priority and probable profile: read once per
-        version of the file, its sidecar and the profiles, not on every pass."""
-        sidecar = self.settings.inbox / (name[: -len(".jsonl")] + ".toml")
-        try:
-            side = os.stat(sidecar, follow_symlinks=False).st_mtime_ns
-        except OSError:
-            side = None
-        key = (st.st_ino, st.st_size, st.st_mtime_ns, side, self.reloads)
-        cached = self.peeks.get(name)
-        if cached is None or cached[0] != key:
-            try:
-                priority = read_sidecar(sidecar).priority if side is not None else 0
-            except JobRejected:
-                priority = 0  # the job itself reports the bad sidecar
-            cached = self.peeks[name] = (key, (priority, hint(
-                self.settings.inbox / name, sidecar, self.profiles,
-                self.settings.routing.default_profile)))
-        return cached[1]
 
     def _keepalive(self, factory: Callable[[Profile], Engine]) -> Callable[[Profile], Engine]:
         """Wrap model loading: it blocks the loop for a minute or more, so a helper
@@ -313,33 +273,12 @@ class Daemon:
 
     def _reload(self) -> None:
         self.reload.clear()
-        self.reloads += 1
+        self.backlog.reloaded()
         self.profiles = ProfileSet.load(self.settings.routing.profiles_dir)
         self.runner.profiles = self.profiles
         for error in self.profiles.errors:
             log.error("profile_invalid", error=error)
         log.info("profiles_reloaded", profiles=sorted(self.profiles.profiles))
-
-
-def reap_engines(settings: Settings) -> None:
-    """End engine processes left by a daemon of this host that died by kill -9.
-
-    The engine process exits when it loses the daemon, but vLLM's engine core
-    under it may not (it outlives a kill -9 of its parent), and would hold its
-    memory (a whole GPU) forever. Under systemd the unit's cgroup is
-    cleaned anyway; this covers daemons started by hand. A pid is only killed
-    when its start time matches the record, so a reused pid is safe.
-    """
-    import psutil
-
-    host = socket.gethostname()
-    for path in settings.work.glob(f".engine~{host}~*"):
-        owner = path.name.rsplit("~", 1)[-1]
-        if owner.isdigit() and psutil.pid_exists(int(owner)) and int(owner) != os.getpid():
-            continue
-        for pid in kill_recorded(path):
-            log.warning("engine_orphan_killed", pid=pid)
-        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

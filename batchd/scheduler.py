@@ -9,7 +9,12 @@ group, then age.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+from .profiles import ProfileSet
+from .router import JobRejected, hint, read_sidecar
 
 
 @dataclass(frozen=True)
@@ -38,3 +43,42 @@ def order(files: list[Waiting], loaded: str | None, max_wait: float
         return "oldest waiting file"
 
     return [(w, reason(w)) for w in sorted(files, key=key)]
+
+
+class Backlog:
+    """The inbox's waiting files as the scheduler sees them: when each was first
+    seen, and its sidecar priority and probable profile, read once per version
+    of the file, its sidecar and the profiles (not on every pass of the loop)."""
+
+    def __init__(self, inbox: Path, default_profile: str):
+        self.inbox = inbox
+        self.default_profile = default_profile
+        self.first_seen: dict[str, float] = {}
+        self.peeks: dict[str, tuple[tuple, tuple[int, str | None]]] = {}
+        self.reloads = 0  # profile reloads so far: part of a peek's version
+
+    def present(self, names: list[str], now: float) -> None:
+        """Forget files that left the inbox; note when new ones were first seen."""
+        self.first_seen = {name: self.first_seen.get(name, now) for name in names}
+        self.peeks = {name: self.peeks[name] for name in names if name in self.peeks}
+
+    def reloaded(self) -> None:
+        self.reloads += 1
+
+    def waiting(self, name: str, st: os.stat_result, now: float, profiles: ProfileSet
+                ) -> Waiting:
+        sidecar = self.inbox / (name[: -len(".jsonl")] + ".toml")
+        try:
+            side = os.stat(sidecar, follow_symlinks=False).st_mtime_ns
+        except OSError:
+            side = None
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, side, self.reloads)
+        cached = self.peeks.get(name)
+        if cached is None or cached[0] != key:
+            try:
+                priority = read_sidecar(sidecar).priority if side is not None else 0
+            except JobRejected:
+                priority = 0  # the job itself reports the bad sidecar
+            cached = self.peeks[name] = (key, (priority, hint(
+                self.inbox / name, sidecar, profiles, self.default_profile)))
+        return Waiting(name, now - self.first_seen.get(name, now), *cached[1])

@@ -1,0 +1,244 @@
+"""The daemon's side of the engine process: start it, stream through it, end it.
+
+vLLM does not reliably give back GPU memory when a model is dropped inside a
+living process (CUDA context, allocator caches, compiled graphs, its own
+worker processes). The only release that is guaranteed is a process exit. So
+every loaded model lives in a child, ``python -m batchd.enginehost``, which runs
+``VllmEngine`` and nothing else; ``HostedEngine`` is its stand-in in the daemon.
+Closing it ends the child and the vLLM processes under it, and the daemon
+itself never imports vLLM or torch. The messages are in ``wire.py``.
+
+The host ignores SIGINT and SIGTERM: the daemon decides when it ends (a Ctrl-C
+in a terminal reaches the whole process group, and the drain still needs the
+engine for its last step). If the daemon dies, the host reads end of file or a
+broken pipe and exits, taking vLLM's engine core with it; should vLLM's core
+outlive it, ``reap_engines`` ends it at the next daemon start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from collections import deque
+from itertools import islice
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import IO, Any, Callable, Generator, Iterable
+
+import structlog
+
+from .config import Settings
+from .engine import Answer, Engine, EngineDead, FakeEngine
+from .lines import Request
+from .profiles import Profile
+from .wire import Msg
+
+log = structlog.get_logger()
+
+CLOSE_SECONDS = 30.0  # a clean vLLM shutdown; after this the host is killed
+
+
+def engine_factory(settings: Settings) -> Callable[[Profile], Engine]:
+    """How the daemon loads a profile: the fake engine, or an engine process."""
+    if settings.engine.fake:
+        step = float(os.environ.get("BATCHD_FAKE_STEP_SECONDS", "0"))
+        return lambda profile: FakeEngine(profile, step_seconds=step)
+
+    pidfile = settings.work / f".engine~{socket.gethostname()}~{os.getpid()}"
+
+    def load(profile: Profile) -> Engine:
+        return HostedEngine(profile, settings.routing.models_dir, pidfile)
+
+    return load
+
+
+def reap_engines(settings: Settings) -> None:
+    """End engine processes left by a daemon of this host that died by kill -9.
+
+    The engine process exits when it loses the daemon, but vLLM's engine core
+    under it may not (it outlives a kill -9 of its parent), and would hold its
+    memory (a whole GPU) forever. Under systemd the unit's cgroup is
+    cleaned anyway; this covers daemons started by hand. A pid is only killed
+    when its start time matches the record, so a reused pid is safe.
+    """
+    import psutil
+
+    host = socket.gethostname()
+    for path in settings.work.glob(f".engine~{host}~*"):
+        owner = path.name.rsplit("~", 1)[-1]
+        if owner.isdigit() and psutil.pid_exists(int(owner)) and int(owner) != os.getpid():
+            continue
+        for pid in kill_recorded(path):
+            log.warning("engine_orphan_killed", pid=pid)
+        path.unlink(missing_ok=True)
+
+
+class HostedEngine:
+    """An engine whose model lives in a child process; see the module text."""
+
+    def __init__(self, profile: Profile, models_dir: Path, pidfile: Path | None = None):
+        self.profile = profile
+        self.pidfile = pidfile
+        ours, theirs = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "batchd.enginehost", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        theirs.close()
+        assert self.proc.stdout is not None
+        self.output = Output(self.proc.stdout)
+        self.conn = Connection(ours.detach())
+        try:
+            self.conn.send((profile, models_dir))
+            reply = self._recv()
+        except EngineDead as exc:
+            reply = (Msg.ERROR, f"engine process for {profile.name} ended while loading: {exc}")
+        if reply[0] != Msg.READY:
+            self.close()
+            cause = self.output.cause()
+            raise RuntimeError(reply[1] + (f" (engine log: {cause})" if cause else ""))
+        log.info("engine_process_started", pid=self.proc.pid, profile=profile.name,
+                 vllm_load_s=round(reply[1], 2))
+        if pidfile is not None:
+            record_children(pidfile)
+
+    def _recv(self) -> tuple:
+        """The next message; EngineDead when the host is gone."""
+        try:
+            while not self.conn.poll(0.5):
+                # vLLM's engine core, forked from the host, may hold our socket
+                # open after the host died: do not wait for end of file alone.
+                if self.proc.poll() is not None:
+                    raise EngineDead(f"engine process exited with code {self.proc.returncode}")
+            return self.conn.recv()
+        except (EOFError, OSError) as exc:
+            raise EngineDead(f"engine process lost: {exc or type(exc).__name__}") from None
+
+    def stream(self, requests: Iterable[Request], sampling: dict[str, Any], window: int
+               ) -> Generator[list[Answer], None, None]:
+        source = iter(requests)
+        inflight: dict[int, Request] = {}  # line -> request, sent and not answered
+        over = False
+        try:
+            self.conn.send((Msg.STREAM, sampling, window))
+            while True:
+                message = self._recv()
+                if message[0] == Msg.WANT:
+                    batch = list(islice(source, message[1]))
+                    inflight.update((r.line, r) for r in batch)
+                    self.conn.send((Msg.REQUESTS, batch))
+                elif message[0] == Msg.ANSWERS:
+                    yield [Answer(inflight.pop(line), body, error)
+                           for line, body, error in message[1]]
+                else:
+                    over = True
+                    if message[0] == Msg.DEAD:
+                        raise EngineDead(message[1])
+                    return
+        except (BrokenPipeError, ConnectionError) as exc:
+            over = True
+            raise EngineDead(f"engine process lost: {exc}") from None
+        finally:
+            if not over:
+                self._abort()
+
+    def _abort(self) -> None:
+        """Stop a stream early: the host aborts what is in flight; answers still
+        on their way are dropped (their lines run again in a later stream)."""
+        try:
+            self.conn.send((Msg.ABORT,))
+            while self._recv()[0] not in (Msg.END, Msg.DEAD):
+                pass
+        except (EngineDead, OSError):
+            pass  # a dead host has nothing in flight
+
+    def close(self) -> None:
+        """End the host and every process under it."""
+        try:
+            self.conn.send((Msg.CLOSE,))
+        except OSError:
+            pass
+        try:
+            self.proc.wait(CLOSE_SECONDS)
+        except subprocess.TimeoutExpired:
+            log.warning("engine_process_killed", pid=self.proc.pid,
+                        reason=f"still running {CLOSE_SECONDS:.0f}s after close")
+            self.proc.kill()
+            self.proc.wait()
+        self.conn.close()
+        if self.pidfile is not None:
+            kill_recorded(self.pidfile)  # vLLM's core, should it outlive the host
+            self.pidfile.unlink(missing_ok=True)
+        self.output.thread.join(5)  # its last lines
+        log.info("engine_process_ended", pid=self.proc.pid, code=self.proc.returncode)
+
+
+class Output:
+    """Passes the engine process's output (vLLM's log) through to ours, line by
+    line, and keeps the last lines: a failed load's root cause is printed by
+    vLLM's engine core, while the exception the engine process sees only says
+    "see root cause above"."""
+
+    ERROR = re.compile(r"\b([A-Za-z_.]*(?:Error|Exception)): (.+)$")
+
+    def __init__(self, stream: IO[bytes]):
+        self.lines: deque[str] = deque(maxlen=300)
+        self.thread = threading.Thread(target=self._pump, args=(stream,), daemon=True,
+                                       name="batchd-engine-output")
+        self.thread.start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        out = sys.stdout.buffer
+        for raw in iter(stream.readline, b""):
+            self.lines.append(raw.decode("utf-8", "replace").rstrip())
+            try:
+                out.write(raw)
+                out.flush()
+            except (OSError, ValueError):
+                pass  # our own output is gone; keep draining the pipe
+        stream.close()
+
+    def cause(self) -> str | None:
+        """The last 'SomeError: message' line that is not vLLM's summary."""
+        for line in reversed(self.lines):
+            found = self.ERROR.search(line)
+            if found and "initialization failed" not in found.group(2):
+                return f"{found.group(1)}: {found.group(2)}"[:500]
+        return None
+
+
+def record_children(pidfile: Path) -> None:
+    """Write every process under this one (pid and start time) to PIDFILE, so the
+    engine's processes can be ended for sure, even by a daemon started after a
+    kill -9 of this one."""
+    import psutil
+
+    me = psutil.Process()
+    lines = [f"{p.pid} {p.create_time()}" for p in me.children(recursive=True)]
+    pidfile.write_text("\n".join(lines) + "\n")
+
+
+def kill_recorded(pidfile: Path) -> list[int]:
+    """Kill the processes PIDFILE lists that still run; a pid is only killed when
+    its start time matches the record, so a reused pid is safe."""
+    import psutil
+
+    killed: list[int] = []
+    try:
+        lines = pidfile.read_text().split("\n")
+    except FileNotFoundError:
+        return killed
+    for line in lines:
+        try:
+            pid, started = line.split()
+            proc = psutil.Process(int(pid))
+            if abs(proc.create_time() - float(started)) < 0.01:
+                proc.kill()
+                killed.append(int(pid))
+        except (ValueError, psutil.Error):
+            continue
+    return killed

@@ -1,0 +1,35 @@
+"""The messages between the daemon and its engine process (``hosted.py`` is
+the daemon's side, ``enginehost.py`` the engine process's).
+
+They travel over a socket pair with multiprocessing's message framing, each a
+tuple whose first item is a ``Msg``:
+
+    daemon -> host   (profile, models_dir)                once, at start
+    host -> daemon   (READY, load_seconds) | (ERROR, text)
+    daemon -> host   (STREAM, sampling, window)           one job's requests follow
+    host -> daemon   (WANT, n)                            send up to n more requests
+    daemon -> host   (REQUESTS, [Request, ...])           an empty list: no more
+    host -> daemon   (ANSWERS, [(line, body, error), ...])  every 0.1-0.25 s
+    daemon -> host   (ABORT,)                             stop this stream early
+    host -> daemon   (END,) | (DEAD, text)                the stream is over
+    daemon -> host   (CLOSE,) or end of file              exit
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+WANT_BATCH = 256  # requests per round trip: few messages, little read ahead
+
+
+class Msg(str, Enum):
+    READY = "ready"
+    ERROR = "error"
+    STREAM = "stream"
+    WANT = "want"
+    REQUESTS = "requests"
+    ANSWERS = "answers"
+    ABORT = "abort"
+    END = "end"
+    DEAD = "dead"
+    CLOSE = "close"
