@@ -12,9 +12,10 @@ import tomli_w
 
 from . import spool
 from .config import ConfigError, Settings, load_settings
-from .lines import Dedup, LineError, iter_file
+from .lines import LineError
 from .profiles import ProfileSet, shipped_profiles
-from .router import JobRejected, ModelVote, Sidecar, route
+from .router import JobRejected, Sidecar, route
+from .validate import validate
 
 class UsageError(Exception):
     pass
@@ -163,18 +164,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
     profiles = ProfileSet.load(settings.routing.profiles_dir)
-    dedup, votes = Dedup(), ModelVote()
-    total = bad = 0
-    for item in iter_file(path, settings.limits.max_line_bytes):
-        item = dedup.check(item)
-        total += 1
-        if isinstance(item, LineError):
-            bad += 1
-            if bad <= 100:
-                print(f"{path.name} line {item.line}: {item.code}: {item.message}")
-        else:
-            votes.add(item.model, item.line)
+    bad = 0
+
+    def on_error(item: LineError) -> None:
+        nonlocal bad
+        bad += 1
+        if bad <= 100:
+            print(f"{path.name} line {item.line}: {item.code}: {item.message}")
+
+    total = 0
     try:
+        total, votes = validate(path, settings.limits, on_error)
         profile, reason = route(path.name[:-6] if path.name.endswith(".jsonl") else path.stem,
                                 Sidecar(profile=args.profile), votes, profiles,
                                 settings.routing.default_profile)

@@ -153,6 +153,13 @@ def find_config(explicit: str | os.PathLike | None = None) -> Path | None:
     return next((p for p in SEARCH_PATH if p.is_file()), None)
 
 
+def first_error(exc: ValidationError) -> tuple[str, str]:
+    """(dotted key, message) of a pydantic error's first problem: what batchd
+    reports for a bad config, profile, sidecar or request line."""
+    err = exc.errors()[0]
+    return ".".join(str(p) for p in err["loc"]), err["msg"]
+
+
 def load_settings(explicit: str | os.PathLike | None = None) -> Settings:
     """Read, validate and resolve the configuration; raise ConfigError on any problem."""
     path = find_config(explicit)
@@ -165,10 +172,8 @@ def load_settings(explicit: str | os.PathLike | None = None) -> Settings:
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        where = path or "environment"
-        raise ConfigError(f"{where}: {key}: {err['msg']}") from None
+        key, msg = first_error(exc)
+        raise ConfigError(f"{path or 'environment'}: {key}: {msg}") from None
     base = path.resolve().parent if path else Path.cwd()
     settings.source = path.resolve() if path else None
     settings.spool.root = _resolve(base, settings.spool.root)

@@ -9,7 +9,6 @@ only set flags; the loop acts on them.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import stat
@@ -19,14 +18,13 @@ from typing import Callable, Iterator
 
 import structlog
 
-from . import spool
+from . import publish, spool
 from .config import Settings
 from .engine import Engine, EnginePool
 from .hosted import engine_factory, reap_engines
 from .lease import Leases
 from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
-from .outbox import JobState, StatusFile
 from .profiles import Profile, ProfileSet
 from .runner import Runner
 from .scheduler import Backlog, order
@@ -97,7 +95,8 @@ class Daemon:
             why = spool.refusal(st)
             if why:
                 if name not in self.reported:
-                    self._reject_entry(name, why)
+                    if not publish.reject_entry(self.settings, name, why):
+                        self.reported.add(name)  # not movable: reported once
                     return True
                 continue
             if self.settings.watch.require_ready_marker and \
@@ -166,27 +165,16 @@ class Daemon:
     def _run(self, job: str, now: float, note: str = "", waited: float = 0.0) -> None:
         self.notifier.status(f"running {job}")
         try:
-            state = self.runner.run(job, note, waited)
-        except OSError as exc:
-            # Disk full, a read-only or vanished outbox: the job stays in work/
-            # with its checkpoint and is tried again later; other jobs go on.
+            outcome = self.runner.run(job, note, waited)
+        except OSError as exc:  # other jobs go on; this one is retried later
             self._stalled(job, now, exc, "job_stalled")
-            try:
-                StatusFile(self.settings.outbox / f"{job}.status.jsonl", job).write(
-                    JobState.QUEUED, phase="stalled", message=f"stalled: {exc}; kept in "
-                    "work/ with its checkpoint, retried automatically")
-            except OSError:
-                pass  # the outbox itself is what fails; the log says why
+            publish.stalled(self.settings, job, exc)
             return
         self.retry_at.pop(job, None)
         self.leases.release(job)  # finished, or stopped: any daemon may resume it
-        if state is not None:
-            self.notifier.status(f"finished {job}: {state.value}")
-            try:
-                bench = json.loads((self.settings.outbox / f"{job}.bench.json").read_text())
-            except (OSError, ValueError):
-                bench = None
-            self.metrics.finished(bench, state.value)
+        if outcome is not None:
+            self.notifier.status(f"finished {job}: {outcome.state.value}")
+            self.metrics.finished(outcome.bench, outcome.state.value)
 
     def _stalled(self, what: str, now: float, exc: OSError, event: str) -> None:
         self.retry_at[what] = now + self.retry_seconds
@@ -194,19 +182,6 @@ class Daemon:
                   f"{self.retry_seconds:.0f}s"
         log.error(event, job=what, error=message)
         self.notifier.status(f"{what}: stalled: {message}")
-
-    def _reject_entry(self, name: str, why: str) -> None:
-        """A symlink, FIFO, socket, device, folder or hard link named *.jsonl:
-        never opened, never followed."""
-        moved = spool.move_to_failed(self.settings, name)
-        job = spool.reserve_name(self.settings, spool.safe_stem(name))
-        message = f"{name!r} {why}" + ("" if moved else "; left in inbox")
-        status = StatusFile(self.settings.outbox / f"{job}.status.jsonl", job)
-        status.write(JobState.FAILED, phase="done", message=message,
-                     errors=[{"code": "not_a_regular_file", "message": message, "line": None}])
-        log.warning("job_rejected", job=job, code="not_a_regular_file", file=name)
-        if moved is None:
-            self.reported.add(name)
 
     def waiting(self) -> bool:
         """Whether eligible files are still settling in the inbox."""

@@ -15,6 +15,8 @@ from typing import Any, BinaryIO, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .config import first_error
+
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
@@ -200,9 +202,9 @@ def _to_request(number: int, obj: dict[str, Any]) -> Request | LineError:
     try:
         BODY_MODELS[url].model_validate(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        param = prefix + ".".join(str(p) for p in err["loc"])
-        return LineError(number, custom_id, "invalid_request", f"{param}: {err['msg']}", param)
+        key, msg = first_error(exc)
+        param = prefix + key
+        return LineError(number, custom_id, "invalid_request", f"{param}: {msg}", param)
     except RecursionError:
         return LineError(number, custom_id, "invalid_request", "body is nested too deeply")
     return Request(number, custom_id, url, body)

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from .config import first_error
+
 # Keyword arguments of vllm.LLM (its EngineArgs) that a profile may set. A
 # static list keeps `batchd profiles` and validation free of the slow vLLM
 # import; vLLM itself checks the values when the engine loads.
@@ -223,9 +225,8 @@ def load_profile(path: Path) -> Profile:
     try:
         return Profile(**data, name=path.stem, source=path)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise ProfileError(f"{path.name}: {key}: {err['msg']}") from None
+        key, msg = first_error(exc)
+        raise ProfileError(f"{path.name}: {key}: {msg}") from None
 
 
 @dataclass

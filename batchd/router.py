@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .config import first_error
 from .lines import open_regular
 from .profiles import Profile, ProfileSet, SamplingDefaults
 
@@ -54,9 +55,8 @@ def read_sidecar(path: Path | None) -> Sidecar:
     try:
         return Sidecar(**data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise JobRejected("invalid_sidecar", f"sidecar {path.name}: {key}: {err['msg']}") from None
+        key, msg = first_error(exc)
+        raise JobRejected("invalid_sidecar", f"sidecar {path.name}: {key}: {msg}") from None
 
 
 @dataclass

@@ -1,0 +1,140 @@
+"""Publishing a finished job into outbox/, in the order a reader can trust.
+
+Results and errors (read back from the checkpoint in input order, under temp
+names, fsynced, renamed), then the bench record, then the input, then (by the
+runner) the final status line, and only then is work/ cleaned. A reader who
+sees the final line finds every other file in place; a crash at any point
+publishes again or only cleans up at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import structlog
+import tomli_w
+
+from . import bench, spool
+from .checkpoint import Checkpoint
+from .config import Settings
+from .job import Job
+from .lines import open_regular
+from .outbox import (JobState, StatusFile, dumps_line, read_status, sync_dir, utc_now,
+                     write_atomic)
+from .router import Sidecar
+
+log = structlog.get_logger()
+
+
+def job_toml(job: Job, sidecar: Sidecar, reason: str, models_dir: Path) -> None:
+    """JOB.job.toml: what the job runs with, written once it is routed."""
+    assert job.profile is not None
+    doc = {"job": job.name, "input": str(job.input), "profile": job.profile.name,
+           "model": job.profile.model, "routed_by": reason, "priority": sidecar.priority,
+           "requests": job.total, "order": job.order_name,
+           "engine": job.profile.engine_args(models_dir),
+           "sampling": {**job.profile.sampling, **sidecar.sampling},
+           "chat": job.profile.chat.model_dump(exclude_none=True),
+           "media": job.profile.media.model_dump()}
+    write_atomic(job.out("job.toml"), [tomli_w.dumps(doc).encode()])
+
+
+def outputs(job: Job, ckpt: Checkpoint, final: JobState, models_dir: Path) -> dict[str, Any]:
+    """JOB.results.jsonl, JOB.errors.jsonl and JOB.bench.json; returns the record."""
+    outbox = job.settings.outbox
+    tmp = {kind: outbox / f".{job.name}.{kind}s.jsonl.tmp" for kind in ("result", "error")}
+    streams = {kind: open(path, "wb") for kind, path in tmp.items()}
+    try:
+        for _line, kind, out in ckpt.ordered():
+            streams[kind].write(dumps_line(out))
+        for stream in streams.values():
+            stream.flush()
+            os.fsync(stream.fileno())
+    finally:
+        for stream in streams.values():
+            stream.close()
+    for kind, path in tmp.items():
+        os.replace(path, job.out(f"{kind}s.jsonl"))
+    tally = ckpt.tally
+    profile = job.profile
+    record = bench.record(
+        job=job.name, profile=profile.name if profile else None,
+        model=profile.model if profile else None,
+        engine_args=profile.engine_args(models_dir) if profile else {},
+        total=job.total, succeeded=tally.completed, failed=tally.failed,
+        prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens,
+        queued_s=job.queued_s, model_load_s=job.load_s, generation_s=job.gen_s,
+        total_s=job.waited + time.monotonic() - job.started,
+        first_result_s=job.first_result_s,
+        started_at=job.started_at, finished_at=utc_now(), state=final.value,
+        resumed=ckpt.resumed_lines > 0, order=job.order_name,
+        cached_tokens=tally.cached_tokens)
+    write_atomic(job.out("bench.json"), [json.dumps(record, indent=2).encode() + b"\n"])
+    sync_dir(outbox)
+    return record
+
+
+def place_input(job: Job) -> None:
+    """Put the input in the outbox before the final status line, so a reader
+    who sees that line finds everything. A hard link keeps work/JOB.jsonl in
+    place until the line is written (a crash in between just publishes again);
+    filesystems without links get a copy."""
+    target = job.out("input.jsonl")
+    if target.exists() or not job.input.exists():
+        return
+    try:
+        os.link(job.input, target, follow_symlinks=False)
+    except OSError:
+        with open_regular(job.input) as source:
+            write_atomic(target, iter(partial(source.read, 1 << 20), b""))
+
+
+def cleanup(settings: Settings, job: Job, final: JobState, rejected: bool | None = None
+            ) -> JobState:
+    """After the final status line: the input leaves work/, the checkpoint goes."""
+    if rejected is None:  # recovering after a crash: the status says how it ended
+        last = read_status(job.status.path)[-1]
+        rejected = final == JobState.FAILED and last.get("profile") is None
+    if rejected:
+        if job.input.exists() or job.input.is_symlink():
+            os.replace(job.input, settings.failed / f"{job.name}.jsonl")
+    else:
+        place_input(job)
+        job.input.unlink(missing_ok=True)
+    for path in (job.checkpoint, settings.work / f"{job.name}.toml"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    sync_dir(settings.work)
+    return final
+
+
+def stalled(settings: Settings, name: str, exc: OSError) -> None:
+    """Disk full, a read-only or vanished outbox: the job stays in work/ with
+    its checkpoint and is tried again later; say so if the outbox allows."""
+    try:
+        StatusFile(settings.outbox / f"{name}.status.jsonl", name).write(
+            JobState.QUEUED, phase="stalled", message=f"stalled: {exc}; kept in "
+            "work/ with its checkpoint, retried automatically")
+    except OSError:
+        pass  # the outbox itself is what fails; the log says why
+
+
+def reject_entry(settings: Settings, name: str, why: str) -> bool:
+    """A symlink, FIFO, socket, device, folder or hard link named *.jsonl in
+    the inbox: never opened, never followed; moved to failed/ with a failed
+    status. False when it could not be moved (it is then left in the inbox)."""
+    moved = spool.move_to_failed(settings, name)
+    job = spool.reserve_name(settings, spool.safe_stem(name))
+    message = f"{name!r} {why}" + ("" if moved else "; left in inbox")
+    StatusFile(settings.outbox / f"{job}.status.jsonl", job).write(
+        JobState.FAILED, phase="done", message=message,
+        errors=[{"code": "not_a_regular_file", "message": message, "line": None}])
+    log.warning("job_rejected", job=job, code="not_a_regular_file", file=name)
+    return moved is not None
