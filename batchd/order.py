@@ -16,7 +16,10 @@ every runnable line gets one 64-bit sort key:
 When the file is read, one sort finds each line's group: the deepest level it
 shares with a neighbour. A second sort orders by group, then longest expected
 output first inside it (decode-heavy first, as BatchLLM does, so a group's long
-tails overlap its short requests), then input order.
+tails overlap its short requests), then input order. Each group's leader is
+sent one group early, so it has computed the shared prefix before the rest of
+its group is admitted (requests admitted in the same step cannot share blocks
+that none of them has computed yet).
 
 The prefix text is what a chat template renders first: the tools, then each
 message's role and content; a completion's prompt; a response's instructions
@@ -134,6 +137,26 @@ class PrefixOrder:
             out = (entry >> INDEX_BITS) & out_mask
             grouped.append((((group << OUT_BITS) | out) << INDEX_BITS) | (entry & index_mask))
         del full
+        # Each group's first request (its leader) goes out one group early, ahead
+        # of the previous group's followers: by the time a group's followers are
+        # admitted, its leader has computed the shared prefix, so they find it in
+        # the cache instead of all computing it in the same step.
+        shift_group = INDEX_BITS + OUT_BITS
+        current = 0  # the group whose followers are held back
+        followers = array("Q")
         for entry in sorted(grouped):
-            index = entry & index_mask
-            yield self.lines[index], self.offsets[index]
+            group = entry >> shift_group
+            if group == 0:  # shares nothing with any other line
+                yield self._at(entry & index_mask)
+            elif group != current:
+                yield self._at(entry & index_mask)  # the new group's leader
+                for held in followers:
+                    yield self._at(held & index_mask)
+                current, followers = group, array("Q")
+            else:
+                followers.append(entry)
+        for held in followers:
+            yield self._at(held & index_mask)
+
+    def _at(self, index: int) -> tuple[int, int]:
+        return self.lines[index], self.offsets[index]
