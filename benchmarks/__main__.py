@@ -12,6 +12,8 @@ SCENARIOS = {
     "claim": "rename into the inbox of an idle daemon -> claim, inotify and poll modes",
     "small_files": "20 files x 10 requests: one daemon against run_batch once per file",
     "chunked": "streaming window against fixed chunks of 100 on a mixed-length workload",
+    "prefix": "shared-prefix workloads: batchd's prefix order vs LLM.chat in input order",
+    "gpu": "raw vLLM vs batchd at GPU speed, memory over six swaps, the fit table vs vLLM",
 }
 
 
@@ -23,8 +25,9 @@ def main() -> None:
     run.add_argument("scenario", choices=sorted(SCENARIOS))
     run.add_argument("--repeats", type=int, default=1)
     run.add_argument("--model", help="overhead: tiny-llama (default) or smollm2-135m")
-    run.add_argument("--n", type=int, help="overhead: requests per run")
+    run.add_argument("--n", type=int, help="overhead, gpu: requests per run")
     run.add_argument("--max-tokens", type=int, help="overhead: output tokens per request")
+    run.add_argument("--budget-s", type=float, help="gpu: seconds for all three parts")
     run.add_argument("--quick", action="store_true",
                      help="small sizes: checks that the scenario runs, measures nothing useful")
     args = parser.parse_args()
@@ -34,7 +37,7 @@ def main() -> None:
         return
     module = importlib.import_module(f"benchmarks.{args.scenario}")
     kwargs = {"repeats": args.repeats}
-    for key in ("model", "n", "max_tokens"):
+    for key in ("model", "n", "max_tokens", "budget_s"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
     if args.quick:

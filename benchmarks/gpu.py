@@ -183,9 +183,12 @@ class Daemon:
                                      env={**os.environ, **env}, cwd=ROOT)
         self.count = 0
 
-    def job(self, profile: str, lines: list[dict], timeout: float = 900) -> dict:
+    def job(self, profile: str, lines: list[dict], timeout: float = 900, sidecar: str = ""
+            ) -> dict:
         self.count += 1
         name = f"{profile}__job{self.count}"
+        if sidecar:  # before the JSONL, so it is claimed with it
+            (self.inbox / f"{name}.toml").write_text(sidecar)
         part = self.inbox / f".{name}.part"
         part.write_text("".join(json.dumps(line) + "\n" for line in lines))
         started = time.perf_counter()

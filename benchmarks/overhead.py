@@ -37,11 +37,13 @@ MODELS_RUN = {
 class Raw:
     """The peer: a warm `vllm.LLM` process that runs one repeat per request."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None):
-        """Start the peer with these `benchmarks.raw_vllm` arguments; `ready()` waits
-        for its load, so a caller can load something else meanwhile."""
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-               **(env or {})}
+    def __init__(self, args: list[str], env: dict[str, str | None] | None = None):
+        """Start the peer with these `benchmarks.raw_vllm` arguments (ENV: extra
+        variables, None to unset one); `ready()` waits for its load, so a caller
+        can load something else meanwhile."""
+        merged = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+                  **(env or {})}
+        env = {k: v for k, v in merged.items() if v is not None}
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.raw_vllm", *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, env=env,
