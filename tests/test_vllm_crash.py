@@ -16,17 +16,28 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 N = 1500
 
 
-@pytest.fixture
-def crash_spool(tiny_model, spool_config):
+def make_crash_spool(spool_config, prompt):
     config = spool_config('[engine]\nwindow = 64\ncheckpoint_every = 8\n'
                           'checkpoint_seconds = 0.2\n')
     spool = config.parent / "spool"
     (spool / "inbox").mkdir(parents=True)
-    lines = [{"custom_id": f"r{i}", "prompt": f"line {i}", "max_tokens": 48,
+    lines = [{"custom_id": f"r{i}", "prompt": prompt(i), "max_tokens": 48,
               "ignore_eos": True} for i in range(N)]
     lines.insert(7, "not json")  # a bad line must also come out exactly once
     drop(spool / "inbox", "long.jsonl", lines)
     return config, spool
+
+
+@pytest.fixture
+def crash_spool(tiny_model, spool_config):
+    return make_crash_spool(spool_config, lambda i: f"line {i}")
+
+
+@pytest.fixture
+def shared_prefix_spool(tiny_model, spool_config):
+    """Seven shared ~290-character prefixes, interleaved: prefix order (the
+    default) feeds the engine topic by topic, far from file order."""
+    return make_crash_spool(spool_config, lambda i: f"topic {i % 7} " * 36 + f"line {i}")
 
 
 def ckpt_size(spool):
@@ -69,8 +80,8 @@ def check_exactly_once(outbox):
     return results
 
 
-def test_kill9_then_sigterm_then_finish(crash_spool, daemons):
-    config, spool = crash_spool
+def test_kill9_then_sigterm_then_finish(shared_prefix_spool, daemons):
+    config, spool = shared_prefix_spool
     outbox = spool / "outbox"
 
     first = daemons(config)
@@ -79,9 +90,8 @@ def test_kill9_then_sigterm_then_finish(crash_spool, daemons):
     first.kill()  # kill -9 in the middle of generation
     assert final_state(outbox, "long") is None
     killed_at = ckpt_size(spool)
-    # The engine was fed in prefix order (every prompt differs in its first
-    # characters, so that is a hash order): what was answered is scattered over
-    # the file, not its first lines.
+    # The engine was fed in prefix order, one topic after another: what was
+    # answered is scattered over the file, not its first lines.
     answered = []
     for raw in (spool / "work" / "long.ckpt.jsonl").read_text().splitlines():
         try:
