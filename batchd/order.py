@@ -19,7 +19,8 @@ output first inside it (decode-heavy first, as BatchLLM does, so a group's long
 tails overlap its short requests), then input order. Each group's leader is
 sent one group early, so it has computed the shared prefix before the rest of
 its group is admitted (requests admitted in the same step cannot share blocks
-that none of them has computed yet).
+that none of them has computed yet). Lines that share nothing with any other
+go first, in file order.
 
 The prefix text is what a chat template renders first: the tools, then each
 message's role and content; a completion's prompt; a response's instructions
