@@ -43,6 +43,7 @@ def claimed_once_complete(spool, job, digest, n):
     assert not (outbox / f"{job}-2.status.jsonl").exists()  # claimed once
 
 
+@pytest.mark.slow  # rsync is held to a slow writer on purpose: kept out of the fast tier
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync (make test installs it)")
 @pytest.mark.parametrize("flags", [[], ["--delay-updates"], ["--partial"]])
 def test_rsync_into_a_running_daemon(running, tmp_path, flags):
