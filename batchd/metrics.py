@@ -75,9 +75,6 @@ class Metrics:
             self.loaded.labels(profile, model or "").set(1)
         self.write()
 
-    def render(self) -> str:
-        return generate_latest(self.registry).decode()
-
     def write(self) -> None:
         if self.path is None:
             return

@@ -119,9 +119,6 @@ class PrefixOrder:
         self.offsets.append(offset)
         self.lines.append(request.line)
 
-    def __len__(self) -> int:
-        return len(self.offsets)
-
     def sequence(self) -> Iterator[tuple[int, int]]:
         """(line number, byte offset) of every collected line, in prefix order."""
         index_mask = (1 << INDEX_BITS) - 1
