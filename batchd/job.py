@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ class Job:
     load_s: float = 0.0  # loading models (0 on a warm engine)
     gen_s: float = 0.0  # stepping the engine
     first_result_s: float | None = None  # from the claim to the first answer
+    deadline: datetime | None = None  # its completion window's end (sidecar), if any
 
     def __post_init__(self) -> None:
         self.status = StatusFile(self.settings.outbox / f"{self.name}.status.jsonl", self.name)

@@ -22,7 +22,7 @@ class Metrics:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.jobs = Counter("batchd_jobs", "Jobs ended, by final state.", ["state"],
                             registry=r)
-        for state in ("completed", "failed", "cancelled"):
+        for state in ("completed", "failed", "cancelled", "expired"):
             self.jobs.labels(state)  # present at 0 from the start
         self.running = Gauge("batchd_jobs_running", "Jobs this daemon is running.", registry=r)
         self.requests = Counter("batchd_requests", "Requests answered, by profile and outcome.",

@@ -34,13 +34,14 @@ class JobState(str, Enum):
     COMPLETED = "completed"  # final: every line answered
     FAILED = "failed"  # final: rejected as a whole, or the engine gave up
     CANCELLED = "cancelled"  # final: stopped on request; the rest are `cancelled` errors
+    EXPIRED = "expired"  # final: its completion window passed; the rest are `batch_expired`
 
     @property
     def final(self) -> bool:
         return self in FINAL_STATES
 
 
-FINAL_STATES = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}
+FINAL_STATES = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}
 # Allowed moves; anything else is a bug.
 TRANSITIONS = {
     JobState.QUEUED: {JobState.VALIDATING, JobState.FAILED, JobState.CANCELLED},

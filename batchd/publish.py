@@ -41,6 +41,8 @@ def job_toml(job: Job, sidecar: Sidecar, reason: str, models_dir: Path) -> None:
            "sampling": {**job.profile.sampling, **sidecar.sampling},
            "chat": job.profile.chat.model_dump(exclude_none=True),
            "media": job.profile.media.model_dump()}
+    if job.deadline is not None:
+        doc["expires_at"] = job.deadline
     write_atomic(job.out("job.toml"), [tomli_w.dumps(doc).encode()])
 
 

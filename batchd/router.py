@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import tomllib
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +42,21 @@ class Sidecar(BaseModel):
     priority: int = Field(0, ge=-1000, le=1000)
     sampling: SamplingDefaults = Field(default_factory=dict)
     order: Literal["prefix", "input"] | None = None  # None: the daemon's [engine] order
+    # When unfinished lines give up (OpenAI's completion window): a duration from
+    # the claim ("24h", "90m", "30s", "2d") or an absolute time (the HTTP API
+    # writes the latter: the window of a batch counts from its creation).
+    completion_window: str | None = Field(None, pattern=r"^[0-9]{1,7}[smhd]$")
+    expires_at: datetime | None = None
+
+    def deadline(self, claimed_at: datetime) -> datetime | None:
+        """When the job expires, given when it was claimed; None: never."""
+        if self.expires_at is not None:
+            at = self.expires_at
+            return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+        if self.completion_window is None:
+            return None
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[self.completion_window[-1]]
+        return claimed_at + timedelta(seconds=int(self.completion_window[:-1]) * unit)
 
 
 def read_sidecar(path: Path | None) -> Sidecar:

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
 import structlog
@@ -58,6 +59,10 @@ class Runner:
     def cancel_requested(self, job: str) -> bool:
         return (self.settings.inbox / f"{job}.cancel").exists()
 
+    @staticmethod
+    def expired(job: Job) -> bool:
+        return job.deadline is not None and datetime.now(timezone.utc) >= job.deadline
+
     # -- the job, start to end -----------------------------------------------
 
     def run(self, name: str, note: str = "", waited: float = 0.0) -> Outcome | None:
@@ -67,6 +72,8 @@ class Runner:
         NOTE says why it was claimed; WAITED is how long it sat in the inbox."""
         job = Job(name, self.settings, waited=waited)
         history = read_status(job.status.path)
+        claimed_at = datetime.fromisoformat((history[0]["ts"] if history else job.started_at)
+                                            .replace("Z", "+00:00"))
         if history and JobState(history[-1]["state"]).final:
             # a crash came after publishing: only the cleanup is left
             return Outcome(publish.cleanup(self.settings, job, JobState(history[-1]["state"])),
@@ -96,9 +103,12 @@ class Runner:
                 return self._reject(job, ckpt, exc)
             bound = bound.bind(profile=job.profile.name)
             bound.info("job_routed", reason=reason, total=job.total)
+            job.deadline = sidecar.deadline(claimed_at)
             publish.job_toml(job, sidecar, reason, self.settings.routing.models_dir)
             if self.cancel_requested(name):
                 return self._finish_cancelled(job, ckpt)
+            if self.expired(job):
+                return self._finish_expired(job, ckpt)
             return self._generate(job, ckpt, sidecar, bound)
         finally:
             ckpt.close()
@@ -198,6 +208,9 @@ class Runner:
                         if self.cancel_requested(job.name):
                             outcome = "cancel"
                             break
+                        if self.expired(job):
+                            outcome = "expire"
+                            break
                         cancel_check = time.monotonic() + CANCEL_CHECK_SECONDS
                     if self.stop.is_set():
                         outcome = "stop"
@@ -222,6 +235,8 @@ class Runner:
                 return None
             if outcome == "cancel":
                 return self._finish_cancelled(job, ckpt)
+            if outcome == "expire":
+                return self._finish_expired(job, ckpt)
             return self._publish(job, ckpt, JobState.COMPLETED)
 
     def _interrupted(self, job: Job, ckpt: Checkpoint, bound: Any) -> None:
@@ -278,6 +293,13 @@ class Runner:
             pass
         log.info("job_cancelled", job=job.name)
         return self._publish(job, ckpt, JobState.CANCELLED)
+
+    def _finish_expired(self, job: Job, ckpt: Checkpoint) -> Outcome:
+        """OpenAI's expiry: answered lines stay; the rest get `batch_expired`."""
+        self._fill(job, ckpt, "batch_expired", "this request could not be executed before "
+                   "the completion window expired", 400)
+        log.info("job_expired", job=job.name)
+        return self._publish(job, ckpt, JobState.EXPIRED)
 
     def _fail_rest(self, job: Job, ckpt: Checkpoint, code: str, message: str) -> Outcome:
         self._fill(job, ckpt, code, message, 500)

@@ -287,3 +287,42 @@ def test_loaded_profile_goes_first_unless_another_waited_too_long(settings):
     assert status["message"].startswith("claimed: waited 51s, over max_wait_seconds")
     bench = json.loads((settings.outbox / "tiny__old.bench.json").read_text())
     assert bench["timing_s"]["queued"] >= 51
+
+
+def test_expired_before_it_ran(daemon, settings):
+    """A sidecar's expires_at already past: every line is `batch_expired`, final `expired`."""
+    (settings.inbox / "old.toml").write_text('expires_at = 2020-01-01T00:00:00Z\n')
+    drop(settings.inbox, "old.jsonl", [GOOD, GOOD | {"custom_id": "b"}, "bad json"])
+    drain(daemon)
+    assert final_state(settings.outbox, "old") == "expired"
+    results, errors = outputs(settings.outbox, "old")
+    assert results == []
+    assert sorted(e["response"]["body"]["error"]["code"] for e in errors) == [
+        "batch_expired", "batch_expired", "invalid_json_line"]
+    import tomllib
+    job_toml = tomllib.loads((settings.outbox / "old.job.toml").read_text())
+    assert job_toml["expires_at"].isoformat() == "2020-01-01T00:00:00+00:00"
+
+
+def test_completion_window_passes_mid_job(settings):
+    """A window that ends while the job runs: answered lines stay, the rest expire."""
+    d = Daemon(settings, factory=lambda p: FakeEngine(p, step_seconds=0.05, per_step=4))
+    d.setup()
+    (settings.inbox / "w.toml").write_text('completion_window = "1s"\n')
+    drop(settings.inbox, "w.jsonl", [GOOD | {"custom_id": f"r{i}"} for i in range(400)])
+    drain(d)
+    assert final_state(settings.outbox, "w") == "expired"
+    results, errors = outputs(settings.outbox, "w")
+    assert results and errors and len(results) + len(errors) == 400
+    assert {e["response"]["body"]["error"]["code"] for e in errors} == {"batch_expired"}
+    assert {r["custom_id"] for r in results}.isdisjoint(e["custom_id"] for e in errors)
+
+
+def test_bad_completion_window_rejects_the_file(daemon, settings):
+    (settings.inbox / "bw.toml").write_text('completion_window = "tomorrow"\n')
+    drop(settings.inbox, "bw.jsonl", [GOOD])
+    drain(daemon)
+    assert final_state(settings.outbox, "bw") == "failed"
+    last = json.loads((settings.outbox / "bw.status.jsonl").read_text().splitlines()[-1])
+    assert last["errors"][0]["code"] == "invalid_sidecar"
+    assert "completion_window" in last["errors"][0]["message"]
