@@ -35,6 +35,14 @@ log = structlog.get_logger()
 CANCEL_CHECK_SECONDS = 0.5
 
 
+def _when(ts: Any) -> datetime | None:
+    """A status line's timestamp, or None when it is not one."""
+    try:
+        return datetime.fromisoformat(str(ts).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How a job ended: its final state and its bench record (None when a
@@ -72,8 +80,8 @@ class Runner:
         NOTE says why it was claimed; WAITED is how long it sat in the inbox."""
         job = Job(name, self.settings, waited=waited)
         history = read_status(job.status.path)
-        claimed_at = datetime.fromisoformat((history[0]["ts"] if history else job.started_at)
-                                            .replace("Z", "+00:00"))
+        claimed_at = _when(history[0].get("ts") if history else None) or \
+            _when(job.started_at) or datetime.now(timezone.utc)
         if history and JobState(history[-1]["state"]).final:
             # a crash came after publishing: only the cleanup is left
             return Outcome(publish.cleanup(self.settings, job, JobState(history[-1]["state"])),
