@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     p = command("init", cmd_init, "create a spool and a config.toml")
     p.add_argument("dir", nargs="?", default=".")
+    p = command("api", cmd_api, "serve OpenAI's Files and Batches API and a dashboard")
+    p.add_argument("--listen", help="HOST:PORT (default: [api] listen, 127.0.0.1:8080)")
     p = command("bench", cmd_bench, "bench records: report")
     p.add_argument("action", choices=["report"])
     p.add_argument("--outbox")
@@ -294,6 +296,28 @@ def cmd_init(args: argparse.Namespace) -> int:
     settings = load_settings(config)
     spool.ensure_dirs(settings)
     print(f"spool ready at {settings.spool.root}; config {config}")
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api import Keys, create_app, is_local, parse_listen
+
+    settings = _settings(args)
+    listen = args.listen or settings.api.listen
+    host, port = parse_listen(listen)
+    keys = Keys(settings.api.keys_file) if settings.api.keys_file else None
+    if keys is None and not is_local(host):
+        raise ConfigError(f"refusing to listen on {listen} without API keys: set [api] "
+                          "keys_file, or listen on 127.0.0.1")
+    try:
+        app = create_app(settings, keys)
+    except OSError as exc:
+        raise ConfigError(f"cannot use the spool at {settings.spool.root}: "
+                          f"{exc.strerror or exc}") from None
+    uvicorn.run(app, host=host, port=port, log_level=settings.log.level,
+                timeout_graceful_shutdown=5)
     return 0
 
 

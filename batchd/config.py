@@ -85,6 +85,13 @@ class MetricsConfig(_Section):
     textfile: Path | None = None
 
 
+class ApiConfig(_Section):
+    # `batchd api`: where it listens (--listen wins) and the file of bearer keys
+    # (one a line). Without keys it refuses any address but localhost.
+    listen: str = "127.0.0.1:8080"
+    keys_file: Path | None = None
+
+
 class LogConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -105,6 +112,7 @@ class Settings(BaseSettings):
     scheduling: SchedulingConfig = SchedulingConfig()
     status: StatusConfig = StatusConfig()
     metrics: MetricsConfig = MetricsConfig()
+    api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
 
     source: Path | None = None  # the file these settings came from
@@ -181,6 +189,8 @@ def load_settings(explicit: str | os.PathLike | None = None) -> Settings:
     settings.routing.models_dir = _resolve(base, settings.routing.models_dir)
     if settings.metrics.textfile is not None:
         settings.metrics.textfile = _resolve(base, settings.metrics.textfile)
+    if settings.api.keys_file is not None:
+        settings.api.keys_file = _resolve(base, settings.api.keys_file)
     return settings
 
 

@@ -118,8 +118,8 @@ def follow(path: Path, as_json: bool = False, poll: float = 0.5) -> int:
     return 0 if last["state"] == "completed" else 1
 
 
-def bench_report(outbox: Path, plot: str | None = None) -> int:
-    """A table of all bench records grouped by profile; a bar chart with --plot."""
+def bench_groups(outbox: Path) -> dict[str, dict[str, Any]]:
+    """All bench records summed by profile: jobs, requests, tokens, seconds."""
     groups: dict[str, dict[str, Any]] = {}
     for path in sorted(outbox.glob("*.bench.json")):
         try:
@@ -135,6 +135,12 @@ def bench_report(outbox: Path, plot: str | None = None) -> int:
         g["total_tokens"] += record["tokens"]["total"]
         g["gen"] += record["timing_s"]["generation"]
         g["load"] = max(g["load"], record["timing_s"]["model_load"])
+    return groups
+
+
+def bench_report(outbox: Path, plot: str | None = None) -> int:
+    """A table of all bench records grouped by profile; a bar chart with --plot."""
+    groups = bench_groups(outbox)
     table = Table(box=None, header_style="bold")
     for column in ("PROFILE", "JOBS", "REQUESTS", "TOKENS", "OUT TOK/S", "REQ/S", "LOAD S",
                    "HARDWARE"):

@@ -213,3 +213,64 @@ class DaemonProcess:
                 child.kill()
             except psutil.Error:
                 pass
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ApiProcess:
+    """A real `batchd api` subprocess on a free local port."""
+
+    def __init__(self, config: Path, port: int | None = None, args: tuple = ()):
+        self.config = config
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = config.parent / f"api-{time.monotonic_ns()}.log"
+        self.proc = subprocess.Popen(
+            [BATCHD, "api", "--config", str(config), "--listen", f"127.0.0.1:{self.port}",
+             *args], stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        import urllib.request
+
+        def up():
+            if self.proc.poll() is not None:
+                return True
+            try:
+                urllib.request.urlopen(self.url + "/", timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(up, timeout, 0.1, what="batchd api to answer")
+        assert self.proc.poll() is None, self.log.read_text()[-3000:]
+
+    def client(self, key: str = "none"):
+        import openai
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+@pytest.fixture
+def apis():
+    """Start ApiProcess objects through this; they are stopped at teardown."""
+    started = []
+
+    def start(*args, **kwargs):
+        started.append(ApiProcess(*args, **kwargs))
+        started[-1].wait_ready()
+        return started[-1]
+
+    yield start
+    for api in started:
+        if api.proc.poll() is None:
+            api.proc.kill()
+            api.proc.wait(30)

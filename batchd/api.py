@@ -1,0 +1,306 @@
+"""``batchd api``: OpenAI's Files and Batches API and a dashboard over the spool.
+
+Its own process beside the daemon: it only reads the spool and drops files
+into the inbox (batches.py says how), so either may restart at any time. It
+binds to localhost unless API keys are configured; with keys, every request
+but the dashboard's empty page needs ``Authorization: Bearer KEY``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .batches import ApiError, Store
+from .config import ConfigError, Settings
+from .outbox import read_status
+from .views import bench_groups, job_rows
+
+PURPOSES = ("batch", "user_data")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) -> (host, port); ConfigError if malformed."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return host, int(port)
+
+
+def is_local(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+class Keys:
+    """Bearer keys, one a line in a file (``#`` comments); re-read when it changes,
+    so a key is added or revoked without a restart."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stamp: tuple[int, int] | None = None
+        self.keys: list[bytes] = []
+        self.load()
+        if not self.keys:
+            raise ConfigError(f"api keys file {path} has no keys")
+
+    def load(self) -> None:
+        try:
+            st = self.path.stat()
+            if (st.st_mtime_ns, st.st_size) == self.stamp:
+                return
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            if self.stamp is None:
+                raise ConfigError(f"api keys file {self.path}: {exc}") from None
+            return  # keep the keys last read
+        self.keys = [line.strip().encode() for line in text.splitlines()
+                     if line.strip() and not line.lstrip().startswith("#")]
+        self.stamp = (st.st_mtime_ns, st.st_size)
+
+    def allows(self, header: str | None) -> bool:
+        if not header or not header.startswith("Bearer "):
+            return False
+        self.load()
+        given = header[len("Bearer "):].strip().encode()
+        # Compare with every key, in constant time for each.
+        return any([hmac.compare_digest(given, key) for key in self.keys])
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(max_length=64)
+    endpoint: str = Field(max_length=64)
+    completion_window: str = "24h"
+    # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512.
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    output_expires_after: dict[str, Any] | None = None  # accepted; outputs stay until deleted
+
+
+def _error(status: int, message: str, code: str | None = None, param: str | None = None,
+           kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": code}}, status_code=status)
+
+
+def create_app(settings: Settings, keys: Keys | None = None) -> FastAPI:
+    store = Store(settings)
+    store.ensure_dirs()
+    app = FastAPI(title="batchd", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.code, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "path"))
+        return _error(400, f"{param}: {err['msg']}", "invalid_value", param or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    def authorized(request: Request) -> None:
+        if keys is not None and not keys.allows(request.headers.get("authorization")):
+            raise ApiError(401, "Incorrect API key provided.", "invalid_api_key")
+
+    v1 = [Depends(authorized)]
+
+    # -- files -----------------------------------------------------------------
+
+    @app.post("/v1/files", dependencies=v1)
+    async def upload(request: Request) -> dict[str, Any]:
+        return await _receive(request, store, settings.limits.max_file_bytes)
+
+    @app.get("/v1/files", dependencies=v1)
+    def list_files(after: str | None = None, limit: int = Query(10000, ge=1, le=10000),
+                   order: Literal["asc", "desc"] = "desc",
+                   purpose: str | None = None) -> dict[str, Any]:
+        found = store.files(purpose)
+        return _page(found if order == "desc" else found[::-1], after, limit)
+
+    @app.get("/v1/files/{file_id}", dependencies=v1)
+    def get_file(file_id: str) -> dict[str, Any]:
+        return store.file(file_id)
+
+    @app.delete("/v1/files/{file_id}", dependencies=v1)
+    def delete_file(file_id: str) -> dict[str, Any]:
+        return store.delete_file(file_id)
+
+    @app.get("/v1/files/{file_id}/content", dependencies=v1)
+    def file_content(file_id: str) -> FileResponse:
+        store.file(file_id)  # 404 with OpenAI's error unless it exists
+        path = store.file_path(file_id)
+        assert path is not None
+        return FileResponse(path, media_type="application/jsonl")
+
+    # -- batches ---------------------------------------------------------------
+
+    @app.post("/v1/batches", dependencies=v1)
+    def create_batch(body: BatchCreate) -> dict[str, Any]:
+        for key, value in (body.metadata or {}).items():
+            if len(key) > 64 or len(value) > 512:
+                raise ApiError(400, "metadata keys are at most 64 characters and values at "
+                               "most 512", "invalid_value", "metadata")
+        return store.create_batch(body.input_file_id, body.endpoint, body.completion_window,
+                                  body.metadata)
+
+    @app.get("/v1/batches", dependencies=v1)
+    def list_batches(after: str | None = None,
+                     limit: int = Query(20, ge=1, le=100)) -> dict[str, Any]:
+        return _page(store.batches(), after, limit)
+
+    @app.get("/v1/batches/{batch_id}", dependencies=v1)
+    def get_batch(batch_id: str) -> dict[str, Any]:
+        return store.batch(batch_id)
+
+    @app.post("/v1/batches/{batch_id}/cancel", dependencies=v1)
+    def cancel_batch(batch_id: str) -> dict[str, Any]:
+        return store.cancel(batch_id)
+
+    # -- dashboard -------------------------------------------------------------
+
+    page = resources.files("batchd").joinpath("dashboard.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    def dashboard() -> str:
+        return page  # no data in it: the page asks the routes below, with the key
+
+    @app.get("/dashboard/jobs", dependencies=v1)
+    def dashboard_jobs() -> list[dict[str, Any]]:
+        return job_rows(settings)
+
+    @app.get("/dashboard/jobs/{job}", dependencies=v1)
+    def dashboard_job(job: str) -> dict[str, Any]:
+        batch = store.batch(job)  # checks the name
+        bench = settings.outbox / f"{job}.bench.json"
+        try:
+            record = json.loads(bench.read_text())
+        except (OSError, ValueError):
+            record = None
+        return {"batch": batch, "history": read_status(settings.outbox / f"{job}.status.jsonl"),
+                "bench": record}
+
+    @app.get("/dashboard/bench", dependencies=v1)
+    def dashboard_bench() -> dict[str, Any]:
+        return bench_groups(settings.outbox)
+
+    return app
+
+
+def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+    """OpenAI's cursor page: the LIMIT items after the one with id AFTER."""
+    start = 0
+    if after is not None:
+        ids = [item["id"] for item in items]
+        start = ids.index(after) + 1 if after in ids else len(items)
+    data = items[start:start + limit]
+    return {"object": "list", "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": start + limit < len(items)}
+
+
+async def _receive(request: Request, store: Store, limit: int) -> dict[str, Any]:
+    """Stream a multipart upload straight to the spool's disk, never into memory,
+    and refuse it as soon as it passes LIMIT bytes."""
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if ctype != b"multipart/form-data" or not boundary:
+        raise ApiError(400, "upload with multipart/form-data (fields 'file' and 'purpose')",
+                       "invalid_value", "file")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + 65536:
+        raise ApiError(413, f"file is over the limit of {limit} bytes", "file_too_large", "file")
+    file_id, tmp = store.new_upload()
+    fields: dict[str, bytes] = {}
+    part: dict[str, Any] = {}
+    out = open(tmp, "wb")
+    written = 0
+
+    def on_part_begin() -> None:
+        part.clear()
+        part.update(headers={}, field=b"", value=b"", data=b"")
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        part["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        part["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        part["headers"][part["field"].lower()] = part["value"]
+        part["field"] = part["value"] = b""
+
+    def on_headers_finished() -> None:
+        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        part["name"] = disposition.get(b"name", b"").decode("utf-8", "replace")
+        filename = disposition.get(b"filename")
+        part["filename"] = None if filename is None else \
+            os.path.basename(filename.decode("utf-8", "replace"))[:255]
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        nonlocal written
+        if part.get("name") == "file" and part.get("filename") is not None:
+            written += end - start
+            if written > limit:
+                raise ApiError(413, f"file is over the limit of {limit} bytes",
+                               "file_too_large", "file")
+            out.write(data[start:end])
+        elif len(part["data"]) < 4096:
+            part["data"] += data[start:end]
+
+    def on_part_end() -> None:
+        if part.get("name") == "file" and part.get("filename") is not None:
+            fields["filename"] = part["filename"].encode()
+        elif part.get("name"):
+            fields[part["name"]] = part["data"]
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+        "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+        "on_part_end": on_part_end})
+    try:
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+            parser.finalize()
+        except ApiError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - python-multipart's parse errors
+            raise ApiError(400, f"malformed multipart upload: {exc}", "invalid_value",
+                           "file") from None
+        out.flush()
+        os.fsync(out.fileno())
+        out.close()
+        if "filename" not in fields:
+            raise ApiError(400, "no 'file' part in the upload", "invalid_value", "file")
+        purpose = fields.get("purpose", b"").decode("utf-8", "replace")
+        if purpose not in PURPOSES:
+            raise ApiError(400, f"purpose must be one of {', '.join(PURPOSES)}",
+                           "invalid_value", "purpose")
+        return store.finish_upload(file_id, tmp, fields["filename"].decode(), purpose)
+    finally:
+        out.close()
+        tmp.unlink(missing_ok=True)
