@@ -50,12 +50,15 @@ check: $(CHECK_STAMP)
 model: $(STAMP)
 	$(BATCHD) models prepare smollm2-135m --config config.toml
 
-# Tools the tests drive for real (rsync; systemd-analyze verifies the units).
+# Tools the tests drive for real (rsync; systemd-analyze verifies the units;
+# headless Chromium loads the dashboard).
 system-deps:
 	@command -v rsync >/dev/null || (apt-get update -qq && apt-get install -y -qq rsync) \
 	  || echo "warning: rsync missing; its tests will be skipped"
 	@command -v systemd-analyze >/dev/null || (apt-get update -qq && apt-get install -y -qq systemd) \
 	  || echo "warning: systemd-analyze missing; the unit checks will be skipped"
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+	  || echo "warning: chromium missing; the dashboard test will be skipped"
 
 # The service on this host (run as root from the checkout that should serve):
 # a batchd user, the spool under $(SPOOL), /etc/batchd/config.toml, the units.
@@ -81,8 +84,12 @@ install-systemd: install
 	sed -e 's|/opt/batchd/.venv/bin/batchd|$(CURDIR)/.venv/bin/batchd|' \
 	  -e 's|ReadWritePaths=/srv/batchd|ReadWritePaths=$(SPOOL)|' systemd/batchd@.service \
 	  > /etc/systemd/system/batchd@.service
+	sed -e 's|/opt/batchd/.venv/bin/batchd|$(CURDIR)/.venv/bin/batchd|' \
+	  -e 's|ReadWritePaths=/srv/batchd|ReadWritePaths=$(SPOOL)|' systemd/batchd-api.service \
+	  > /etc/systemd/system/batchd-api.service
 	-systemctl daemon-reload
 	@echo "installed; start with: systemctl enable --now batchd  (or batchd@0 batchd@1 ...)"
+	@echo "the Batch API and dashboard: systemctl enable --now batchd-api  (docs/API.md)"
 
 demo: model
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)

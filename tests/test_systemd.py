@@ -14,7 +14,8 @@ from conftest import BATCHD, ROOT, drop, final_state, read_jsonl, wait_for
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 @pytest.mark.parametrize("unit,name", [("batchd.service", "batchd.service"),
-                                       ("batchd@.service", "batchd@0.service")])
+                                       ("batchd@.service", "batchd@0.service"),
+                                       ("batchd-api.service", "batchd-api.service")])
 def test_units_verify(tmp_path, unit, name):
     # Point ExecStart at this checkout's batchd, as an install to /opt/batchd would.
     text = (ROOT / "systemd" / unit).read_text().replace("/opt/batchd/.venv/bin/batchd", BATCHD)
@@ -22,8 +23,14 @@ def test_units_verify(tmp_path, unit, name):
     out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / name)],
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stderr.strip() == "", out.stderr
-    for line in ("Type=notify", "WatchdogSec=", "ExecReload=", "Restart=on-failure",
-                 "ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes"):
+    for line in ("Restart=on-failure", "ProtectSystem=strict", "NoNewPrivileges=yes",
+                 "PrivateTmp=yes", "User=batchd"):
+        assert line in text
+    if unit == "batchd-api.service":  # no GPU: no devices at all
+        assert "\nPrivateDevices=yes" in text and "\nCapabilityBoundingSet=\n" in text
+        assert "RestartPreventExitStatus=2" in text
+        return
+    for line in ("Type=notify", "WatchdogSec=", "ExecReload="):
         assert line in text
     assert "\nPrivateDevices=" not in text and "\nMemoryDenyWriteExecute=" not in text
     if unit == "batchd@.service":
