@@ -37,6 +37,7 @@ UPLOAD_ID = re.compile(r"file-[0-9a-f]{24}")
 JOB_FILE_KINDS = {"results": "batch_output", "errors": "batch_output", "input": "batch"}
 WINDOW = re.compile(r"([0-9]{1,7})([smhd])")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+FINAL_CACHE = 10_000  # finished batches kept built in memory (about 1 KB each)
 
 # Spool state -> OpenAI batch status (queued jobs are not validated yet).
 STATUS = {"queued": "validating", "validating": "validating", "in_progress": "in_progress",
@@ -175,6 +176,7 @@ class Store:
                 raise ApiError(409, f"{file_id} belongs to a batch that is still running",
                                "file_in_use", "file_id")
             (self.settings.outbox / f"{found[0]}.{found[1]}.jsonl").unlink(missing_ok=True)
+            self._final.pop(found[0], None)  # its output_file_id or error_file_id is gone
         return {"id": file_id, "object": "file", "deleted": True}
 
     # -- batches ---------------------------------------------------------------
@@ -248,6 +250,8 @@ class Store:
                            "batch_id")
         batch = self._build(batch_id, record or {}, history, waiting)
         if batch["status"] in ("completed", "failed", "cancelled", "expired"):
+            if len(self._final) >= FINAL_CACHE:
+                del self._final[next(iter(self._final))]  # the oldest entry
             self._final[batch_id] = batch
         return batch
 

