@@ -99,6 +99,10 @@ def test_cookbook_flow_and_cancel_on_real_vllm(served):
     assert cancelled.status == "cancelled" and cancelled.request_counts.completed == 0
     assert cancelled.output_file_id is not None  # an empty results file, as published
     assert len(client.files.content(cancelled.error_file_id).text.splitlines()) == 300
+    # The list, one batch a page: the SDK follows `after`, newest first.
+    walked = [b.id for page in client.batches.list(limit=1).iter_pages() for b in page.data]
+    assert walked[:2] == [doomed.id, batch.id] or set(walked) >= {doomed.id, batch.id}
+    assert len(walked) == len(set(walked))
 
 
 def _dom(url: str) -> str:
@@ -126,6 +130,8 @@ def test_dashboard_in_headless_chromium(served, tmp_path):
 
     wait_for(state_on_page, 300, 0.5, what="the page to show dashboard-demo completed")
     assert seen[-1] == "completed"
+    dropped = served.api.client().batches.retrieve("dashboard-demo")  # a dropped file is a batch
+    assert dropped.status == "completed" and dropped.request_counts.completed == 40
     detail = _dom(served.api.url + "/#job=dashboard-demo")
     assert "Status history" in detail and '"succeeded": 40' in detail  # the bench record
     shot = Path(os.environ.get("BATCHD_SCREENSHOT", tmp_path / "dashboard.png"))
