@@ -19,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -81,6 +82,7 @@ class Store:
         self.files_dir = settings.spool.root / "api" / "files"
         self.batches_dir = settings.spool.root / "api" / "batches"
         self._final: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
 
     def ensure_dirs(self) -> None:
         spool.ensure_dirs(self.settings)
@@ -176,7 +178,8 @@ class Store:
                 raise ApiError(409, f"{file_id} belongs to a batch that is still running",
                                "file_in_use", "file_id")
             (self.settings.outbox / f"{found[0]}.{found[1]}.jsonl").unlink(missing_ok=True)
-            self._final.pop(found[0], None)  # its output_file_id or error_file_id is gone
+            with self._lock:
+                self._final.pop(found[0], None)  # its output or error file id is gone
         return {"id": file_id, "object": "file", "deleted": True}
 
     # -- batches ---------------------------------------------------------------
@@ -250,9 +253,10 @@ class Store:
                            "batch_id")
         batch = self._build(batch_id, record or {}, history, waiting)
         if batch["status"] in ("completed", "failed", "cancelled", "expired"):
-            if len(self._final) >= FINAL_CACHE:
-                del self._final[next(iter(self._final))]  # the oldest entry
-            self._final[batch_id] = batch
+            with self._lock:  # routes run in a thread pool
+                if len(self._final) >= FINAL_CACHE:
+                    del self._final[next(iter(self._final))]  # the oldest entry
+                self._final[batch_id] = batch
         return batch
 
     def _build(self, job: str, record: dict[str, Any], history: list[dict[str, Any]],
