@@ -215,6 +215,20 @@ class DaemonProcess:
                 pass
 
 
+def served_spool(base: Path, models: Path, profiles: dict[str, str], extra: str = "") -> Path:
+    """A spool under BASE for a real daemon: PROFILES ({name: TOML}, the first is the
+    default) and a config with quick settle and status times; returns the config."""
+    (base / "profiles").mkdir()
+    for name, text in profiles.items():
+        (base / "profiles" / f"{name}.toml").write_text(text)
+    config = base / "config.toml"
+    config.write_text(
+        f'[spool]\nroot = "spool"\n[routing]\nprofiles_dir = "profiles"\n'
+        f'default_profile = "{next(iter(profiles))}"\nmodels_dir = "{models}"\n'
+        f'[watch]\nsettle_seconds = 0.5\n[status]\ninterval = 0.3\n' + extra)
+    return config
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

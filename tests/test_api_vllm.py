@@ -19,7 +19,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion
 
-from conftest import ApiProcess, DaemonProcess, drop, wait_for
+from conftest import TINY_PROFILE, ApiProcess, DaemonProcess, drop, served_spool, wait_for
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -39,15 +39,9 @@ def jsonl(items: list) -> bytes:
 
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
-    from conftest import TINY_PROFILE
     base = tmp_path_factory.mktemp("api")
-    (base / "profiles").mkdir()
-    (base / "profiles" / "tiny.toml").write_text(TINY_PROFILE)
-    config = base / "config.toml"
-    config.write_text(
-        f'[spool]\nroot = "spool"\n[routing]\nprofiles_dir = "profiles"\n'
-        f'default_profile = "tiny"\nmodels_dir = "{tiny_model.parent}"\n'
-        f'[watch]\nsettle_seconds = 0.5\n[status]\ninterval = 0.3\n[engine]\nwindow = 32\n')
+    config = served_spool(base, tiny_model.parent, {"tiny": TINY_PROFILE},
+                          "[engine]\nwindow = 32\n")
     stack = SimpleNamespace(config=config, spool=base / "spool", daemon=DaemonProcess(config),
                             api=ApiProcess(config))
     try:

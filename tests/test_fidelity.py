@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import urllib.request
 
 import pytest
 
-from conftest import BENCH_TINY, DaemonProcess, drop, final_state, read_jsonl, wait_for
+from conftest import (BENCH_TINY, DaemonProcess, drop, final_state, free_port, read_jsonl,
+                      served_spool, wait_for)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -108,22 +108,11 @@ def batch_line(custom_id, url, body):
             "body": {"model": MODEL, **body}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def answers(tiny_model, tmp_path_factory):
     """{source: {custom_id: body}} for batchd, vLLM's server and vLLM's batch runner."""
     base = tmp_path_factory.mktemp("fidelity")
-    (base / "profiles").mkdir()
-    (base / "profiles" / "tiny.toml").write_text(PROFILE)
-    config = base / "config.toml"
-    config.write_text(f'[spool]\nroot = "spool"\n[routing]\nprofiles_dir = "profiles"\n'
-                      f'default_profile = "tiny"\nmodels_dir = "{tiny_model.parent}"\n'
-                      f'[watch]\nsettle_seconds = 0.2\n[status]\ninterval = 0.3\n')
+    config = served_spool(base, tiny_model.parent, {"tiny": PROFILE})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     port = free_port()
     server_log = open(base / "server.log", "wb")

@@ -20,16 +20,10 @@ CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?
 @pytest.fixture(scope="module")
 def served(tiny_model, tmp_path_factory):
     """A running daemon (inotify mode) on a temp spool with tiny + other profiles."""
-    from conftest import OTHER_PROFILE, TINY_PROFILE
+    from conftest import OTHER_PROFILE, TINY_PROFILE, served_spool
     base = tmp_path_factory.mktemp("served")
-    (base / "profiles").mkdir()
-    (base / "profiles" / "tiny.toml").write_text(TINY_PROFILE)
-    (base / "profiles" / "other.toml").write_text(OTHER_PROFILE)
-    config = base / "config.toml"
-    config.write_text(
-        f'[spool]\nroot = "spool"\n[routing]\nprofiles_dir = "profiles"\n'
-        f'default_profile = "tiny"\nmodels_dir = "{tiny_model.parent}"\n'
-        f'[watch]\nsettle_seconds = 0.5\n[status]\ninterval = 0.3\n[engine]\nwindow = 64\n')
+    config = served_spool(base, tiny_model.parent,
+                          {"tiny": TINY_PROFILE, "other": OTHER_PROFILE}, "[engine]\nwindow = 64\n")
     daemon = DaemonProcess(config)
     try:
         daemon.wait_ready()
