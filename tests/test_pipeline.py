@@ -308,7 +308,9 @@ def test_completion_window_passes_mid_job(settings):
     """A window that ends while the job runs: answered lines stay, the rest expire."""
     d = Daemon(settings, factory=lambda p: FakeEngine(p, step_seconds=0.05, per_step=4))
     d.setup()
-    (settings.inbox / "w.toml").write_text('completion_window = "1s"\n')
+    from datetime import datetime, timedelta, timezone
+    soon = datetime.now(timezone.utc) + timedelta(seconds=0.4)
+    (settings.inbox / "w.toml").write_text(f'expires_at = {soon.isoformat()}\n')
     drop(settings.inbox, "w.jsonl", [GOOD | {"custom_id": f"r{i}"} for i in range(400)])
     drain(d)
     assert final_state(settings.outbox, "w") == "expired"

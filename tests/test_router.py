@@ -68,3 +68,18 @@ def test_sidecar_symlink_is_refused(tmp_path):
     with pytest.raises(JobRejected) as exc:
         read_sidecar(link)
     assert exc.value.code == "invalid_sidecar" and "symbolic link" in exc.value.message
+
+
+def test_sidecar_deadline_from_window_or_absolute_time():
+    from datetime import datetime, timedelta, timezone
+
+    from batchd.router import Sidecar
+    claimed = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+    assert Sidecar().deadline(claimed) is None
+    assert Sidecar(completion_window="90m").deadline(claimed) == claimed + timedelta(minutes=90)
+    assert Sidecar(completion_window="2d").deadline(claimed) == claimed + timedelta(days=2)
+    naive = Sidecar(expires_at=datetime(2026, 11, 28, 9, 0), completion_window="1s")
+    assert naive.deadline(claimed) == datetime(2026, 11, 28, 9, 0, tzinfo=timezone.utc)
+    for bad in ("24", "1w", "-1h", "1.5h", "h"):
+        with pytest.raises(ValueError):
+            Sidecar(completion_window=bad)
