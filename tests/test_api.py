@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 
 import openai
 import pytest
@@ -211,8 +210,7 @@ def test_restart_of_both_processes_mid_batch_loses_nothing(stack, daemons, apis)
              what="part of the batch done")
     daemon.kill_tree()  # kill -9, as a crash
     api.proc.kill()
-    api.proc.wait(10)
-    time.sleep(0.5)
+    api.proc.wait(10)  # both gone: restart at once, on the same port
     daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.02"}).wait_ready()
     api2 = apis(config, port=api.port)
     client2 = api2.client()
