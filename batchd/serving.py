@@ -130,6 +130,14 @@ class Serving:
             ("vllm.entrypoints.serve.exception_handling.error_response",
              "vllm.entrypoints.serve.utils.error_response", "vllm.entrypoints.serve"),
             "create_error_response")
+        # vLLM reads its VLLM_* settings from os.environ on every access
+        # (several per request on the serving path) until a process calls
+        # enable_envs_cache(), as its engine core and workers do once started.
+        # The engine process's environment is final by now (the profile's
+        # [environment] was applied before loading), so cache it here too.
+        enable_cache = getattr(importlib.import_module("vllm.envs"), "enable_envs_cache", None)
+        if enable_cache is not None:
+            enable_cache()
         return self
 
     @property
