@@ -44,6 +44,14 @@ def serve(conn: Connection) -> int:
     # allocate, not hundreds of thousands of objects that never die.
     gc.collect()
     gc.freeze()
+    # Every request allocates a few hundred container objects (request models,
+    # tasks, output states) that reference counting frees; with Python's default
+    # thresholds (700, 10, 10) the collector still ran ~360 young and ~33 middle
+    # collections per 2,000 requests, each walking the objects of the ~1,000
+    # requests in flight: 0.35-0.47 s of the engine process's ~3.7 CPU-s.
+    # At 50,000 it runs twice (0.05 s); the engine process's memory after six
+    # such runs was the same page for page (docs/BENCHMARKING.md).
+    gc.set_threshold(50_000, 20, 20)
     conn.send((Msg.READY, engine.load_seconds))
     try:
         while True:
