@@ -146,6 +146,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for every line: json.loads with any keyword builds a new
+# JSONDecoder per call, a third of the parse time of a short line.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def parse_line(raw: RawLine, max_line_bytes: int = 1 << 62) -> Request | LineError:
     """Turn one raw line into a Request or a LineError; never raises."""
     default_id = f"line-{raw.number}"
@@ -155,7 +160,7 @@ def parse_line(raw: RawLine, max_line_bytes: int = 1 << 62) -> Request | LineErr
             f"line is {raw.length} bytes, over the limit of {max_line_bytes}",
         )
     try:
-        obj = json.loads(raw.data.decode("utf-8"), parse_constant=_reject_constant)
+        obj = _DECODER.decode(raw.data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         return LineError(raw.number, default_id, "invalid_json_line", f"not valid JSON: {exc}")
     if not isinstance(obj, dict):
