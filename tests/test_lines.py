@@ -31,6 +31,8 @@ def test_error_codes_name_the_field():
     assert parse(b"[1, 2]").code == "invalid_json_line"
     assert parse(b'{"prompt": NaN}').code == "invalid_json_line"
     assert parse(b"\xff\xfe{}").code == "invalid_json_line"
+    # a byte order mark inside the file (only the first line's is dropped)
+    assert parse(b'\xef\xbb\xbf{"prompt": "x"}').code == "invalid_json_line"
     bad_url = parse({"url": "/v1/images", "body": {}})
     assert bad_url.code == "unsupported_url" and bad_url.param == "url"
     role = parse({"url": CHAT, "body": {"messages": [{"role": "wizard", "content": "x"}]}})
