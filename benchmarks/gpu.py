@@ -33,7 +33,9 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
+from typing import Callable
 
 from .common import MODELS, ROOT, summary, write_record
 from .overhead import Raw
@@ -44,6 +46,12 @@ BUDGET_GIB = 15  # a 16 GB card less what its driver and display keep
 VRAM = "16GiB"
 # SmolLM2's tokenizer files (the device gets a carried copy: benchmarks/gpu_device.sh).
 TOKENIZER = Path(os.environ.get("BATCHD_BENCH_TOKENIZER", MODELS / "smollm2-135m"))
+
+# The daemon's [engine] table. File order, as the raw peer runs it: the ratio is
+# batchd's own cost, not prefix order's longest-first reordering of output
+# lengths. A window above the 1,024 sequences vLLM schedules at once on a card
+# with 70 GiB or more, so the engine is never short of requests.
+DAEMON_ENGINE = 'order = "input"\nwindow = 4096\n'
 
 COMMON = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "use_cache": True,
           "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2}
@@ -174,7 +182,7 @@ class Daemon:
         config.write_text(f'[spool]\nroot = "spool"\n[routing]\nprofiles_dir = "profiles"\n'
                           f'default_profile = "{next(iter(profiles))}"\n'
                           f'models_dir = "{base / "models"}"\n[watch]\nsettle_seconds = 0.2\n'
-                          f'[log]\nformat = "json"\n')
+                          f'[log]\nformat = "json"\n[engine]\n{DAEMON_ENGINE}')
         self.inbox, self.outbox = base / "spool" / "inbox", base / "spool" / "outbox"
         self.inbox.mkdir(parents=True)
         self.log = open(base / "daemon.log", "w")
@@ -194,9 +202,13 @@ class Daemon:
         started = time.perf_counter()
         os.rename(part, self.inbox / f"{name}.jsonl")
         status = self.outbox / f"{name}.status.jsonl"
-        deadline = time.monotonic() + timeout
-        while not (status.exists() and re.search(r'"state": "(completed|failed)"',
-                                                 status.read_text())):
+        deadline, seen = time.monotonic() + timeout, -1
+        while True:  # the file is read only when it grew (a 5,000-line job writes a lot)
+            size = status.stat().st_size if status.exists() else -1
+            if size != seen and size > 0:
+                seen = size
+                if re.search(r'"state": "(completed|failed)"', status.read_text()):
+                    break
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{name}: the daemon exited or the job hung")
             time.sleep(0.005)
@@ -211,7 +223,11 @@ class Daemon:
 
     def close(self) -> None:
         self.proc.terminate()
-        self.proc.wait(120)
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
         self.log.close()
 
 
@@ -222,9 +238,8 @@ def profile(folder: Path, engine: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def part_overhead(state: dict, base: Path, gpu: Gpu, n: int, repeats: int, limit: float
-                  ) -> Daemon:
-    """Raw vLLM and batchd on one file; returns the warm daemon for the swaps."""
+def setup(base: Path, gpu: Gpu, n: int) -> tuple[Daemon, dict]:
+    """Model folders, profiles and a started daemon; returns it and part 1's plan."""
     small = gpu.total_mib is None
     shape = {**SHAPES["llama3.2-1b"], "vocab_size": 49152, **(TINY if small else {})}
     dtype = "float32" if small else "bfloat16"
@@ -238,39 +253,54 @@ def part_overhead(state: dict, base: Path, gpu: Gpu, n: int, repeats: int, limit
     lines = workload(n, small)
     requests = base / "requests.jsonl"
     requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    started = time.monotonic()
-    raw = Raw(["--model", str(folder), "--requests", str(requests),
-               "--engine", json.dumps(engine)])  # loads while the daemon loads
     swap_a = {**engine, "enforce_eager": True}
     swap_b_shape = {**SHAPES["llama-0.3b"], "vocab_size": 49152, **(TINY_B if small else {})}
     folder_b = write_model(base / "models" / "l03b", swap_b_shape, dtype)
     daemon = Daemon(base, {"gpu": profile(folder, engine), "swap-a": profile(folder, swap_a),
                            "swap-b": profile(folder_b, swap_a)},
                     {"HF_HUB_OFFLINE": "1"})
-    warm = daemon.job("gpu", lines[:8])
-    raw.ready()
+    return daemon, {"folder": folder, "engine": engine, "lines": lines, "requests": requests}
+
+
+def part_overhead(state: dict, base: Path, daemon: Daemon, plan: dict, repeats: int,
+                  deadline: float, save: Callable[[], object]) -> None:
+    """Raw vLLM and the warm daemon on one file, repeats alternating."""
+    n, lines, engine = len(plan["lines"]), plan["lines"], plan["engine"]
+    started = time.monotonic()
+    warm = daemon.job("gpu", lines[:8], timeout=max(60.0, deadline - started))
+    loaded = time.monotonic()
+    # The peer loads only now: vLLM sizes its KV cache by profiling the GPU's free
+    # memory, and refuses to start when free memory grew meanwhile (another
+    # engine freeing its profiling buffers), so two engines must not load at once.
+    raw = Raw(["--model", str(plan["folder"]), "--requests", str(plan["requests"]),
+               "--engine", json.dumps(engine)], log=base / "raw.log").ready()
     state["overhead"] = result = {"n": n, "engine": engine, "load_s": {
-        "both_loaded_after": round(time.monotonic() - started, 1),
-        "batchd_model_load": warm["model_load_s"]}, "raw": [], "batchd": []}
+        "batchd_first_job": round(loaded - started, 1),
+        "batchd_model_load": warm["model_load_s"],
+        "raw": round(time.monotonic() - loaded, 1)}, "raw": [], "batchd": []}
     looping = time.monotonic()
     try:
         for r in range(repeats):
             order = ("raw", "batchd") if r % 2 == 0 else ("batchd", "raw")
             for side in order:
-                result[side].append(raw.once() if side == "raw" else daemon.job("gpu", lines))
+                result[side].append(raw.once() if side == "raw" else daemon.job(
+                    "gpu", lines, timeout=max(120.0, deadline - time.monotonic() + 120)))
             print("overhead", r, json.dumps({s: result[s][-1] for s in ("raw", "batchd")}),
                   flush=True)
+            save()  # a run cut short keeps every finished repeat
             per_repeat = (time.monotonic() - looping) / (r + 1)
-            if time.monotonic() - started + per_repeat > limit:
-                break  # another repeat would pass this part's limit
+            if time.monotonic() + per_repeat > deadline:
+                break  # another repeat would pass this part's deadline
     finally:
         raw.close()  # its GPU memory must be free before the swaps are measured
+    if not (result["raw"] and result["batchd"]):
+        return
     raw_s = summary([x["seconds"] for x in result["raw"]])
     gen = summary([x["generation_s"] for x in result["batchd"]])
     e2e = summary([x["end_to_end_s"] for x in result["batchd"]])
     tokens = result["raw"][0]["prompt_tokens"] + result["raw"][0]["completion_tokens"]
     result.update({
-        "repeats": len(result["raw"]),
+        "repeats": min(len(result["raw"]), len(result["batchd"])),
         "raw_s": raw_s, "batchd_generation_s": gen, "batchd_end_to_end_s": e2e,
         "generation_ratio": round(gen["median"] / raw_s["median"], 4),
         "end_to_end_ratio": round(e2e["median"] / raw_s["median"], 4),
@@ -278,10 +308,9 @@ def part_overhead(state: dict, base: Path, gpu: Gpu, n: int, repeats: int, limit
         "raw_req_s": round(n / raw_s["median"], 1),
         "batchd_total_tok_s": round(tokens / gen["median"]),
         "batchd_req_s": round(n / gen["median"], 1)})
-    return daemon
 
 
-def part_swaps(state: dict, daemon: Daemon, swaps: int, limit: float) -> None:
+def part_swaps(state: dict, daemon: Daemon, swaps: int, deadline: float) -> None:
     """swap-a, then swaps alternating b, a, ...: memory right after each load and
     the lowest reading between the previous job's end and this job's end."""
     sampler = Sampler(daemon.proc.pid)
@@ -299,8 +328,8 @@ def part_swaps(state: dict, daemon: Daemon, swaps: int, limit: float) -> None:
                           "lowest_before_mib": sampler.low(previous_end, end)})
             previous_end = end
             print("swap", json.dumps(loads[-1]), flush=True)
-            if (time.monotonic() - started) / (i + 1) * (i + 2) > limit:
-                break  # another load would pass this part's limit
+            if time.monotonic() + (time.monotonic() - started) / (i + 1) > deadline:
+                break  # another load would pass this part's deadline
     finally:
         sampler.stopped.set()
     for name in ("swap-a", "swap-b"):
@@ -309,7 +338,7 @@ def part_swaps(state: dict, daemon: Daemon, swaps: int, limit: float) -> None:
             state.setdefault("swap_growth", {})[name] = round(mine[-1] / mine[0], 4)
 
 
-def part_fit(state: dict, base: Path, gpu: Gpu, fits: int, limit: float) -> None:
+def part_fit(state: dict, base: Path, gpu: Gpu, fits: int, deadline: float) -> None:
     """Each shipped profile's shape loaded by vLLM at the profile's settings."""
     from batchd.fit import check, parse_size
     from batchd.profiles import load_profile
@@ -343,8 +372,8 @@ def part_fit(state: dict, base: Path, gpu: Gpu, fits: int, limit: float) -> None
                 estimate["weights_gb"] / (measured["weights_gib"] * GIB / 1e9), 4)
         rows.append(row)
         print("fit", json.dumps({k: v for k, v in row.items() if k != "engine"}), flush=True)
-        if time.monotonic() - started > limit:
-            break
+        if time.monotonic() + (time.monotonic() - started) / len(rows) > deadline:
+            break  # another load would pass the deadline
 
 
 def probe(folder: Path, engine: dict, log: Path) -> dict:
@@ -371,7 +400,11 @@ def probe(folder: Path, engine: dict, log: Path) -> dict:
 
 def run(repeats: int = 3, n: int = 5000, swaps: int = 6, fits: int = 3,
         budget_s: float = 480, quick: bool = False) -> Path:
-    """All three parts within about BUDGET_S seconds (split 45/35/20)."""
+    """All three parts within about BUDGET_S seconds: part 1 until 55 % of it,
+    part 2 until 82 %, part 3 until the end (time one part leaves goes to the
+    next). A part that fails is recorded under "errors" and the others still run;
+    the run then ends with an error, after the record is written."""
+    began = time.monotonic()
     gpu = Gpu()
     if gpu.total_mib is None and not quick:
         n = min(n, 200)  # the CPU build: the same steps at a size it runs in minutes
@@ -380,28 +413,50 @@ def run(repeats: int = 3, n: int = 5000, swaps: int = 6, fits: int = 3,
                                 "budget_gib": BUDGET_GIB,
                                 "gpu_total_mib": gpu.total_mib,
                                 "weights": "random (load_format dummy)",
-                                "tokenizer": "SmolLM2-135M-Instruct"},
+                                "tokenizer": "SmolLM2-135M-Instruct",
+                                "daemon_engine": DAEMON_ENGINE},
                    "idle_mib": used_mib() if gpu.total_mib else None,
                    "goals": {"overhead": "batchd/raw <= 1.03",
                              "swaps": "after the last load within 2 % of the first, per shape",
-                             "fit": "estimate within 10 % of what vLLM takes"}}
+                             "fit": "estimate within 10 % of what vLLM takes"},
+                   "errors": {}}
     path = write_record("gpu", state)
+
+    def save() -> Path:
+        return write_record("gpu", state, path)
+
+    def attempt(part: str, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception:  # recorded; the next part still runs
+            state["errors"][part] = traceback.format_exc()[-4000:]
+            print(f"{part} failed:\n{state['errors'][part]}", file=sys.stderr, flush=True)
+        save()
+
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        daemon = part_overhead(state, base, gpu, n, repeats, 0.45 * budget_s)
-        write_record("gpu", state, path)
+        daemon, plan = setup(base, gpu, n)
         try:
-            part_swaps(state, daemon, swaps, 0.35 * budget_s)
+            attempt("overhead", lambda: part_overhead(state, base, daemon, plan, repeats,
+                                                      began + 0.55 * budget_s, save))
+            if daemon.proc.poll() is None:
+                attempt("swaps", lambda: part_swaps(state, daemon, swaps,
+                                                    began + 0.82 * budget_s))
         finally:
             daemon.close()
-            keep_log(base / "daemon.log", path)
-        write_record("gpu", state, path)
-        part_fit(state, base, gpu, fits, 0.2 * budget_s)
+            for log in (base / "daemon.log", base / "raw.log"):
+                keep_log(log, path)
+        attempt("fit", lambda: part_fit(state, base, gpu, fits, began + budget_s))
         for log in base.glob("fit-*.log"):
             keep_log(log, path)
-    state["ratios"] = {"generation": state["overhead"]["generation_ratio"],
-                       "end_to_end": state["overhead"]["end_to_end_ratio"]}
-    return write_record("gpu", state, path)
+    overhead = state.get("overhead", {})
+    if "generation_ratio" in overhead:
+        state["ratios"] = {"generation": overhead["generation_ratio"],
+                           "end_to_end": overhead["end_to_end_ratio"]}
+    save()
+    if state["errors"]:
+        raise RuntimeError(f"parts failed: {', '.join(state['errors'])} (see {path})")
+    return path
 
 
 def keep_log(log: Path, record: Path) -> None:

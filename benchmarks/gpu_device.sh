@@ -8,8 +8,8 @@
 #                 dependencies as py3.12 wheels, SmolLM2's tokenizer files
 #   device 1:  bash benchmarks/gpu_device.sh part0
 #              carry: build/gpu/part0, build/gpu/extra
-#   device 2:  bash benchmarks/gpu_device.sh run        (within 30 s of call 1)
-#              carry: build/gpu/part1
+#   device 2:  LIMIT_S=600 bash benchmarks/gpu_device.sh run   (within 30 s of call 1;
+#              LIMIT_S = the call's timeout_s)   carry: build/gpu/part1
 #
 # The run writes the record, its logs and nvidia-smi's view to $OUT; commit
 # the record under benchmarks/results/.
@@ -46,8 +46,11 @@ run)
     HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 BATCHD_BENCH_RESULTS=${OUT:-/tmp/out} \
     BATCHD_BENCH_TOKENIZER=/tmp/extra/tokenizer
   nvidia-smi > "$BATCHD_BENCH_RESULTS/nvidia-smi.txt"
-  # ~45 s of unpacking went before: the parts share 480 s, the call's limit is 600
-  timeout 530 python3 -m benchmarks run gpu --repeats 3 --budget-s "${BUDGET_S:-480}" \
-    2>&1 | tee "$BATCHD_BENCH_RESULTS/gpu-run.log" ;;
+  # The parts share what the call's limit (LIMIT_S, the run call's timeout_s)
+  # leaves after the unpacking, less a margin for the last load and the exit.
+  budget=$(( ${LIMIT_S:-600} - SECONDS - 50 ))
+  echo "unpacked after ${SECONDS}s; parts budget ${budget}s"
+  timeout $(( budget + 35 )) python3 -m benchmarks run gpu --repeats "${REPEATS:-3}" \
+    --budget-s "$budget" 2>&1 | tee "$BATCHD_BENCH_RESULTS/gpu-run.log" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -37,17 +37,19 @@ MODELS_RUN = {
 class Raw:
     """The peer: a warm `vllm.LLM` process that runs one repeat per request."""
 
-    def __init__(self, args: list[str], env: dict[str, str | None] | None = None):
+    def __init__(self, args: list[str], env: dict[str, str | None] | None = None,
+                 log: Path | None = None):
         """Start the peer with these `benchmarks.raw_vllm` arguments (ENV: extra
-        variables, None to unset one); `ready()` waits for its load, so a caller
-        can load something else meanwhile."""
+        variables, None to unset one; LOG: where vLLM's log goes); `ready()` waits
+        for its load, so a caller can load something else meanwhile."""
         merged = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
                   **(env or {})}
         env = {k: v for k, v in merged.items() if v is not None}
+        self.log = open(log, "w") if log else None
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.raw_vllm", *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, env=env,
-                                     cwd=Path(__file__).resolve().parent.parent)
+                                     stderr=self.log or subprocess.DEVNULL, text=True,
+                                     env=env, cwd=Path(__file__).resolve().parent.parent)
 
     @classmethod
     def for_model(cls, model: str, n: int, max_tokens: int, natural: bool) -> Raw:
@@ -75,6 +77,8 @@ class Raw:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(120)
+        if self.log:
+            self.log.close()
 
 
 class Batchd:

@@ -39,6 +39,7 @@ def test_gpu_scenario_runs_on_the_cpu_build(smollm2, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     (record_path,) = tmp_path.glob("gpu-*.json")
     record = json.loads(record_path.read_text())
+    assert record["errors"] == {}
     overhead = record["overhead"]
     assert overhead["repeats"] == 1 and overhead["raw"][0]["completion_tokens"] > 0
     # both sides ran the same requests: same prompt and output token counts
