@@ -28,15 +28,23 @@ from .profiles import Profile
 
 
 def _first(modules: tuple[str, ...], name: str) -> Any:
-    """NAME from the first of MODULES that has it (vLLM moves things between releases)."""
+    """NAME from the first of MODULES that has it (vLLM moves things between releases).
+
+    A module that exists but fails to import (a dependency missing) is named in
+    the error with its cause, so that is not mistaken for a release mismatch.
+    """
+    causes = []
     for module in modules:
         try:
             found = getattr(importlib.import_module(module), name, None)
-        except ImportError:
+        except ImportError as exc:
+            if exc.name is None or not module.startswith(exc.name):  # not just absent
+                causes.append(f"{module}: {exc}")
             continue
         if found is not None:
             return found
-    raise ImportError(f"{name} not found in {', '.join(modules)}")
+    cause = f" ({'; '.join(causes)})" if causes else ""
+    raise ImportError(f"{name} not found in {', '.join(modules)}{cause}")
 
 
 _LAUNCH = ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server")

@@ -402,8 +402,9 @@ def run(repeats: int = 3, n: int = 5000, swaps: int = 6, fits: int = 3,
         budget_s: float = 480, quick: bool = False) -> Path:
     """All three parts within about BUDGET_S seconds: part 1 until 55 % of it,
     part 2 until 82 %, part 3 until the end (time one part leaves goes to the
-    next). A part that fails is recorded under "errors" and the others still run;
-    the run then ends with an error, after the record is written."""
+    next; with FITS 0, part 1 until 65 % and part 2 until the end). A part that
+    fails is recorded under "errors" and the others still run; the run then
+    ends with an error, after the record is written."""
     began = time.monotonic()
     gpu = Gpu()
     if gpu.total_mib is None and not quick:
@@ -433,15 +434,16 @@ def run(repeats: int = 3, n: int = 5000, swaps: int = 6, fits: int = 3,
             print(f"{part} failed:\n{state['errors'][part]}", file=sys.stderr, flush=True)
         save()
 
+    ends = (0.55, 0.82) if fits else (0.65, 1.0)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         daemon, plan = setup(base, gpu, n)
         try:
             attempt("overhead", lambda: part_overhead(state, base, daemon, plan, repeats,
-                                                      began + 0.55 * budget_s, save))
+                                                      began + ends[0] * budget_s, save))
             if daemon.proc.poll() is None:
                 attempt("swaps", lambda: part_swaps(state, daemon, swaps,
-                                                    began + 0.82 * budget_s))
+                                                    began + ends[1] * budget_s))
         finally:
             daemon.close()
             for log in (base / "daemon.log", base / "raw.log"):

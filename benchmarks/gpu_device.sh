@@ -23,16 +23,22 @@ prepare)
   test -f $GPU/payload/vllm026.sha256 || bash benchmarks/gpu_payload/build.sh "$PWD/$GPU/payload"
   cp $GPU/payload/vllm026.txz.part00 $GPU/payload/vllm026.sha256 $GPU/part0/
   cp $GPU/payload/vllm026.txz.part01 $GPU/part1/
-  # batchd's dependencies the device's image and the vLLM payload lack
+  # What the device's image and the vLLM payload (packed for vllm.LLM) lack:
+  # batchd's own dependencies, and what vLLM's API server module imports, from
+  # which batchd takes its serving layer (uvicorn, watchfiles,
+  # model-hosting-container-standards and its jmespath).
   python3 -m pip download -q --no-deps --python-version 3.12 --only-binary=:all: \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-    -d $GPU/extra/wheels pydantic-settings python-dotenv structlog tomli-w watchdog
-  cp models/smollm2-135m/{tokenizer.json,tokenizer_config.json,chat_template.jinja} \
-    $GPU/extra/tokenizer/
+    -d $GPU/extra/wheels pydantic-settings python-dotenv structlog tomli-w watchdog \
+    uvicorn watchfiles "model-hosting-container-standards>=0.1.14,<1" jmespath
+  cp models/smollm2-135m/{tokenizer_config.json,chat_template.jinja} $GPU/extra/tokenizer/
+  # gzipped: part 0 and these share one 64 MiB call
+  gzip -9c models/smollm2-135m/tokenizer.json > $GPU/extra/tokenizer/tokenizer.json.gz
   du -sh $GPU/part0 $GPU/part1 $GPU/extra ;;
 part0)
   mkdir -p /tmp/vp /tmp/extra
   cp $GPU/part0/* /tmp/vp/ && cp -r $GPU/extra/* /tmp/extra/
+  gunzip -f /tmp/extra/tokenizer/tokenizer.json.gz
   ls -l /tmp/vp; nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv ;;
 run)
   cp $GPU/part1/* /tmp/vp/
@@ -51,6 +57,6 @@ run)
   budget=$(( ${LIMIT_S:-600} - SECONDS - 50 ))
   echo "unpacked after ${SECONDS}s; parts budget ${budget}s"
   timeout $(( budget + 35 )) python3 -m benchmarks run gpu --repeats "${REPEATS:-3}" \
-    --budget-s "$budget" 2>&1 | tee "$BATCHD_BENCH_RESULTS/gpu-run.log" ;;
+    --budget-s "$budget" --fits "${FITS:-3}" 2>&1 | tee "$BATCHD_BENCH_RESULTS/gpu-run.log" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
