@@ -400,11 +400,11 @@ def probe(folder: Path, engine: dict, log: Path) -> dict:
 
 def run(repeats: int = 3, n: int = 5000, swaps: int = 6, fits: int = 3,
         budget_s: float = 480, quick: bool = False) -> Path:
-    """All three parts within about BUDGET_S seconds: part 1 until 55 % of it,
-    part 2 until 82 %, part 3 until the end (time one part leaves goes to the
-    next; with FITS 0, part 1 until 65 % and part 2 until the end). A part that
-    fails is recorded under "errors" and the others still run; the run then
-    ends with an error, after the record is written."""
+    """All three parts within about BUDGET_S seconds, shared 55/27/18 % among
+    those that run (SWAPS or FITS 0 leaves a part out and gives its time to the
+    others; time one part leaves goes to the next). A part that fails is
+    recorded under "errors" and the others still run; the run then ends with
+    an error, after the record is written."""
     began = time.monotonic()
     gpu = Gpu()
     if gpu.total_mib is None and not quick:
@@ -434,21 +434,23 @@ def run(repeats: int = 3, n: int = 5000, swaps: int = 6, fits: int = 3,
             print(f"{part} failed:\n{state['errors'][part]}", file=sys.stderr, flush=True)
         save()
 
-    ends = (0.55, 0.82) if fits else (0.65, 1.0)
+    shares = (0.55, 0.27 if swaps else 0.0, 0.18 if fits else 0.0)
+    ends = (shares[0] / sum(shares), (shares[0] + shares[1]) / sum(shares))
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         daemon, plan = setup(base, gpu, n)
         try:
             attempt("overhead", lambda: part_overhead(state, base, daemon, plan, repeats,
                                                       began + ends[0] * budget_s, save))
-            if daemon.proc.poll() is None:
+            if swaps and daemon.proc.poll() is None:
                 attempt("swaps", lambda: part_swaps(state, daemon, swaps,
                                                     began + ends[1] * budget_s))
         finally:
             daemon.close()
             for log in (base / "daemon.log", base / "raw.log"):
                 keep_log(log, path)
-        attempt("fit", lambda: part_fit(state, base, gpu, fits, began + budget_s))
+        if fits:
+            attempt("fit", lambda: part_fit(state, base, gpu, fits, began + budget_s))
         for log in base.glob("fit-*.log"):
             keep_log(log, path)
     overhead = state.get("overhead", {})

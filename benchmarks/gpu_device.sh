@@ -10,6 +10,7 @@
 #              carry: build/gpu/part0, build/gpu/extra
 #   device 2:  LIMIT_S=600 bash benchmarks/gpu_device.sh run   (within 30 s of call 1;
 #              LIMIT_S = the call's timeout_s)   carry: build/gpu/part1
+#              SWAPS=0 FITS=0 (and REPEATS=9): the whole budget goes to part 1
 #
 # The run writes the record, its logs and nvidia-smi's view to $OUT; commit
 # the record under benchmarks/results/.
@@ -57,6 +58,6 @@ run)
   budget=$(( ${LIMIT_S:-600} - SECONDS - 50 ))
   echo "unpacked after ${SECONDS}s; parts budget ${budget}s"
   timeout $(( budget + 35 )) python3 -m benchmarks run gpu --repeats "${REPEATS:-3}" \
-    --budget-s "$budget" --fits "${FITS:-3}" 2>&1 | tee "$BATCHD_BENCH_RESULTS/gpu-run.log" ;;
+    --budget-s "$budget" --swaps "${SWAPS:-6}" --fits "${FITS:-3}" 2>&1 | tee "$BATCHD_BENCH_RESULTS/gpu-run.log" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
