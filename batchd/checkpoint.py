@@ -1,7 +1,8 @@
 """The checkpoint: every answered line of a running job, appended in `work/`.
 
 One JSON object per line: ``{"line": N, "kind": "result"|"error", "out": {...}}``
-where ``out`` is the output line as it will be published. The file is fsynced
+where ``out`` is the output line as it will be published, byte for byte, so
+publishing copies it out without parsing it. The file is fsynced
 at least every ``sync_seconds`` or ``sync_every`` records, whichever comes
 first. A torn last record (a crash mid-write) is cut off when the file is
 reopened, so appends always start on a clean line.
@@ -11,11 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from .outbox import dumps_line
 
 
 class LineSet:
@@ -87,8 +91,7 @@ class Checkpoint:
         """Record one answer unless its line is answered already."""
         if line in self.done:
             return
-        record = {"line": line, "kind": kind, "out": out}
-        self._file.write(json.dumps(record).encode() + b"\n")
+        self._file.write(_record(line, kind, out))
         self.done.add(line)
         self.tally.count(kind, out)
         self._unsynced += 1
@@ -111,37 +114,60 @@ class Checkpoint:
             self.sync()
             self._file.close()
 
-    def ordered(self) -> Iterator[tuple[int, str, dict[str, Any]]]:
-        """Every record once, in input line order, in bounded memory.
+    def ordered(self) -> Iterator[tuple[int, str, bytes]]:
+        """Every record once, in input line order, in bounded memory: (line,
+        kind, the output line's bytes with their newline, as ``dumps_line``
+        writes it).
 
         Keeps one 8-byte offset per line and reads records back by seeking.
+        Every record is valid JSON here (opening cut off a torn tail; ``add``
+        wrote the rest), so a record in ``add``'s layout is split, not parsed:
+        the output line is the bytes between its head and the closing brace.
         """
         self.sync()
         offsets = array("q")
-        for _end, record, start in _records(self.path, with_start=True):
-            line = record["line"]
-            if line >= len(offsets):
-                offsets.extend([-1] * (line + 1 - len(offsets)))
-            if offsets[line] < 0:
-                offsets[line] = start
         with open(self.path, "rb") as stream:
+            start = 0
+            for raw in stream:
+                head = _HEAD.match(raw)
+                line = int(head[1]) if head else json.loads(raw)["line"]
+                if line >= len(offsets):
+                    offsets.extend([-1] * (line + 1 - len(offsets)))
+                if offsets[line] < 0:
+                    offsets[line] = start
+                start += len(raw)
             for line, offset in enumerate(offsets):
                 if offset >= 0:
                     stream.seek(offset)
-                    record = json.loads(stream.readline())
-                    yield line, record["kind"], record["out"]
+                    raw = stream.readline()
+                    head = _HEAD.match(raw)
+                    if head and raw.endswith(b"}\n"):
+                        yield line, head[2].decode(), raw[head.end():-2] + b"\n"
+                    else:  # another layout: parse it
+                        record = json.loads(raw)
+                        yield line, record["kind"], dumps_line(record["out"])
 
 
-def _records(path: Path, with_start: bool = False) -> Iterator[tuple]:
-    """(end offset, record[, start offset]) of every complete record."""
+def _record(line: int, kind: str, out: dict[str, Any]) -> bytes:
+    """One checkpoint record, valid JSON whose "out" holds the output line's
+    bytes exactly as ``dumps_line`` publishes them (``ordered`` cuts them out)."""
+    return b'{"line": %d, "kind": "%s", "out": %s}\n' % (line, kind.encode(),
+                                                        dumps_line(out)[:-1])
+
+
+_HEAD = re.compile(rb'\{"line": (\d+), "kind": "(result|error)", "out": ')
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(end offset, record) of every complete record."""
     with open(path, "rb") as stream:
         offset = 0
         for raw in stream:
-            start, offset = offset, offset + len(raw)
+            offset += len(raw)
             if not raw.endswith(b"\n"):
                 return  # torn by a crash mid-write
             try:
                 record = json.loads(raw)
             except ValueError:
                 return
-            yield (offset, record, start) if with_start else (offset, record)
+            yield offset, record

@@ -24,7 +24,7 @@ from .checkpoint import Checkpoint
 from .config import Settings
 from .job import Job
 from .lines import open_regular
-from .outbox import (JobState, StatusFile, dumps_line, read_status, sync_dir, utc_now,
+from .outbox import (JobState, StatusFile, read_status, sync_dir, utc_now,
                      write_atomic)
 from .router import Sidecar
 
@@ -52,8 +52,8 @@ def outputs(job: Job, ckpt: Checkpoint, final: JobState, models_dir: Path) -> di
     tmp = {kind: outbox / f".{job.name}.{kind}s.jsonl.tmp" for kind in ("result", "error")}
     streams = {kind: open(path, "wb") for kind, path in tmp.items()}
     try:
-        for _line, kind, out in ckpt.ordered():
-            streams[kind].write(dumps_line(out))
+        for _line, kind, out in ckpt.ordered():  # already as dumps_line writes it
+            streams[kind].write(out)
         for stream in streams.values():
             stream.flush()
             os.fsync(stream.fileno())
