@@ -6,7 +6,9 @@ import functools
 import os
 import platform
 import subprocess
+import tomllib
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 
@@ -44,9 +46,6 @@ def _source_version() -> str | None:
     """batchd's version from its source tree's pyproject.toml, when it runs from
     a checkout on PYTHONPATH rather than installed (as on a GPU host it is
     carried to)."""
-    import tomllib
-    from pathlib import Path
-
     try:
         with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
             project = tomllib.load(f).get("project", {})

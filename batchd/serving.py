@@ -38,7 +38,8 @@ def _first(modules: tuple[str, ...], name: str) -> Any:
         try:
             found = getattr(importlib.import_module(module), name, None)
         except ImportError as exc:
-            if exc.name is None or not module.startswith(exc.name):  # not just absent
+            absent = exc.name is not None and (module + ".").startswith(exc.name + ".")
+            if not absent:  # the module (or a package above it) exists but fails
                 causes.append(f"{module}: {exc}")
             continue
         if found is not None:

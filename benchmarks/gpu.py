@@ -37,7 +37,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from .common import MODELS, ROOT, summary, write_record
+from .common import MODELS, ROOT, summary, wait_final, write_record
 from .overhead import Raw
 
 QUICK = {"n": 24, "repeats": 1, "swaps": 2, "fits": 1}
@@ -202,16 +202,7 @@ class Daemon:
         started = time.perf_counter()
         os.rename(part, self.inbox / f"{name}.jsonl")
         status = self.outbox / f"{name}.status.jsonl"
-        deadline, seen = time.monotonic() + timeout, -1
-        while True:  # the file is read only when it grew (a 5,000-line job writes a lot)
-            size = status.stat().st_size if status.exists() else -1
-            if size != seen and size > 0:
-                seen = size
-                if re.search(r'"state": "(completed|failed)"', status.read_text()):
-                    break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name}: the daemon exited or the job hung")
-            time.sleep(0.005)
+        wait_final(status, self.proc, timeout)
         seconds = time.perf_counter() - started
         bench = json.loads((self.outbox / f"{name}.bench.json").read_text())
         if bench["requests"]["failed"]:
@@ -293,14 +284,12 @@ def part_overhead(state: dict, base: Path, daemon: Daemon, plan: dict, repeats: 
                 break  # another repeat would pass this part's deadline
     finally:
         raw.close()  # its GPU memory must be free before the swaps are measured
-    if not (result["raw"] and result["batchd"]):
-        return
     raw_s = summary([x["seconds"] for x in result["raw"]])
     gen = summary([x["generation_s"] for x in result["batchd"]])
     e2e = summary([x["end_to_end_s"] for x in result["batchd"]])
     tokens = result["raw"][0]["prompt_tokens"] + result["raw"][0]["completion_tokens"]
     result.update({
-        "repeats": min(len(result["raw"]), len(result["batchd"])),
+        "repeats": len(result["raw"]),
         "raw_s": raw_s, "batchd_generation_s": gen, "batchd_end_to_end_s": e2e,
         "generation_ratio": round(gen["median"] / raw_s["median"], 4),
         "end_to_end_ratio": round(e2e["median"] / raw_s["median"], 4),

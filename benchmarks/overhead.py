@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import BATCHD, MODELS, ensure_tiny, make_spool, summary, write_record
+from .common import (BATCHD, MODELS, ensure_tiny, make_spool, summary, wait_final,
+                     write_record)
 
 QUICK = {"n": 16, "max_tokens": 4, "repeats": 1}
 # model -> (folder under models/, vllm.LLM arguments, profile TOML for the daemon)
@@ -109,22 +110,8 @@ class Batchd:
         started = time.perf_counter()
         os.rename(tmpfile, self.inbox / f"{job}.jsonl")
         status = self.outbox / f"{job}.status.jsonl"
-        # Read the status file only when it grew, and poll at 10 ms: the peer's
-        # harness blocks on a pipe, and reading the file 200 times a second took
-        # 0.5 CPU-s a run from the two cores both sides share.
-        seen = -1
-        while True:
-            try:
-                size = status.stat().st_size
-            except FileNotFoundError:
-                size = -1
-            if size != seen:
-                seen = size
-                if size > 0 and '"state": "completed"' in status.read_text():
-                    break
-            if self.daemon.poll() is not None:
-                raise RuntimeError("the daemon exited")
-            time.sleep(0.01)
+        if wait_final(status, self.daemon) != "completed":
+            raise RuntimeError(f"{job} failed")
         end_to_end = time.perf_counter() - started
         bench = json.loads((self.outbox / f"{job}.bench.json").read_text())
         return {"end_to_end_s": end_to_end, "generation_s": bench["timing_s"]["generation"],

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import BATCHD, MODELS, ensure_tiny, make_spool, write_record
+from .common import BATCHD, MODELS, ensure_tiny, make_spool, wait_final, write_record
 
 QUICK = {"files": 2, "requests": 2}
 
@@ -60,11 +60,8 @@ def ours(tmp: Path, files: int, requests: int) -> dict:
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
     def wait(job: str) -> None:
-        status = outbox / f"{job}.status.jsonl"
-        while not (status.exists() and '"state": "completed"' in status.read_text()):
-            if daemon.poll() is not None:
-                raise RuntimeError("the daemon exited")
-            time.sleep(0.01)
+        if wait_final(outbox / f"{job}.status.jsonl", daemon) != "completed":
+            raise RuntimeError(f"{job} failed")
 
     try:
         started = time.perf_counter()
