@@ -10,12 +10,12 @@ from pathlib import Path
 
 import tomli_w
 
-from . import spool
+from .spool import inbox
 from .config import ConfigError, Settings, load_settings
 from .lines import LineError
 from .profiles import ProfileSet, shipped_profiles
-from .router import JobRejected, Sidecar, route
-from .validate import validate
+from .jobs.router import JobRejected, Sidecar, route
+from .jobs.validate import validate
 
 class UsageError(Exception):
     pass
@@ -90,8 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     try:
-        spool.ensure_dirs(settings)
-        spool.check_writable(settings)
+        inbox.ensure_dirs(settings)
+        inbox.check_writable(settings)
     except OSError as exc:
         raise ConfigError(f"cannot use the spool at {settings.spool.root}: "
                           f"{exc.strerror or exc}") from None
@@ -110,8 +110,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     source = Path(args.file)
     if not source.is_file():
         raise UsageError(f"no such file: {source}")
-    spool.ensure_dirs(settings)
-    stem = spool.safe_stem(source.name if source.name.endswith(".jsonl")
+    inbox.ensure_dirs(settings)
+    stem = inbox.safe_stem(source.name if source.name.endswith(".jsonl")
                            else source.stem + ".jsonl")
     name, n = stem, 1
     while any((settings.inbox / f"{name}{ext}").exists() for ext in (".jsonl", ".toml")) or \
@@ -135,7 +135,7 @@ def _copy_in(data, inbox: Path, name: str) -> None:
     """Write under a hidden name (never eligible), fsync, rename into place."""
     from functools import partial
 
-    from .outbox import write_atomic
+    from .spool.outbox import write_atomic
 
     chunks = [data] if isinstance(data, bytes) else iter(partial(data.read, 1 << 20), b"")
     write_atomic(inbox / name, chunks)
@@ -218,7 +218,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 def _check_profiles(settings: Settings, profiles: ProfileSet, name: str | None,
                     vram_text: str) -> int:
-    from .fit import FitError, check, parse_size
+    from .engine.fit import FitError, check, parse_size
 
     try:
         vram = parse_size(vram_text)
@@ -246,7 +246,7 @@ def _check_profiles(settings: Settings, profiles: ProfileSet, name: str | None,
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .recipes import RECIPES, RecipeError, prepare
+    from .engine.recipes import RECIPES, RecipeError, prepare
 
     settings = _settings(args)
     if args.action == "list":
@@ -264,7 +264,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from .outbox import JobState, read_status
+    from .spool.outbox import JobState, read_status
 
     settings = _settings(args)
     job = args.job
@@ -294,7 +294,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                         "models_dir": "models"},
         }))
     settings = load_settings(config)
-    spool.ensure_dirs(settings)
+    inbox.ensure_dirs(settings)
     print(f"spool ready at {settings.spool.root}; config {config}")
     return 0
 
@@ -302,7 +302,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .api import Keys, create_app, is_local, parse_listen
+    from .api.app import Keys, create_app, is_local, parse_listen
 
     settings = _settings(args)
     listen = args.listen or settings.api.listen

@@ -18,17 +18,18 @@ from typing import Callable, Iterator
 
 import structlog
 
-from . import publish, spool
+from .jobs import publish
+from .spool import inbox
 from .config import Settings
 from .engine import Engine, EnginePool
-from .hosted import engine_factory, reap_engines
-from .lease import Leases
+from .engine.hosted import engine_factory, reap_engines
+from .spool.lease import Leases
 from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
 from .profiles import Profile, ProfileSet
-from .runner import Runner
+from .jobs.runner import Runner
 from .scheduler import Backlog, order
-from .watcher import Watcher
+from .spool.watcher import Watcher
 
 log = structlog.get_logger()
 
@@ -46,7 +47,7 @@ class Daemon:
         self.beat = watchdog_interval()
         self.pool = EnginePool(self._keepalive(factory or engine_factory(settings)))
         self.runner = Runner(settings, self.profiles, self.pool, self.stop, self._progress)
-        self.settler = spool.Settler(settings.watch.settle_seconds)
+        self.settler = inbox.Settler(settings.watch.settle_seconds)
         self.leases = Leases(settings.work, settings.scheduling.lease_seconds)
         self.metrics = Metrics(settings.metrics.textfile)
         self.reported: set[str] = set()  # non-regular entries that could not be moved
@@ -58,8 +59,8 @@ class Daemon:
 
     def setup(self) -> None:
         os.umask(self.settings.spool.umask)
-        spool.ensure_dirs(self.settings)
-        spool.check_writable(self.settings)
+        inbox.ensure_dirs(self.settings)
+        inbox.check_writable(self.settings)
         for error in self.profiles.errors:
             log.error("profile_invalid", error=error)
         mode = os.stat(self.settings.inbox).st_mode
@@ -68,7 +69,7 @@ class Daemon:
             log.warning("inbox_world_writable", inbox=str(self.settings.inbox),
                         fix=f"chmod +t {self.settings.inbox}")
         reap_engines(self.settings)
-        for path, name in spool.orphan_claims(self.settings):
+        for path, name in inbox.orphan_claims(self.settings):
             # A crash between the claim's two renames: give the file back.
             os.rename(path, self.settings.inbox / name)
             log.warning("claim_returned", file=name)
@@ -80,7 +81,7 @@ class Daemon:
         now = self.clock() if now is None else now
         if self.stop.is_set():
             return False
-        for job in spool.unfinished(self.settings):
+        for job in inbox.unfinished(self.settings):
             if self.retry_at.get(job, 0.0) > now or not self.leases.acquire(job):
                 continue  # stalled, or another live daemon's job
             self._run(job, now)
@@ -89,10 +90,10 @@ class Daemon:
             for name in self.watcher.take_renamed():
                 self.settler.mark_renamed(name)
         ready: list[tuple[str, os.stat_result]] = []
-        present = spool.scan(self.settings.inbox)
+        present = inbox.scan(self.settings.inbox)
         self.backlog.present([name for name, _ in present], now)
         for name, st in present:
-            why = spool.refusal(st)
+            why = inbox.refusal(st)
             if why:
                 if name not in self.reported:
                     if not publish.reject_entry(self.settings, name, why):
@@ -100,7 +101,7 @@ class Daemon:
                     return True
                 continue
             if self.settings.watch.require_ready_marker and \
-                    not spool.has_marker(self.settings.inbox, name):
+                    not inbox.has_marker(self.settings.inbox, name):
                 continue
             if not self.settler.settled(name, st, now) or self.retry_at.get(name, 0.0) > now:
                 continue
@@ -112,7 +113,7 @@ class Daemon:
             name = candidate.name
             self.settler.forget(name)
             try:
-                claimed = spool.claim(self.settings, name, self.leases)
+                claimed = inbox.claim(self.settings, name, self.leases)
             except OSError as exc:
                 self._stalled(name, now, exc, "claim_failed")
                 continue
@@ -185,8 +186,8 @@ class Daemon:
 
     def waiting(self) -> bool:
         """Whether eligible files are still settling in the inbox."""
-        return any(spool.is_regular(st) and name not in self.reported
-                   for name, st in spool.scan(self.settings.inbox))
+        return any(inbox.is_regular(st) and name not in self.reported
+                   for name, st in inbox.scan(self.settings.inbox))
 
     # -- the loop --------------------------------------------------------------
 

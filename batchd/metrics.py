@@ -78,7 +78,7 @@ class Metrics:
     def write(self) -> None:
         if self.path is None:
             return
-        from .outbox import write_atomic
+        from .spool.outbox import write_atomic
 
         try:
             write_atomic(self.path, [generate_latest(self.registry)])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .profiles import ProfileSet
-from .router import JobRejected, hint, read_sidecar
+from .jobs.router import JobRejected, hint, read_sidecar
 
 
 @dataclass(frozen=True)

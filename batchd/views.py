@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import spool
+from .spool import inbox
 from .config import Settings
-from .outbox import FINAL_STATES, JobState, read_status
+from .spool.outbox import FINAL_STATES, JobState, read_status
 
 
 def _age(ts: str | None) -> str:
@@ -47,8 +47,8 @@ def job_rows(settings: Settings) -> list[dict[str, Any]]:
             "message": last.get("message", ""),
         })
     rows.sort(key=lambda r: r["started"], reverse=True)
-    for name, _st in spool.scan(settings.inbox):
-        rows.append({"job": spool.safe_stem(name), "state": "waiting", "profile": None,
+    for name, _st in inbox.scan(settings.inbox):
+        rows.append({"job": inbox.safe_stem(name), "state": "waiting", "profile": None,
                      "completed": 0, "failed": 0, "total": 0, "output_tokens_per_s": None,
                      "eta_s": None, "started": None, "updated": None,
                      "message": "in inbox, not claimed yet"})

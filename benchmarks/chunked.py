@@ -27,7 +27,7 @@ def child(n: int, repeats: int, chunk: int, window: int) -> None:
 
     from batchd.lines import CHAT, Request
     from batchd.profiles import Profile
-    from batchd.vllm_engine import VllmEngine
+    from batchd.engine.vllm_engine import VllmEngine
 
     profile = Profile(name="tiny", model="batchd/tiny-llama", recipe="tiny-llama",
                       engine={"dtype": "float32", "max_model_len": 512, "enforce_eager": True})

@@ -120,7 +120,7 @@ def peak_rss(cmd: list[str], env: dict | None = None, cwd: Path | None = None
             if child.pid not in names:
                 try:
                     line = " ".join(child.cmdline())
-                    names[child.pid] = "batchd.enginehost" if "batchd.enginehost" in line \
+                    names[child.pid] = "batchd.engine.host" if "batchd.engine.host" in line \
                         else child.name()
                 except psutil.Error:
                     continue

@@ -329,7 +329,7 @@ def part_swaps(state: dict, daemon: Daemon, swaps: int, deadline: float) -> None
 
 def part_fit(state: dict, base: Path, gpu: Gpu, fits: int, deadline: float) -> None:
     """Each shipped profile's shape loaded by vLLM at the profile's settings."""
-    from batchd.fit import check, parse_size
+    from batchd.engine.fit import check, parse_size
     from batchd.profiles import load_profile
 
     small = gpu.total_mib is None

@@ -53,7 +53,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def final_state(outbox: Path, job: str) -> str | None:
-    from batchd.outbox import read_status  # skips a line the daemon is still writing
+    from batchd.spool.outbox import read_status  # skips a line the daemon is still writing
     records = read_status(outbox / f"{job}.status.jsonl")
     if records and records[-1]["state"] in ("completed", "failed", "cancelled", "expired"):
         return records[-1]["state"]

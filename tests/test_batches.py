@@ -9,8 +9,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from batchd.api import create_app, is_local, parse_listen
-from batchd.batches import Store
+from batchd.api.app import create_app, is_local, parse_listen
+from batchd.api.batches import Store
 from batchd.config import ConfigError
 
 from conftest import drain, drop

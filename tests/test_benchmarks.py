@@ -26,7 +26,7 @@ def test_memory_scenario_runs_and_records(tiny_model, tmp_path):
     assert set(record["peak_ratio_large_over_small"]) == {"fake", "vllm",
                                                           "vllm_engine_processes"}
     for run in record["runs"]:  # the model lives in batchd's engine process
-        assert ("batchd.enginehost" in run["engine_processes"]) == (run["engine"] == "vllm")
+        assert ("batchd.engine.host" in run["engine_processes"]) == (run["engine"] == "vllm")
     assert record["machine"]["hardware"]["cpu_count"] >= 1
 
 

@@ -12,7 +12,7 @@ import pytest
 from batchd.engine import EngineDead
 from batchd.lines import CHAT, LineError, Request
 from batchd.profiles import Profile
-from batchd.vllm_engine import VllmEngine
+from batchd.engine.vllm_engine import VllmEngine
 
 
 class FakeServing:

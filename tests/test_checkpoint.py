@@ -3,8 +3,8 @@ order, as the exact bytes the outbox publishes (no engine needed)."""
 
 import json
 
-from batchd.checkpoint import Checkpoint
-from batchd.outbox import dumps_line
+from batchd.spool.checkpoint import Checkpoint
+from batchd.spool.outbox import dumps_line
 
 
 def out_line(n: int, text: str) -> dict:

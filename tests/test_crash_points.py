@@ -25,7 +25,7 @@ def big_job(spool_config, tmp_path):
 
 
 def last_state(spool):
-    from batchd.outbox import read_status  # the daemon may be mid-line
+    from batchd.spool.outbox import read_status  # the daemon may be mid-line
     records = read_status(spool / "outbox" / "big.status.jsonl")
     return records[-1] if records else {}
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from hypothesis import given, settings, strategies as st
 
-from batchd import spool
+from batchd.spool import inbox as spool
 from batchd.profiles import ProfileSet
-from batchd.router import JobRejected, ModelVote, Sidecar, hint, read_sidecar, route
+from batchd.jobs.router import JobRejected, ModelVote, Sidecar, hint, read_sidecar, route
 
 from conftest import OTHER_PROFILE, TINY_PROFILE
 

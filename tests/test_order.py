@@ -11,11 +11,11 @@ import random
 
 import pytest
 
-from batchd.checkpoint import Checkpoint
+from batchd.spool.checkpoint import Checkpoint
 from batchd.daemon import Daemon
 from batchd.engine import FakeEngine
 from batchd.lines import Request
-from batchd.order import PrefixOrder, prefix_text, sort_key
+from batchd.jobs.order import PrefixOrder, prefix_text, sort_key
 
 from conftest import drain, drop, read_jsonl
 

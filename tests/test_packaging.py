@@ -56,7 +56,7 @@ def test_wheel_ships_profiles_and_runs_in_a_fresh_virtualenv(tmp_path):
     out = subprocess.run([str(batchd), "validate", str(job), "--config", str(config)],
                          capture_output=True, text=True, cwd=work)
     assert out.returncode == 1 and "line 2" in out.stdout + out.stderr
-    page = run(venv / "bin" / "python", "-c", "from batchd.api import create_app; "
+    page = run(venv / "bin" / "python", "-c", "from batchd.api.app import create_app; "
                "from batchd.config import load_settings; from fastapi.testclient import "
                f"TestClient; print(TestClient(create_app(load_settings({str(config)!r})))"
                ".get('/').text)", cwd=work)

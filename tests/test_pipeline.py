@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from batchd.checkpoint import Checkpoint
+from batchd.spool.checkpoint import Checkpoint
 from batchd.daemon import Daemon
 from batchd.engine import FakeEngine
 from batchd.profiles import ProfileSet

@@ -3,7 +3,7 @@
 import pytest
 
 from batchd.profiles import ProfileSet
-from batchd.router import JobRejected, ModelVote, Sidecar, read_sidecar, route
+from batchd.jobs.router import JobRejected, ModelVote, Sidecar, read_sidecar, route
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_sidecar_symlink_is_refused(tmp_path):
 def test_sidecar_deadline_from_window_or_absolute_time():
     from datetime import datetime, timedelta, timezone
 
-    from batchd.router import Sidecar
+    from batchd.jobs.router import Sidecar
     claimed = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
     assert Sidecar().deadline(claimed) is None
     assert Sidecar(completion_window="90m").deadline(claimed) == claimed + timedelta(minutes=90)

@@ -1,8 +1,8 @@
-"""batchd.serving's lookup of vLLM's entry points across releases (no vLLM needed)."""
+"""batchd.engine.serving's lookup of vLLM's entry points across releases (no vLLM needed)."""
 
 import pytest
 
-from batchd.serving import _first
+from batchd.engine.serving import _first
 
 
 def test_first_takes_the_first_module_that_has_the_name():

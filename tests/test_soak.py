@@ -10,7 +10,7 @@ import random
 import psutil
 import pytest
 
-from batchd.spool import safe_stem
+from batchd.spool.inbox import safe_stem
 
 from conftest import final_state, read_jsonl, wait_for
 

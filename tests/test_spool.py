@@ -3,8 +3,8 @@
 import os
 import threading
 
-from batchd import spool
-from batchd.lease import Leases
+from batchd.spool import inbox as spool
+from batchd.spool.lease import Leases
 
 
 def test_eligible_names():
@@ -76,7 +76,7 @@ def test_orphan_claim_goes_back(settings):
 
 
 def test_auto_mode_polls_on_network_filesystems(monkeypatch, tmp_path):
-    from batchd import watcher
+    from batchd.spool import watcher
     monkeypatch.setattr(watcher, "filesystem_type", lambda path: "nfs4")
     assert watcher.choose_mode("auto", tmp_path) == (
         "poll", "inbox is on nfs4, where inotify misses remote writes")
@@ -88,7 +88,7 @@ def test_auto_mode_polls_on_network_filesystems(monkeypatch, tmp_path):
 
 
 def test_filesystem_type_reads_the_mount_table(tmp_path):
-    from batchd.watcher import filesystem_type
+    from batchd.spool.watcher import filesystem_type
     assert filesystem_type(tmp_path) != "unknown"
 
 

@@ -64,8 +64,8 @@ def engine_cores(proc):
 
 
 def engine_hosts(proc):
-    """The daemon's engine process (python -m batchd.enginehost)."""
-    return [p for p in children(proc) if "batchd.enginehost" in command(p)]
+    """The daemon's engine process (python -m batchd.engine.host)."""
+    return [p for p in children(proc) if "batchd.engine.host" in command(p)]
 
 
 def check_exactly_once(outbox):
@@ -175,7 +175,7 @@ def test_second_sigterm_exits_at_once_without_loss(crash_spool, daemons):
     first.proc.send_signal(signal.SIGTERM)
     # Two signals sent back to back may merge into one; the second goes once the
     # first has been acted on (the job checkpointed), while the engine shuts down.
-    from batchd.outbox import read_status
+    from batchd.spool.outbox import read_status
     wait_for(lambda: read_status(outbox / "long.status.jsonl")[-1].get("phase") == "interrupted",
              60, interval=0.01, what="the first SIGTERM to be handled")
     first.proc.send_signal(signal.SIGTERM)

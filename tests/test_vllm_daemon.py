@@ -113,7 +113,7 @@ def test_cancel_a_running_job(served):
     lines = [{"custom_id": f"r{i}", "prompt": f"count {i}", "max_tokens": 200,
               "ignore_eos": True} for i in range(3000)]
     drop(inbox, "big.jsonl", lines)
-    from batchd.outbox import read_status  # the daemon may be mid-line
+    from batchd.spool.outbox import read_status  # the daemon may be mid-line
     wait_for(lambda: (read_status(outbox / "big.status.jsonl") or [{}])[-1]
              .get("request_counts", {}).get("completed", 0) > 0, 300, what="first answers")
     import subprocess

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
-from .profiles import Profile
+from ..profiles import Profile
 
 GIB = 1024**3
 OVERHEAD_BYTES = int(1.5 * 1e9)  # activations, CUDA graphs, the CUDA context

@@ -19,12 +19,13 @@ from typing import Any
 import structlog
 import tomli_w
 
-from . import bench, spool
-from .checkpoint import Checkpoint
-from .config import Settings
+from .. import bench
+from ..spool import inbox
+from ..spool.checkpoint import Checkpoint
+from ..config import Settings
 from .job import Job
-from .lines import open_regular
-from .outbox import (JobState, StatusFile, read_status, sync_dir, utc_now,
+from ..lines import open_regular
+from ..spool.outbox import (JobState, StatusFile, read_status, sync_dir, utc_now,
                      write_atomic)
 from .router import Sidecar
 
@@ -132,8 +133,8 @@ def reject_entry(settings: Settings, name: str, why: str) -> bool:
     """A symlink, FIFO, socket, device, folder or hard link named *.jsonl in
     the inbox: never opened, never followed; moved to failed/ with a failed
     status. False when it could not be moved (it is then left in the inbox)."""
-    moved = spool.move_to_failed(settings, name)
-    job = spool.reserve_name(settings, spool.safe_stem(name))
+    moved = inbox.move_to_failed(settings, name)
+    job = inbox.reserve_name(settings, inbox.safe_stem(name))
     message = f"{name!r} {why}" + ("" if moved else "; left in inbox")
     StatusFile(settings.outbox / f"{job}.status.jsonl", job).write(
         JobState.FAILED, phase="done", message=message,

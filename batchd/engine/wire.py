@@ -1,5 +1,5 @@
 """The messages between the daemon and its engine process (``hosted.py`` is
-the daemon's side, ``enginehost.py`` the engine process's).
+the daemon's side, ``host.py`` the engine process's).
 
 They travel over a socket pair with multiprocessing's message framing, each a
 tuple whose first item is a ``Msg``:

@@ -3,7 +3,7 @@
 vLLM does not reliably give back GPU memory when a model is dropped inside a
 living process (CUDA context, allocator caches, compiled graphs, its own
 worker processes). The only release that is guaranteed is a process exit. So
-every loaded model lives in a child, ``python -m batchd.enginehost``, which runs
+every loaded model lives in a child, ``python -m batchd.engine.host``, which runs
 ``VllmEngine`` and nothing else; ``HostedEngine`` is its stand-in in the daemon.
 Closing it ends the child and the vLLM processes under it, and the daemon
 itself never imports vLLM or torch. The messages are in ``wire.py``.
@@ -31,10 +31,10 @@ from typing import IO, Any, Callable, Generator, Iterable
 
 import structlog
 
-from .config import Settings
-from .engine import Answer, Engine, EngineDead, FakeEngine
-from .lines import Request
-from .profiles import Profile
+from ..config import Settings
+from . import Answer, Engine, EngineDead, FakeEngine
+from ..lines import Request
+from ..profiles import Profile
 from .wire import Msg
 
 log = structlog.get_logger()
@@ -85,7 +85,7 @@ class HostedEngine:
         self.pidfile = pidfile
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batchd.enginehost", str(theirs.fileno())],
+            [sys.executable, "-m", "batchd.engine.host", str(theirs.fileno())],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         theirs.close()

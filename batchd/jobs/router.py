@@ -15,9 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import first_error
-from .lines import open_regular
-from .profiles import Profile, ProfileSet, SamplingDefaults
+from ..config import first_error
+from ..lines import open_regular
+from ..profiles import Profile, ProfileSet, SamplingDefaults
 
 
 class JobRejected(Exception):

@@ -1,4 +1,4 @@
-"""The engine process: ``python -m batchd.enginehost FD``.
+"""The engine process: ``python -m batchd.engine.host FD``.
 
 Loads one profile's model with ``VllmEngine`` and answers the daemon's streams
 over the socket FD (messages in ``wire.py``; the daemon's side is
@@ -16,8 +16,8 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any, Iterator
 
-from .engine import EngineDead
-from .lines import Request
+from . import EngineDead
+from ..lines import Request
 from .wire import WANT_BATCH, Msg
 
 FLUSH_SECONDS = 0.1  # answers go back at most this often ...

@@ -27,10 +27,10 @@ from typing import Any
 
 import tomli_w
 
-from . import spool
-from .config import Settings
-from .lines import URLS
-from .outbox import JobState, read_status, write_atomic
+from ..spool import inbox
+from ..config import Settings
+from ..lines import URLS
+from ..spool.outbox import JobState, read_status, write_atomic
 
 # A job name as spool.safe_stem makes it; a file id is one of those with a kind.
 JOB_ID = re.compile(r"[A-Za-z0-9_+=@,][A-Za-z0-9._+=@,-]{0,199}")
@@ -85,7 +85,7 @@ class Store:
         self._lock = threading.Lock()
 
     def ensure_dirs(self) -> None:
-        spool.ensure_dirs(self.settings)
+        inbox.ensure_dirs(self.settings)
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self.batches_dir.mkdir(parents=True, exist_ok=True)
 
@@ -247,7 +247,7 @@ class Store:
         history = read_status(self.settings.outbox / f"{batch_id}.status.jsonl")
         waiting = self.settings.inbox / f"{batch_id}.jsonl"
         if not history and record is None and not (
-                spool.is_eligible_name(waiting.name) and waiting.is_file()
+                inbox.is_eligible_name(waiting.name) and waiting.is_file()
                 or (self.settings.outbox / f"{batch_id}.status.jsonl").exists()):
             raise ApiError(404, f"No such Batch object: {batch_id}", "batch_not_found",
                            "batch_id")
@@ -352,7 +352,7 @@ class Store:
         inbox, and created batches whose file is between inbox and claim."""
         names = {p.name[: -len(".status.jsonl")] for p in
                  self.settings.outbox.glob("*.status.jsonl")}
-        names |= {name[: -len(".jsonl")] for name, _ in spool.scan(self.settings.inbox)}
+        names |= {name[: -len(".jsonl")] for name, _ in inbox.scan(self.settings.inbox)}
         names |= {p.stem for p in self.batches_dir.glob("*.json")}
         found = []
         for name in names:

@@ -8,11 +8,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Tally
-from .config import Settings
+from ..spool.checkpoint import Tally
+from ..config import Settings
 from .order import PrefixOrder
-from .outbox import StatusFile, utc_now
-from .profiles import Profile
+from ..spool.outbox import StatusFile, utc_now
+from ..profiles import Profile
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
 
-from .config import Settings
+from ..config import Settings
 from .lease import Leases, pid_alive
 
 IGNORED_SUFFIXES = (".part", ".tmp", "~")

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .config import LimitsConfig
-from .lines import Dedup, LineError, Request, iter_file_at
+from ..config import LimitsConfig
+from ..lines import Dedup, LineError, Request, iter_file_at
 from .router import JobRejected, ModelVote
 
 

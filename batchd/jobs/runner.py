@@ -17,15 +17,15 @@ from typing import Any, Callable, Iterator
 import structlog
 
 from . import publish
-from .checkpoint import Checkpoint
-from .config import Settings
-from .engine import EngineDead, EnginePool
+from ..spool.checkpoint import Checkpoint
+from ..config import Settings
+from ..engine import EngineDead, EnginePool
 from .job import Job
-from .lines import LineError, NotRegularFile, Request, open_regular, read_line_at
+from ..lines import LineError, NotRegularFile, Request, open_regular, read_line_at
 from .order import PrefixOrder
-from .outbox import (JobState, error_line, read_status, result_line,
+from ..spool.outbox import (JobState, error_line, read_status, result_line,
                      sync_dir)
-from .profiles import ProfileSet
+from ..profiles import ProfileSet
 from .router import JobRejected, ModelVote, Sidecar, read_sidecar, route
 from .validate import classified, validate
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, cast
 
-from .lines import (CHAT, COMPLETIONS, EMBEDDINGS, RERANK_URLS, RESPONSES, SCORE_URLS,
+from ..lines import (CHAT, COMPLETIONS, EMBEDDINGS, RERANK_URLS, RESPONSES, SCORE_URLS,
                     LineError, Request)
-from .profiles import Profile
+from ..profiles import Profile
 
 
 def _first(modules: tuple[str, ...], name: str) -> Any:

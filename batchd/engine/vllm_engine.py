@@ -5,7 +5,7 @@ live on an event loop in a thread of their own, and this class feeds them from
 the engine process's synchronous loop. At most ``window`` requests are in
 flight; each finished one comes back through a queue as an ``Answer``. When
 vLLM's engine core dies, ``EngineDead`` is raised and the runner starts a fresh
-engine. The daemon runs this class inside ``batchd.enginehost``, a process of
+engine. The daemon runs this class inside ``batchd.engine.host``, a process of
 its own per loaded model.
 """
 
@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Generator, Iterable
 
-from .engine import Answer, EngineDead
-from .lines import Request
-from .profiles import Profile
+from . import Answer, EngineDead
+from ..lines import Request
+from ..profiles import Profile
 
 QUIET_SECONDS = 0.1  # an empty list comes back this often when nothing finished
 

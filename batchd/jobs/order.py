@@ -38,7 +38,7 @@ import math
 from array import array
 from typing import Any, Iterator
 
-from .lines import Request
+from ..lines import Request
 
 LEVELS = (256, 1024, 4096, 16384)  # characters of prefix text hashed at each level
 BITS = (12, 10, 8, 4)  # bits kept of each level's hash

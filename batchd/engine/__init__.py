@@ -17,8 +17,8 @@ from typing import Any, Callable, Generator, Iterable, Protocol
 
 import structlog
 
-from .lines import CHAT, COMPLETIONS, EMBEDDINGS, LineError, Request
-from .profiles import Profile
+from ..lines import CHAT, COMPLETIONS, EMBEDDINGS, LineError, Request
+from ..profiles import Profile
 
 log = structlog.get_logger()
 

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import structlog
 
-from .lines import LineError, Request
+from ..lines import LineError, Request
 
 log = structlog.get_logger()
 

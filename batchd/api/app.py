@@ -24,9 +24,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batches import ApiError, Store
-from .config import ConfigError, Settings
-from .outbox import read_status
-from .views import bench_groups, job_rows
+from ..config import ConfigError, Settings
+from ..spool.outbox import read_status
+from ..views import bench_groups, job_rows
 
 PURPOSES = ("batch", "user_data")
 
@@ -180,7 +180,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> FastAPI:
 
     # -- dashboard -------------------------------------------------------------
 
-    page = resources.files("batchd").joinpath("dashboard.html").read_text(encoding="utf-8")
+    page = resources.files("batchd.api").joinpath("dashboard.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
     def dashboard() -> str:
