@@ -10,12 +10,14 @@ from pathlib import Path
 
 import tomli_w
 
-from .spool import inbox
 from .config import ConfigError, Settings, load_settings
-from .lines import LineError
-from .profiles import ProfileSet, shipped_profiles
 from .jobs.router import JobRejected, Sidecar, route
 from .jobs.validate import validate
+from .layout import INPUT, is_final
+from .lines import LineError
+from .profiles import ProfileSet, shipped_profiles
+from .spool import inbox
+
 
 class UsageError(Exception):
     pass
@@ -111,42 +113,43 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not source.is_file():
         raise UsageError(f"no such file: {source}")
     inbox.ensure_dirs(settings)
-    stem = inbox.safe_stem(source.name if source.name.endswith(".jsonl")
-                           else source.stem + ".jsonl")
+    layout = settings.layout
+    stem = inbox.safe_stem(source.stem + INPUT)
     name, n = stem, 1
-    while any((settings.inbox / f"{name}{ext}").exists() for ext in (".jsonl", ".toml")) or \
-            (settings.outbox / f"{name}.status.jsonl").exists() or \
-            (settings.work / f"{name}.jsonl").exists():
+    while any(path.exists() for path in (
+            layout.inbox / f"{name}{INPUT}", layout.inbox_sidecar(f"{name}{INPUT}"),
+            layout.status(name), layout.input(name))):
         n += 1
         name = f"{stem}-{n}"
     if args.profile:
         profiles = ProfileSet.load(settings.routing.profiles_dir)
         if profiles.lookup(args.profile) is None:
             raise UsageError(f"unknown profile {args.profile!r}; known: {profiles.known()}")
-        _copy_in(tomli_w.dumps({"profile": args.profile}).encode(), settings.inbox,
-                 f"{name}.toml")
+        _copy_in(tomli_w.dumps({"profile": args.profile}).encode(),
+                 layout.inbox_sidecar(f"{name}{INPUT}"))
     with open(source, "rb") as stream:
-        _copy_in(stream, settings.inbox, f"{name}.jsonl")
+        _copy_in(stream, layout.inbox / f"{name}{INPUT}")
     print(name)
     return 0
 
 
-def _copy_in(data, inbox: Path, name: str) -> None:
+def _copy_in(data, target: Path) -> None:
     """Write under a hidden name (never eligible), fsync, rename into place."""
     from functools import partial
 
     from .spool.outbox import write_atomic
 
     chunks = [data] if isinstance(data, bytes) else iter(partial(data.read, 1 << 20), b"")
-    write_atomic(inbox / name, chunks)
+    write_atomic(target, chunks)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .views import follow, job_rows, print_job, print_table
+    from .spool.listing import job_rows
+    from .views import follow, print_job, print_table
 
     settings = _settings(args)
     if args.job:
-        path = settings.outbox / f"{args.job}.status.jsonl"
+        path = settings.layout.status(args.job)
         if not path.exists():
             raise UsageError(f"no such job: {args.job}")
         if args.follow:
@@ -177,8 +180,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     total = 0
     try:
         total, votes = validate(path, settings.limits, on_error)
-        profile, reason = route(path.name[:-6] if path.name.endswith(".jsonl") else path.stem,
-                                Sidecar(profile=args.profile), votes, profiles,
+        job = path.name.removesuffix(INPUT) if path.name.endswith(INPUT) else path.stem
+        profile, reason = route(job, Sidecar(profile=args.profile), votes, profiles,
                                 settings.routing.default_profile)
         where = f"profile {profile.name} ({reason})"
     except JobRejected as exc:
@@ -264,20 +267,20 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from .spool.outbox import JobState, read_status
+    from .spool.outbox import read_status
 
-    settings = _settings(args)
+    layout = _settings(args).layout
     job = args.job
-    history = read_status(settings.outbox / f"{job}.status.jsonl")
-    if history and JobState(history[-1]["state"]).final:
+    history = read_status(layout.status(job))
+    if history and is_final(history[-1]["state"]):
         print(f"{job} already ended: {history[-1]['state']}")
         return 0
-    known = (settings.work / f"{job}.jsonl").exists() or \
-        (settings.inbox / f"{job}.jsonl").exists() or bool(history)
+    known = layout.input(job).exists() or (layout.inbox / f"{job}{INPUT}").exists() \
+        or bool(history)
     if not known:
         print(f"no such job: {job}", file=sys.stderr)
         return 1
-    _copy_in(b"", settings.inbox, f"{job}.cancel")
+    _copy_in(b"", layout.cancel(job))
     print(f"cancel requested for {job}")
     return 0
 

@@ -16,6 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .layout import Layout
+
 SEARCH_PATH = (Path("config.toml"), Path("/etc/batchd/config.toml"))
 
 
@@ -130,20 +132,25 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
     @property
+    def layout(self) -> Layout:
+        """Every path of this spool and of its jobs (batchd/layout.py)."""
+        return Layout(self.spool.root)
+
+    @property
     def inbox(self) -> Path:
-        return self.spool.root / "inbox"
+        return self.layout.inbox
 
     @property
     def work(self) -> Path:
-        return self.spool.root / "work"
+        return self.layout.work
 
     @property
     def outbox(self) -> Path:
-        return self.spool.root / "outbox"
+        return self.layout.outbox
 
     @property
     def failed(self) -> Path:
-        return self.spool.root / "failed"
+        return self.layout.failed
 
 
 def find_config(explicit: str | os.PathLike | None = None) -> Path | None:

@@ -18,17 +18,17 @@ from typing import Callable, Iterator
 
 import structlog
 
-from .jobs import publish
-from .spool import inbox
 from .config import Settings
 from .engine import Engine, EnginePool
 from .engine.hosted import engine_factory, reap_engines
-from .spool.lease import Leases
+from .jobs import publish
+from .jobs.runner import Runner
 from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
 from .profiles import Profile, ProfileSet
-from .jobs.runner import Runner
 from .scheduler import Backlog, order
+from .spool import inbox
+from .spool.lease import Leases
 from .spool.watcher import Watcher
 
 log = structlog.get_logger()
@@ -46,12 +46,12 @@ class Daemon:
         self.notifier = Notifier()
         self.beat = watchdog_interval()
         self.pool = EnginePool(self._keepalive(factory or engine_factory(settings)))
-        self.runner = Runner(settings, self.profiles, self.pool, self.stop, self._progress)
+        self.runner = Runner(settings, self.pool, self.stop, self._progress)
         self.settler = inbox.Settler(settings.watch.settle_seconds)
-        self.leases = Leases(settings.work, settings.scheduling.lease_seconds)
+        self.leases = Leases(settings.layout, settings.scheduling.lease_seconds)
         self.metrics = Metrics(settings.metrics.textfile)
         self.reported: set[str] = set()  # non-regular entries that could not be moved
-        self.backlog = Backlog(settings.inbox, settings.routing.default_profile)
+        self.backlog = Backlog(settings.layout, settings.routing.default_profile)
         self.retry_at: dict[str, float] = {}  # job or file -> when to try again after OSError
         self.retry_seconds = 10.0
         self.watcher: Watcher | None = None
@@ -101,7 +101,7 @@ class Daemon:
                     return True
                 continue
             if self.settings.watch.require_ready_marker and \
-                    not inbox.has_marker(self.settings.inbox, name):
+                    not inbox.has_marker(self.settings.layout, name):
                 continue
             if not self.settler.settled(name, st, now) or self.retry_at.get(name, 0.0) > now:
                 continue
@@ -166,7 +166,7 @@ class Daemon:
     def _run(self, job: str, now: float, note: str = "", waited: float = 0.0) -> None:
         self.notifier.status(f"running {job}")
         try:
-            outcome = self.runner.run(job, note, waited)
+            outcome = self.runner.run(job, self.profiles, note, waited)
         except OSError as exc:  # other jobs go on; this one is retried later
             self._stalled(job, now, exc, "job_stalled")
             publish.stalled(self.settings, job, exc)
@@ -251,7 +251,6 @@ class Daemon:
         self.reload.clear()
         self.backlog.reloaded()
         self.profiles = ProfileSet.load(self.settings.routing.profiles_dir)
-        self.runner.profiles = self.profiles
         for error in self.profiles.errors:
             log.error("profile_invalid", error=error)
         log.info("profiles_reloaded", profiles=sorted(self.profiles.profiles))

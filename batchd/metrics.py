@@ -15,6 +15,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from .layout import FINAL_STATES
+
 
 class Metrics:
     def __init__(self, path: Path | None):
@@ -22,8 +24,8 @@ class Metrics:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.jobs = Counter("batchd_jobs", "Jobs ended, by final state.", ["state"],
                             registry=r)
-        for state in ("completed", "failed", "cancelled", "expired"):
-            self.jobs.labels(state)  # present at 0 from the start
+        for state in sorted(FINAL_STATES):
+            self.jobs.labels(state.value)  # present at 0 from the start
         self.running = Gauge("batchd_jobs_running", "Jobs this daemon is running.", registry=r)
         self.requests = Counter("batchd_requests", "Requests answered, by profile and outcome.",
                                 ["profile", "outcome"], registry=r)

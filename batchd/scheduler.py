@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from .profiles import ProfileSet
 from .jobs.router import JobRejected, hint, read_sidecar
+from .layout import Layout
+from .profiles import ProfileSet
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class Backlog:
     seen, and its sidecar priority and probable profile, read once per version
     of the file, its sidecar and the profiles (not on every pass of the loop)."""
 
-    def __init__(self, inbox: Path, default_profile: str):
-        self.inbox = inbox
+    def __init__(self, layout: Layout, default_profile: str):
+        self.layout = layout
         self.default_profile = default_profile
         self.first_seen: dict[str, float] = {}
         self.peeks: dict[str, tuple[tuple, tuple[int, str | None]]] = {}
@@ -67,7 +67,7 @@ class Backlog:
 
     def waiting(self, name: str, st: os.stat_result, now: float, profiles: ProfileSet
                 ) -> Waiting:
-        sidecar = self.inbox / (name[: -len(".jsonl")] + ".toml")
+        sidecar = self.layout.inbox_sidecar(name)
         try:
             side = os.stat(sidecar, follow_symlinks=False).st_mtime_ns
         except OSError:
@@ -80,5 +80,5 @@ class Backlog:
             except JobRejected:
                 priority = 0  # the job itself reports the bad sidecar
             cached = self.peeks[name] = (key, (priority, hint(
-                self.inbox / name, sidecar, profiles, self.default_profile)))
+                self.layout.inbox / name, sidecar, profiles, self.default_profile)))
         return Waiting(name, now - self.first_seen.get(name, now), *cached[1])

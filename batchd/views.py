@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .spool import inbox
-from .config import Settings
-from .spool.outbox import FINAL_STATES, JobState, read_status
+from .layout import STATUS, is_final
+from .spool.listing import bench_groups
+from .spool.outbox import read_status
 
 
 def _age(ts: str | None) -> str:
@@ -27,32 +27,6 @@ def _age(ts: str | None) -> str:
         if seconds >= size:
             return f"{seconds / size:.0f}{unit}"
     return f"{seconds:.0f}s"
-
-
-def job_rows(settings: Settings) -> list[dict[str, Any]]:
-    """The last status of every job, newest first, plus files still in the inbox."""
-    rows = []
-    for path in settings.outbox.glob("*.status.jsonl"):
-        history = read_status(path)
-        if not history:
-            continue
-        last = history[-1]
-        counts = last.get("request_counts") or {}
-        rows.append({
-            "job": last["job"], "state": last["state"], "profile": last.get("profile"),
-            "completed": counts.get("completed", 0), "failed": counts.get("failed", 0),
-            "total": counts.get("total", 0),
-            "output_tokens_per_s": (last.get("throughput") or {}).get("output_tokens_per_s"),
-            "eta_s": last.get("eta_s"), "started": history[0]["ts"], "updated": last["ts"],
-            "message": last.get("message", ""),
-        })
-    rows.sort(key=lambda r: r["started"], reverse=True)
-    for name, _st in inbox.scan(settings.inbox):
-        rows.append({"job": inbox.safe_stem(name), "state": "waiting", "profile": None,
-                     "completed": 0, "failed": 0, "total": 0, "output_tokens_per_s": None,
-                     "eta_s": None, "started": None, "updated": None,
-                     "message": "in inbox, not claimed yet"})
-    return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -92,7 +66,7 @@ def follow(path: Path, as_json: bool = False, poll: float = 0.5) -> int:
             for record in history[seen:]:
                 print(json.dumps(record), flush=True)
             seen = len(history)
-            if history and JobState(history[-1]["state"]) in FINAL_STATES:
+            if history and is_final(history[-1]["state"]):
                 return 0 if history[-1]["state"] == "completed" else 1
             time.sleep(poll)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(),
@@ -100,7 +74,7 @@ def follow(path: Path, as_json: bool = False, poll: float = 0.5) -> int:
                TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
                TextColumn("{task.fields[state]}"))
     with Progress(*columns, console=Console()) as progress:
-        task = progress.add_task(path.name.replace(".status.jsonl", ""), total=None,
+        task = progress.add_task(path.name.removesuffix(f".{STATUS}"), total=None,
                                  tps="-", state="")
         while True:
             history = read_status(path)
@@ -111,31 +85,11 @@ def follow(path: Path, as_json: bool = False, poll: float = 0.5) -> int:
                             completed=counts.get("completed", 0) + counts.get("failed", 0),
                             tps=f"{tps:.1f}" if tps else "-",
                             state=f"{last.get('state', '')} {last.get('phase', '')}")
-            if last and JobState(last["state"]) in FINAL_STATES:
+            if last and is_final(last["state"]):
                 break
             time.sleep(poll)
     print(f"{last['job']}: {last['state']} {last.get('message', '')}".rstrip())
     return 0 if last["state"] == "completed" else 1
-
-
-def bench_groups(outbox: Path) -> dict[str, dict[str, Any]]:
-    """All bench records summed by profile: jobs, requests, tokens, seconds."""
-    groups: dict[str, dict[str, Any]] = {}
-    for path in sorted(outbox.glob("*.bench.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        g = groups.setdefault(record.get("profile") or "-", {
-            "jobs": 0, "requests": 0, "completion": 0, "total_tokens": 0, "gen": 0.0,
-            "load": 0.0, "hardware": record.get("hardware", {})})
-        g["jobs"] += 1
-        g["requests"] += record["requests"]["succeeded"]
-        g["completion"] += record["tokens"]["completion"]
-        g["total_tokens"] += record["tokens"]["total"]
-        g["gen"] += record["timing_s"]["generation"]
-        g["load"] = max(g["load"], record["timing_s"]["model_load"])
-    return groups
 
 
 def bench_report(outbox: Path, plot: str | None = None) -> int:

@@ -53,9 +53,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def final_state(outbox: Path, job: str) -> str | None:
+    from batchd.layout import is_final
     from batchd.spool.outbox import read_status  # skips a line the daemon is still writing
     records = read_status(outbox / f"{job}.status.jsonl")
-    if records and records[-1]["state"] in ("completed", "failed", "cancelled", "expired"):
+    if records and is_final(records[-1]["state"]):
         return records[-1]["state"]
     return None
 

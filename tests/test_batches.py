@@ -85,8 +85,8 @@ def test_job_file_ids_never_leave_their_folder(settings):
     (settings.outbox / "x.status.jsonl").write_text("")
     for bad in ("file-../x.results", "file-x.status", "file-.x.results", "file-x/y.results",
                 "file-", "file-x", "x.results", "file-0123", "file-x.results\x00"):
-        assert store.file_path(bad) is None, bad
-    assert store.file_path("file-x.results") is None  # not published: not final yet
+        assert store.files.path(bad) is None, bad
+    assert store.files.path("file-x.results") is None  # not published: not final yet
 
 
 def test_listen_addresses():

@@ -44,7 +44,7 @@ def test_claim_race_one_winner(settings):
 
     def racer():
         barrier.wait()
-        results.append(spool.claim(settings, "job.jsonl", Leases(settings.work, 60)))
+        results.append(spool.claim(settings, "job.jsonl", Leases(settings.layout, 60)))
 
     threads = [threading.Thread(target=racer) for _ in range(8)]
     for t in threads:
@@ -62,7 +62,7 @@ def test_names_never_collide(settings):
     for _ in range(3):
         (settings.inbox / "r.jsonl").write_text("{}\n")
         (settings.inbox / "r.toml").write_text('profile = "tiny"\n')
-        jobs.append(spool.claim(settings, "r.jsonl", Leases(settings.work, 60)))
+        jobs.append(spool.claim(settings, "r.jsonl", Leases(settings.layout, 60)))
     assert [j.job for j in jobs] == ["r", "r-2", "r-3"]
     assert all(j.sidecar and j.sidecar.name == f"{j.job}.toml" for j in jobs)
 
@@ -96,13 +96,13 @@ def test_leases_take_over_only_from_the_gone(settings, monkeypatch):
     import json
     import time as _time
     spool.ensure_dirs(settings)
-    mine = Leases(settings.work, lease_seconds=30)
-    other = Leases(settings.work, lease_seconds=30)
+    mine = Leases(settings.layout, lease_seconds=30)
+    other = Leases(settings.layout, lease_seconds=30)
     other.pid = 999_999_999  # a pid that does not exist: a daemon killed by -9
     assert other.create("a")
     assert mine.acquire("a")  # same host, dead pid: taken over at once
     assert json.loads(mine.path("a").read_text())["pid"] == mine.pid
-    remote = Leases(settings.work, lease_seconds=30)
+    remote = Leases(settings.layout, lease_seconds=30)
     remote.host = "elsewhere"
     assert remote.create("b")
     assert not mine.acquire("b")  # another host's fresh lease is respected

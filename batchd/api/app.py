@@ -11,7 +11,6 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -20,15 +19,15 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batches import ApiError, Store
 from ..config import ConfigError, Settings
+from ..layout import BENCH
+from ..spool.listing import bench_groups, job_rows
 from ..spool.outbox import read_status
-from ..views import bench_groups, job_rows
-
-PURPOSES = ("batch", "user_data")
+from .batches import Store
+from .files import ApiError
+from .upload import receive
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -130,27 +129,27 @@ def create_app(settings: Settings, keys: Keys | None = None) -> FastAPI:
 
     @app.post("/v1/files", dependencies=v1)
     async def upload(request: Request) -> dict[str, Any]:
-        return await _receive(request, store, settings.limits.max_file_bytes)
+        return await receive(request, store.files, settings.limits.max_file_bytes)
 
     @app.get("/v1/files", dependencies=v1)
     def list_files(after: str | None = None, limit: int = Query(10000, ge=1, le=10000),
                    order: Literal["asc", "desc"] = "desc",
                    purpose: str | None = None) -> dict[str, Any]:
-        found = store.files(purpose)
+        found = store.files.list(purpose)
         return _page(found if order == "desc" else found[::-1], after, limit)
 
     @app.get("/v1/files/{file_id}", dependencies=v1)
     def get_file(file_id: str) -> dict[str, Any]:
-        return store.file(file_id)
+        return store.files.get(file_id)
 
     @app.delete("/v1/files/{file_id}", dependencies=v1)
     def delete_file(file_id: str) -> dict[str, Any]:
-        return store.delete_file(file_id)
+        return store.files.delete(file_id)
 
     @app.get("/v1/files/{file_id}/content", dependencies=v1)
     def file_content(file_id: str) -> FileResponse:
-        store.file(file_id)  # 404 with OpenAI's error unless it exists
-        path = store.file_path(file_id)
+        store.files.get(file_id)  # 404 with OpenAI's error unless it exists
+        path = store.files.path(file_id)
         assert path is not None
         return FileResponse(path, media_type="application/jsonl")
 
@@ -193,12 +192,12 @@ def create_app(settings: Settings, keys: Keys | None = None) -> FastAPI:
     @app.get("/dashboard/jobs/{job}", dependencies=v1)
     def dashboard_job(job: str) -> dict[str, Any]:
         batch = store.batch(job)  # checks the name
-        bench = settings.outbox / f"{job}.bench.json"
+        bench = settings.layout.out(job, BENCH)
         try:
             record = json.loads(bench.read_text())
         except (OSError, ValueError):
             record = None
-        return {"batch": batch, "history": read_status(settings.outbox / f"{job}.status.jsonl"),
+        return {"batch": batch, "history": read_status(settings.layout.status(job)),
                 "bench": record}
 
     @app.get("/dashboard/bench", dependencies=v1)
@@ -219,88 +218,3 @@ def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[st
             "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None,
             "has_more": start + limit < len(items)}
-
-
-async def _receive(request: Request, store: Store, limit: int) -> dict[str, Any]:
-    """Stream a multipart upload straight to the spool's disk, never into memory,
-    and refuse it as soon as it passes LIMIT bytes."""
-    ctype, params = parse_options_header(request.headers.get("content-type", ""))
-    boundary = params.get(b"boundary")
-    if ctype != b"multipart/form-data" or not boundary:
-        raise ApiError(400, "upload with multipart/form-data (fields 'file' and 'purpose')",
-                       "invalid_value", "file")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit + 65536:
-        raise ApiError(413, f"file is over the limit of {limit} bytes", "file_too_large", "file")
-    file_id, tmp = store.new_upload()
-    fields: dict[str, bytes] = {}
-    part: dict[str, Any] = {}
-    out = open(tmp, "wb")
-    written = 0
-
-    def on_part_begin() -> None:
-        part.clear()
-        part.update(headers={}, field=b"", value=b"", data=b"")
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        part["field"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        part["value"] += data[start:end]
-
-    def on_header_end() -> None:
-        part["headers"][part["field"].lower()] = part["value"]
-        part["field"] = part["value"] = b""
-
-    def on_headers_finished() -> None:
-        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
-        part["name"] = disposition.get(b"name", b"").decode("utf-8", "replace")
-        filename = disposition.get(b"filename")
-        part["filename"] = None if filename is None else \
-            os.path.basename(filename.decode("utf-8", "replace"))[:255]
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        nonlocal written
-        if part.get("name") == "file" and part.get("filename") is not None:
-            written += end - start
-            if written > limit:
-                raise ApiError(413, f"file is over the limit of {limit} bytes",
-                               "file_too_large", "file")
-            out.write(data[start:end])
-        elif len(part["data"]) < 4096:
-            part["data"] += data[start:end]
-
-    def on_part_end() -> None:
-        if part.get("name") == "file" and part.get("filename") is not None:
-            fields["filename"] = part["filename"].encode()
-        elif part.get("name"):
-            fields[part["name"]] = part["data"]
-
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field,
-        "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
-        "on_part_end": on_part_end})
-    try:
-        try:
-            async for chunk in request.stream():
-                parser.write(chunk)
-            parser.finalize()
-        except ApiError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - python-multipart's parse errors
-            raise ApiError(400, f"malformed multipart upload: {exc}", "invalid_value",
-                           "file") from None
-        out.flush()
-        os.fsync(out.fileno())
-        out.close()
-        if "filename" not in fields:
-            raise ApiError(400, "no 'file' part in the upload", "invalid_value", "file")
-        purpose = fields.get("purpose", b"").decode("utf-8", "replace")
-        if purpose not in PURPOSES:
-            raise ApiError(400, f"purpose must be one of {', '.join(PURPOSES)}",
-                           "invalid_value", "purpose")
-        return store.finish_upload(file_id, tmp, fields["filename"].decode(), purpose)
-    finally:
-        out.close()
-        tmp.unlink(missing_ok=True)

@@ -16,8 +16,8 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any, Iterator
 
-from . import EngineDead
 from ..lines import Request
+from . import EngineDead
 from .wire import WANT_BATCH, Msg
 
 FLUSH_SECONDS = 0.1  # answers go back at most this often ...

@@ -32,9 +32,9 @@ from typing import IO, Any, Callable, Generator, Iterable
 import structlog
 
 from ..config import Settings
-from . import Answer, Engine, EngineDead, FakeEngine
 from ..lines import Request
 from ..profiles import Profile
+from . import Answer, Engine, EngineDead, FakeEngine
 from .wire import Msg
 
 log = structlog.get_logger()
@@ -48,7 +48,7 @@ def engine_factory(settings: Settings) -> Callable[[Profile], Engine]:
         step = float(os.environ.get("BATCHD_FAKE_STEP_SECONDS", "0"))
         return lambda profile: FakeEngine(profile, step_seconds=step)
 
-    pidfile = settings.work / f".engine~{socket.gethostname()}~{os.getpid()}"
+    pidfile = settings.layout.engine_pidfile(socket.gethostname(), os.getpid())
 
     def load(profile: Profile) -> Engine:
         return HostedEngine(profile, settings.routing.models_dir, pidfile)
@@ -68,8 +68,7 @@ def reap_engines(settings: Settings) -> None:
     import psutil
 
     host = socket.gethostname()
-    for path in settings.work.glob(f".engine~{host}~*"):
-        owner = path.name.rsplit("~", 1)[-1]
+    for path, owner in settings.layout.engine_pidfiles(host):
         if owner.isdigit() and psutil.pid_exists(int(owner)) and int(owner) != os.getpid():
             continue
         for pid in kill_recorded(path):

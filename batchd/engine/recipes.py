@@ -69,7 +69,7 @@ def _smollm2(target: Path) -> None:
 
 def _tiny_llama(target: Path) -> None:
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     corpus = [

@@ -22,8 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, cast
 
-from ..lines import (CHAT, COMPLETIONS, EMBEDDINGS, RERANK_URLS, RESPONSES, SCORE_URLS,
-                    LineError, Request)
+from ..lines import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    RERANK_URLS,
+    RESPONSES,
+    SCORE_URLS,
+    LineError,
+    Request,
+)
 from ..profiles import Profile
 
 

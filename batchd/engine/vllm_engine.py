@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Generator, Iterable
 
-from . import Answer, EngineDead
 from ..lines import Request
 from ..profiles import Profile
+from . import Answer, EngineDead
 
 QUIET_SECONDS = 0.1  # an empty list comes back this often when nothing finished
 

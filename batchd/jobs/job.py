@@ -1,4 +1,4 @@
-"""The files and counters of one job while it runs."""
+"""One job while it runs: its files, checkpoint, log and counters."""
 
 from __future__ import annotations
 
@@ -8,20 +8,26 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..spool.checkpoint import Tally
+import structlog
+
 from ..config import Settings
-from .order import PrefixOrder
-from ..spool.outbox import StatusFile, utc_now
+from ..layout import Layout
 from ..profiles import Profile
+from ..spool.checkpoint import Checkpoint, Tally
+from ..spool.outbox import StatusFile, utc_now
+from .order import PrefixOrder
 
 
 @dataclass
 class Job:
-    """The files and counters of one job while it runs."""
+    """One job while it runs: its files, status, checkpoint, log and counters.
+    The runner passes this one object through every step."""
 
     name: str
     settings: Settings
     status: StatusFile = field(init=False)
+    ckpt: Checkpoint = field(init=False)
+    log: Any = field(init=False)  # structlog's logger, bound to the job (and its profile)
     profile: Profile | None = None
     order: PrefixOrder | None = None  # None: requests go to the engine in input order
     total: int = 0
@@ -36,28 +42,45 @@ class Job:
     deadline: datetime | None = None  # its completion window's end (sidecar), if any
 
     def __post_init__(self) -> None:
-        self.status = StatusFile(self.settings.outbox / f"{self.name}.status.jsonl", self.name)
+        self.status = StatusFile(self.layout.status(self.name), self.name)
+        self.log = structlog.get_logger().bind(job=self.name)
+
+    def open_checkpoint(self) -> Checkpoint:
+        """Read (or start) the checkpoint; answered lines are never asked again."""
+        engine = self.settings.engine
+        self.ckpt = Checkpoint(self.checkpoint, engine.checkpoint_every,
+                               engine.checkpoint_seconds)
+        return self.ckpt
+
+    @property
+    def layout(self) -> Layout:
+        return self.settings.layout
 
     @property
     def input(self) -> Path:
-        return self.settings.work / f"{self.name}.jsonl"
+        return self.layout.input(self.name)
 
     @property
     def checkpoint(self) -> Path:
-        return self.settings.work / f"{self.name}.ckpt.jsonl"
+        return self.layout.checkpoint(self.name)
 
     @property
     def sidecar(self) -> Path | None:
-        path = self.settings.work / f"{self.name}.toml"
+        path = self.layout.sidecar(self.name)
         return path if path.exists() or path.is_symlink() else None
+
+    @property
+    def answered(self) -> int:
+        return self.ckpt.tally.completed + self.ckpt.tally.failed
 
     @property
     def order_name(self) -> str:
         return "input" if self.order is None else "prefix"
 
-    def progress(self, tally: Tally, done_now: int, seconds: float) -> dict[str, Any]:
+    def progress(self, done_now: int = 0, seconds: float = 0.0) -> dict[str, Any]:
         """The counting fields of a status line: DONE_NOW answers in SECONDS give
         the rates and the time left."""
+        tally: Tally = self.ckpt.tally
         rate = done_now / seconds if seconds > 0 else 0.0
         remaining = self.total - tally.completed - tally.failed
         return {
@@ -74,5 +97,5 @@ class Job:
             "eta_s": round(remaining / rate, 1) if rate > 0 else None,
         }
 
-    def out(self, suffix: str) -> Path:
-        return self.settings.outbox / f"{self.name}.{suffix}"
+    def out(self, kind: str) -> Path:
+        return self.layout.out(self.name, kind)

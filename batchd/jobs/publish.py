@@ -1,8 +1,8 @@
 """Publishing a finished job into outbox/, in the order a reader can trust.
 
 Results and errors (read back from the checkpoint in input order, under temp
-names, fsynced, renamed), then the bench record, then the input, then (by the
-runner) the final status line, and only then is work/ cleaned. A reader who
+names, fsynced, renamed), then the bench record, then the input, then the final
+status line (``finish``), and only then is work/ cleaned. A reader who
 sees the final line finds every other file in place; a crash at any point
 publishes again or only cleans up at the next start.
 """
@@ -20,13 +20,12 @@ import structlog
 import tomli_w
 
 from .. import bench
-from ..spool import inbox
-from ..spool.checkpoint import Checkpoint
 from ..config import Settings
-from .job import Job
+from ..layout import BENCH, ERRORS, INPUT, JOB_TOML, PUBLISHED_INPUT, RESULTS, JobState
 from ..lines import open_regular
-from ..spool.outbox import (JobState, StatusFile, read_status, sync_dir, utc_now,
-                     write_atomic)
+from ..spool import inbox
+from ..spool.outbox import StatusFile, atomic_files, read_status, sync_dir, utc_now, write_atomic
+from .job import Job
 from .router import Sidecar
 
 log = structlog.get_logger()
@@ -44,26 +43,41 @@ def job_toml(job: Job, sidecar: Sidecar, reason: str, models_dir: Path) -> None:
            "media": job.profile.media.model_dump()}
     if job.deadline is not None:
         doc["expires_at"] = job.deadline
-    write_atomic(job.out("job.toml"), [tomli_w.dumps(doc).encode()])
+    write_atomic(job.out(JOB_TOML), [tomli_w.dumps(doc).encode()])
 
 
-def outputs(job: Job, ckpt: Checkpoint, final: JobState, models_dir: Path) -> dict[str, Any]:
+def finish(job: Job, final: JobState, models_dir: Path,
+           errors: list[dict[str, Any]] | None = None, rejected: bool = False
+           ) -> dict[str, Any]:
+    """Results, errors and bench in place, then the input, then the final status
+    line, then the cleanup of work/ (the module docstring says why this order).
+    Returns the bench record."""
+    job.status.write(JobState.FINALIZING, phase="publishing", **job.progress())
+    record = outputs(job, final, models_dir)
+    fields = job.progress()
+    fields["throughput"] = {k: record["throughput"][k]
+                            for k in ("requests_per_s", "output_tokens_per_s")}
+    fields["eta_s"] = 0.0
+    if errors:
+        fields["errors"] = errors
+    if not rejected:
+        place_input(job)
+        sync_dir(job.layout.outbox)
+    job.status.write(final, phase="done", message=errors[0]["message"] if errors else "",
+                     **fields)
+    job.log.info("job_finished", state=final.value, total=job.total,
+                 succeeded=job.ckpt.tally.completed, failed=job.ckpt.tally.failed)
+    cleanup(job, final, rejected)
+    return record
+
+
+def outputs(job: Job, final: JobState, models_dir: Path) -> dict[str, Any]:
     """JOB.results.jsonl, JOB.errors.jsonl and JOB.bench.json; returns the record."""
-    outbox = job.settings.outbox
-    tmp = {kind: outbox / f".{job.name}.{kind}s.jsonl.tmp" for kind in ("result", "error")}
-    streams = {kind: open(path, "wb") for kind, path in tmp.items()}
-    try:
-        for _line, kind, out in ckpt.ordered():  # already as dumps_line writes it
+    with atomic_files(job.out(RESULTS), job.out(ERRORS)) as (results, errors):
+        streams = {"result": results, "error": errors}
+        for _line, kind, out in job.ckpt.ordered():  # already as dumps_line writes it
             streams[kind].write(out)
-        for stream in streams.values():
-            stream.flush()
-            os.fsync(stream.fileno())
-    finally:
-        for stream in streams.values():
-            stream.close()
-    for kind, path in tmp.items():
-        os.replace(path, job.out(f"{kind}s.jsonl"))
-    tally = ckpt.tally
+    tally = job.ckpt.tally
     profile = job.profile
     record = bench.record(
         job=job.name, profile=profile.name if profile else None,
@@ -75,10 +89,9 @@ def outputs(job: Job, ckpt: Checkpoint, final: JobState, models_dir: Path) -> di
         total_s=job.waited + time.monotonic() - job.started,
         first_result_s=job.first_result_s,
         started_at=job.started_at, finished_at=utc_now(), state=final.value,
-        resumed=ckpt.resumed_lines > 0, order=job.order_name,
+        resumed=job.ckpt.resumed_lines > 0, order=job.order_name,
         cached_tokens=tally.cached_tokens)
-    write_atomic(job.out("bench.json"), [json.dumps(record, indent=2).encode() + b"\n"])
-    sync_dir(outbox)
+    write_atomic(job.out(BENCH), [json.dumps(record, indent=2).encode() + b"\n"])
     return record
 
 
@@ -87,7 +100,7 @@ def place_input(job: Job) -> None:
     who sees that line finds everything. A hard link keeps work/JOB.jsonl in
     place until the line is written (a crash in between just publishes again);
     filesystems without links get a copy."""
-    target = job.out("input.jsonl")
+    target = job.out(PUBLISHED_INPUT)
     if target.exists() or not job.input.exists():
         return
     try:
@@ -97,24 +110,21 @@ def place_input(job: Job) -> None:
             write_atomic(target, iter(partial(source.read, 1 << 20), b""))
 
 
-def cleanup(settings: Settings, job: Job, final: JobState, rejected: bool | None = None
-            ) -> JobState:
+def cleanup(job: Job, final: JobState, rejected: bool | None = None) -> JobState:
     """After the final status line: the input leaves work/, the checkpoint goes."""
+    layout = job.layout
     if rejected is None:  # recovering after a crash: the status says how it ended
         last = read_status(job.status.path)[-1]
         rejected = final == JobState.FAILED and last.get("profile") is None
     if rejected:
         if job.input.exists() or job.input.is_symlink():
-            os.replace(job.input, settings.failed / f"{job.name}.jsonl")
+            os.replace(job.input, layout.failed / f"{job.name}{INPUT}")
     else:
         place_input(job)
         job.input.unlink(missing_ok=True)
-    for path in (job.checkpoint, settings.work / f"{job.name}.toml"):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-    sync_dir(settings.work)
+    for path in (job.checkpoint, layout.sidecar(job.name)):
+        path.unlink(missing_ok=True)
+    sync_dir(layout.work)
     return final
 
 
@@ -122,7 +132,7 @@ def stalled(settings: Settings, name: str, exc: OSError) -> None:
     """Disk full, a read-only or vanished outbox: the job stays in work/ with
     its checkpoint and is tried again later; say so if the outbox allows."""
     try:
-        StatusFile(settings.outbox / f"{name}.status.jsonl", name).write(
+        StatusFile(settings.layout.status(name), name).write(
             JobState.QUEUED, phase="stalled", message=f"stalled: {exc}; kept in "
             "work/ with its checkpoint, retried automatically")
     except OSError:
@@ -136,7 +146,7 @@ def reject_entry(settings: Settings, name: str, why: str) -> bool:
     moved = inbox.move_to_failed(settings, name)
     job = inbox.reserve_name(settings, inbox.safe_stem(name))
     message = f"{name!r} {why}" + ("" if moved else "; left in inbox")
-    StatusFile(settings.outbox / f"{job}.status.jsonl", job).write(
+    StatusFile(settings.layout.status(job), job).write(
         JobState.FAILED, phase="done", message=message,
         errors=[{"code": "not_a_regular_file", "message": message, "line": None}])
     log.warning("job_rejected", job=job, code="not_a_regular_file", file=name)

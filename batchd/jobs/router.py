@@ -7,6 +7,7 @@ profile; 3. the lines' ``model`` when they all agree; 4. the default profile.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -16,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import first_error
+from ..layout import INPUT
 from ..lines import open_regular
 from ..profiles import Profile, ProfileSet, SamplingDefaults
 
@@ -28,6 +30,19 @@ class JobRejected(Exception):
         self.code = code
         self.message = message
         self.line = line
+
+
+# A completion window: up to seven digits and a unit (s, m, h or d), as OpenAI's "24h".
+WINDOW_PATTERN = r"^[0-9]{1,7}[smhd]$"
+WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_window(text: str | None) -> timedelta | None:
+    """A completion window such as "24h", "90m" or "2d"; None when TEXT is not one.
+    The one parser of windows: sidecars and the HTTP API both use it."""
+    if text is None or not re.fullmatch(WINDOW_PATTERN, text):
+        return None
+    return timedelta(seconds=int(text[:-1]) * WINDOW_UNITS[text[-1]])
 
 
 class Sidecar(BaseModel):
@@ -45,7 +60,7 @@ class Sidecar(BaseModel):
     # When unfinished lines give up (OpenAI's completion window): a duration from
     # the claim ("24h", "90m", "30s", "2d") or an absolute time (the HTTP API
     # writes the latter: the window of a batch counts from its creation).
-    completion_window: str | None = Field(None, pattern=r"^[0-9]{1,7}[smhd]$")
+    completion_window: str | None = Field(None, pattern=WINDOW_PATTERN)
     expires_at: datetime | None = None
 
     def deadline(self, claimed_at: datetime) -> datetime | None:
@@ -53,10 +68,9 @@ class Sidecar(BaseModel):
         if self.expires_at is not None:
             at = self.expires_at
             return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
-        if self.completion_window is None:
-            return None
-        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[self.completion_window[-1]]
-        return claimed_at + timedelta(seconds=int(self.completion_window[:-1]) * unit)
+        window = parse_window(self.completion_window)
+        return None if window is None else claimed_at + window
+
 
 
 def read_sidecar(path: Path | None) -> Sidecar:
@@ -134,7 +148,7 @@ def hint(path: Path, sidecar: Path, profiles: ProfileSet, default: str) -> str |
             if named:
                 profile = profiles.lookup(named)
                 return profile.name if profile else None
-        job = path.name[: -len(".jsonl")]
+        job = path.name.removesuffix(INPUT)
         profile = prefix_profile(job, profiles)
         if profile is not None:
             return profile.name

@@ -3,7 +3,7 @@
 The claim is one ``rename()`` from ``inbox/`` into ``work/``, under a name
 unique to this process, so two daemons (on one host or over NFS) can race for
 a file and exactly one wins. The winner then reserves a job name by creating
-``outbox/JOB.status.jsonl`` with ``O_EXCL`` (nothing is ever overwritten) and
+its status file in outbox/ with ``O_EXCL`` (nothing is ever overwritten) and
 renames its claim to ``work/JOB.jsonl``.
 """
 
@@ -19,6 +19,7 @@ from itertools import count
 from pathlib import Path
 
 from ..config import Settings
+from ..layout import INPUT, Layout
 from .lease import Leases, pid_alive
 
 IGNORED_SUFFIXES = (".part", ".tmp", "~")
@@ -29,14 +30,14 @@ NAME_MAX = 255  # bytes in one file name on Linux file systems
 
 
 def ensure_dirs(settings: Settings) -> None:
-    for folder in (settings.inbox, settings.work, settings.outbox, settings.failed):
+    for folder in settings.layout.folders:
         folder.mkdir(parents=True, exist_ok=True)
 
 
 def check_writable(settings: Settings) -> None:
     """Raise OSError naming the folder unless a file can be made and removed in
     each spool folder (os.access would say yes to root on a read-only mount)."""
-    for folder in (settings.inbox, settings.work, settings.outbox, settings.failed):
+    for folder in settings.layout.folders:
         probe = folder / f".batchd-probe~{socket.gethostname()}~{os.getpid()}"
         try:
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -48,13 +49,13 @@ def check_writable(settings: Settings) -> None:
 
 def is_eligible_name(name: str) -> bool:
     """Whether an inbox entry's name makes it a job (contract section 1)."""
-    return (name.endswith(".jsonl") and not name.startswith(".")
+    return (name.endswith(INPUT) and not name.startswith(".")
             and not name.endswith(IGNORED_SUFFIXES))
 
 
 def safe_stem(name: str) -> str:
     """A job name from a file name: printable, no path parts, no leading dash or dot."""
-    stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else name
+    stem = name.removesuffix(INPUT)
     stem = re.sub(r"[^A-Za-z0-9._+=@,-]", "_", stem).lstrip("-.")
     return stem[:180] or "job"
 
@@ -120,8 +121,8 @@ def claim(settings: Settings, name: str, leases: Leases) -> Claimed | None:
     """Take inbox/NAME into work/ under a lease; None when another process won the race."""
     source = settings.inbox / name
     # Unique to this process, and it keeps the original name for recovery.
-    temp = settings.work / fit_name(
-        f".claim~{os.getpid()}~{next(_claims)}~{socket.gethostname()}~", name)
+    prefix = settings.layout.claim(os.getpid(), next(_claims), socket.gethostname(), "")
+    temp = prefix.with_name(fit_name(prefix.name, name))
     try:
         os.rename(source, temp)
     except FileNotFoundError:
@@ -132,31 +133,31 @@ def claim(settings: Settings, name: str, leases: Leases) -> Claimed | None:
         # sees the job unowned.
         if not leases.create(job):
             raise FileExistsError(f"lease for new job {job} exists")
-        target = settings.work / f"{job}.jsonl"
+        target = settings.layout.input(job)
         os.rename(temp, target)
     except OSError:
         os.rename(temp, source)  # outbox full or read-only: give the file back
         raise
     sidecar = None
-    side_source = settings.inbox / (name[: -len(".jsonl")] + ".toml")
+    side_source = settings.layout.inbox_sidecar(name)
     if side_source.exists() or side_source.is_symlink():
-        side_target = settings.work / f"{job}.toml"
+        side_target = settings.layout.sidecar(job)
         try:
             os.rename(side_source, side_target)
             sidecar = side_target
         except FileNotFoundError:
             pass
-    if has_marker(settings.inbox, name):
+    if has_marker(settings.layout, name):
         try:
-            (settings.inbox / f"{name}.ready").unlink()  # consumed with the claim
+            settings.layout.ready_marker(name).unlink()  # consumed with the claim
         except FileNotFoundError:
             pass
     return Claimed(job, target, name, sidecar)
 
 
-def has_marker(inbox: Path, name: str) -> bool:
+def has_marker(layout: Layout, name: str) -> bool:
     """Whether NAME.ready exists (a 255-byte NAME cannot have one)."""
-    return len(os.fsencode(name)) + 6 <= NAME_MAX and (inbox / f"{name}.ready").exists()
+    return len(os.fsencode(name)) + 6 <= NAME_MAX and layout.ready_marker(name).exists()
 
 
 def fit_name(prefix: str, name: str) -> str:
@@ -165,17 +166,17 @@ def fit_name(prefix: str, name: str) -> str:
     whole = prefix + name
     if len(os.fsencode(whole)) <= NAME_MAX:
         return whole
-    return prefix + safe_stem(name)[: NAME_MAX - len(os.fsencode(prefix)) - 6] + ".jsonl"
+    return prefix + safe_stem(name)[: NAME_MAX - len(os.fsencode(prefix)) - 6] + INPUT
 
 
 def reserve_name(settings: Settings, stem: str) -> str:
     """The first free job name for STEM, reserved by creating its status file."""
     for n in range(1, 1_000_000):
         job = stem if n == 1 else f"{stem}-{n}"
-        if (settings.work / f"{job}.jsonl").exists():
+        if settings.layout.input(job).exists():
             continue
         try:
-            fd = os.open(settings.outbox / f"{job}.status.jsonl",
+            fd = os.open(settings.layout.status(job),
                          os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
@@ -223,10 +224,10 @@ def unfinished(settings: Settings) -> list[str]:
     except FileNotFoundError:
         return []
     for entry in entries:
-        if entry.name.endswith(".jsonl") and not entry.name.startswith(".") \
-                and not entry.name.endswith(".ckpt.jsonl"):
+        job = Layout.job_of_input(entry.name)
+        if job is not None:
             try:
-                jobs.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name[:-6]))
+                jobs.append((entry.stat(follow_symlinks=False).st_mtime_ns, job))
             except FileNotFoundError:
                 continue  # finished by its owner meanwhile
     return [job for _, job in sorted(jobs)]
@@ -236,10 +237,5 @@ def orphan_claims(settings: Settings) -> list[tuple[Path, str]]:
     """Claims of this host whose process died between the two renames of a claim,
     with the inbox name each came from."""
     host = socket.gethostname()
-    found = []
-    for path in settings.work.glob(".claim~*"):
-        parts = path.name.split("~", 4)
-        if len(parts) == 5 and parts[3] == host and parts[1].isdigit() \
-                and not pid_alive(int(parts[1])):
-            found.append((path, parts[4]))
-    return found
+    return [(path, name) for path, pid, owner, name in settings.layout.claims()
+            if owner == host and not pid_alive(pid)]

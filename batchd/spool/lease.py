@@ -19,6 +19,8 @@ from pathlib import Path
 
 import structlog
 
+from ..layout import Layout
+
 log = structlog.get_logger()
 
 
@@ -33,8 +35,8 @@ def pid_alive(pid: int) -> bool:
 
 
 class Leases:
-    def __init__(self, work: Path, lease_seconds: float):
-        self.work = work
+    def __init__(self, layout: Layout, lease_seconds: float):
+        self.layout = layout
         self.lease_seconds = lease_seconds
         self.host = socket.gethostname()
         self.pid = os.getpid()
@@ -43,7 +45,7 @@ class Leases:
         self._stop = threading.Event()
 
     def path(self, job: str) -> Path:
-        return self.work / f"{job}.lease"
+        return self.layout.lease(job)
 
     def create(self, job: str) -> bool:
         """Take a job nobody holds; False if someone else got there first."""
@@ -75,7 +77,7 @@ class Leases:
             return True
         if not self._gone(owner, mtime):
             return False
-        stale = self.work / f".{job}.lease.stale~{self.host}~{self.pid}"
+        stale = self.layout.stale_lease(job, self.host, self.pid)
         try:
             os.rename(path, stale)  # of several daemons taking over, one wins this
         except FileNotFoundError:

@@ -12,45 +12,17 @@ import json
 import os
 import socket
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import structlog
 
+from ..layout import TRANSITIONS, JobState
 from ..lines import LineError, Request
 
 log = structlog.get_logger()
-
-
-class JobState(str, Enum):
-    """A job's state, in OpenAI batch words. Persisted by value."""
-
-    QUEUED = "queued"  # claimed, waiting for the engine
-    VALIDATING = "validating"  # reading lines, routing
-    IN_PROGRESS = "in_progress"  # generating
-    FINALIZING = "finalizing"  # writing results, errors and bench
-    COMPLETED = "completed"  # final: every line answered
-    FAILED = "failed"  # final: rejected as a whole, or the engine gave up
-    CANCELLED = "cancelled"  # final: stopped on request; the rest are `cancelled` errors
-    EXPIRED = "expired"  # final: its completion window passed; the rest are `batch_expired`
-
-    @property
-    def final(self) -> bool:
-        return self in FINAL_STATES
-
-
-FINAL_STATES = {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}
-# Allowed moves; anything else is a bug.
-TRANSITIONS = {
-    JobState.QUEUED: {JobState.VALIDATING, JobState.FAILED, JobState.CANCELLED},
-    JobState.VALIDATING: {JobState.IN_PROGRESS, JobState.FINALIZING, JobState.FAILED,
-                          JobState.CANCELLED, JobState.QUEUED},
-    JobState.IN_PROGRESS: {JobState.FINALIZING, JobState.QUEUED, JobState.FAILED,
-                           JobState.CANCELLED},
-    JobState.FINALIZING: FINAL_STATES | {JobState.QUEUED},
-}
 
 
 # Which daemon wrote a status line: several may share one spool.
@@ -62,7 +34,7 @@ def utc_now() -> str:
 
 
 class StatusFile:
-    """The append-only ``JOB.status.jsonl``; one JSON object a line."""
+    """A job's append-only status file; one JSON object a line."""
 
     def __init__(self, path: Path, job: str):
         self.path = path
@@ -123,18 +95,39 @@ def error_line(error: LineError) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write PATH so that readers see the old file or the whole new one: CHUNKS
-    stream into a hidden temp name in the same folder (ours alone: it carries
-    the pid), which is fsynced, renamed into place, and the folder fsynced.
-    Every file batchd publishes goes through here."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as stream:
+    """Write PATH so that readers see the old file or the whole new one (see
+    ``atomic_files``). Every file batchd publishes goes through here."""
+    with atomic_files(path) as (stream,):
         for chunk in chunks:
             stream.write(chunk)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
-    sync_dir(path.parent)
+
+
+@contextmanager
+def atomic_files(*paths: Path) -> Iterator[list[BinaryIO]]:
+    """Streams for PATHS that readers see all at once or not at all: each writes a
+    hidden temp name in its own folder (ours alone: it carries the pid); on a
+    clean exit each is fsynced and renamed into place, then the folders are
+    fsynced. On an error the temp files are removed and nothing is renamed."""
+    tmps = [path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in paths]
+    streams: list[BinaryIO] = []
+    try:
+        for tmp in tmps:
+            streams.append(open(tmp, "wb"))
+        yield streams
+        for stream in streams:
+            stream.flush()
+            os.fsync(stream.fileno())
+    except BaseException:
+        for stream, tmp in zip(streams, tmps):
+            stream.close()
+            tmp.unlink(missing_ok=True)
+        raise
+    for stream in streams:
+        stream.close()
+    for tmp, path in zip(tmps, paths):
+        os.replace(tmp, path)
+    for folder in {path.parent for path in paths}:
+        sync_dir(folder)
 
 
 def sync_dir(folder: Path) -> None:
