@@ -19,22 +19,25 @@ from .config import first_error
 
 # Keyword arguments of vllm.LLM (its EngineArgs) that a profile may set. A
 # static list keeps `batchd profiles` and validation free of the slow vLLM
-# import; vLLM itself checks the values when the engine loads.
+# import; it holds only keys every supported release takes, and a vllm-marked
+# test (tests/test_vllm_contract.py) checks it against the installed release.
+# The engine process checks again at load (engine/serving.py, server_args), so
+# a key a release dropped fails the load by name, never silently.
 ENGINE_KEYS = frozenset(
     """
     tokenizer tokenizer_mode skip_tokenizer_init trust_remote_code revision
     tokenizer_revision code_revision download_dir load_format dtype kv_cache_dtype
     seed max_model_len quantization enforce_eager max_num_seqs
     max_num_batched_tokens enable_chunked_prefill enable_prefix_caching
-    gpu_memory_utilization kv_cache_memory_bytes swap_space cpu_offload_gb
+    gpu_memory_utilization kv_cache_memory_bytes cpu_offload_gb
     block_size tensor_parallel_size pipeline_parallel_size data_parallel_size
-    distributed_executor_backend disable_custom_all_reduce max_seq_len_to_capture
+    distributed_executor_backend disable_custom_all_reduce
     limit_mm_per_prompt mm_processor_kwargs hf_overrides generation_config
-    override_generation_config compilation_config max_logprobs runner convert task
-    served_model_name enable_lora max_lora_rank max_loras override_pooler_config
+    override_generation_config compilation_config max_logprobs runner convert
+    served_model_name enable_lora max_lora_rank max_loras
     pooler_config disable_log_stats num_gpu_blocks_override speculative_config
-    calculate_kv_scales rope_scaling rope_theta model_impl async_scheduling
-    structured_outputs_config logprobs_mode mm_processor_cache_gb
+    model_impl async_scheduling structured_outputs_config logprobs_mode
+    mm_processor_cache_gb
     """.split()
 )
 

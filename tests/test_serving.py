@@ -31,3 +31,49 @@ def test_a_missing_dependency_whose_name_begins_the_module_name_is_still_a_cause
     with pytest.raises(ImportError) as caught:  # a missing package above it: absent
         _first(("batchd_no_such_package.api_server",), "build_client")
     assert "(" not in str(caught.value)
+
+
+class _Serving:
+    async def create_chat_completion(self, request, raw):
+        return None
+
+    async def create_completion(self, request, raw):
+        return None
+
+
+def _state(**attrs):
+    from types import SimpleNamespace
+    return SimpleNamespace(**attrs)
+
+
+def test_a_serving_object_renamed_by_vllm_fails_the_load_by_name():
+    """vLLM's app state as a release that renamed the chat serving object would
+    build it: the load fails naming the missing attribute and the release, instead
+    of every chat line coming back unsupported_url."""
+    from batchd.engine.serving import serving_calls
+
+    both = _Serving()
+    calls = serving_calls(_state(openai_serving_chat=both, openai_serving_completion=both),
+                          ("generate",))
+    assert set(calls) == {"/v1/chat/completions", "/v1/completions"}
+    renamed = _state(openai_serving_chat_v2=both, openai_serving_completion=both)
+    with pytest.raises(RuntimeError) as exc:
+        serving_calls(renamed, ("generate",))
+    message = str(exc.value)
+    assert message.startswith("vLLM ") and "openai_serving_chat" in message
+    assert "/v1/chat/completions" in message and "'generate'" in message
+    # an embedding model needs the embedding serving object, not the chat one
+    with pytest.raises(RuntimeError, match="serving_embedding or openai_serving_embedding"):
+        serving_calls(renamed, ("embed",))
+
+
+def test_a_serving_method_renamed_by_vllm_fails_the_load_by_name():
+    from batchd.engine.serving import serving_calls
+
+    class Renamed:
+        async def create_chat_completions(self, request, raw):
+            return None
+
+    with pytest.raises(RuntimeError, match="openai_serving_chat has no method "
+                                           "'create_chat_completion'"):
+        serving_calls(_state(openai_serving_chat=Renamed()), ())

@@ -141,8 +141,11 @@ class Serving:
         tasks = await self.client.get_supported_tasks()
         state = State()
         await init_app_state(self.client, state, self.args, tasks)
-        self.endpoints = _endpoints(state)
+        self.endpoints = _endpoints(state, tasks)
         # Looked up once here, not on every failing request.
+        # vLLM's own type for a dead engine core, found like the other entry points.
+        self.engine_dead: type[BaseException] = _first(
+            ("vllm.v1.engine.exceptions", "vllm.engine.exceptions"), "EngineDeadError")
         self._error_response = _first(
             ("vllm.entrypoints.serve.exception_handling.error_response",
              "vllm.entrypoints.serve.utils.error_response", "vllm.entrypoints.serve"),
@@ -191,9 +194,63 @@ class Serving:
         await self._stack.aclose()
 
 
-def _endpoints(state: Any) -> dict[str, Endpoint]:
+def vllm_release() -> str:
+    try:
+        return str(importlib.import_module("vllm").__version__)
+    except Exception:  # noqa: BLE001 - only for a message
+        return "(version unknown)"
+
+
+# What a loaded model's tasks promise: vLLM serves these URLs for it. A serving
+# object missing for one of them is a renamed attribute in a new vLLM release,
+# and fails the load by name instead of turning every line into unsupported_url.
+REQUIRED = {"generate": (CHAT, COMPLETIONS), "embed": (EMBEDDINGS,)}
+
+# URL -> the app-state attributes (newest first) whose serving object answers it,
+# with the method to call (None: the object itself is called).
+SERVING_ATTRS: dict[str, tuple[tuple[str, str | None], ...]] = {
+    CHAT: (("openai_serving_chat", "create_chat_completion"),),
+    COMPLETIONS: (("openai_serving_completion", "create_completion"),),
+    RESPONSES: (("openai_serving_responses", "create_responses"),),
+    EMBEDDINGS: (("serving_embedding", None), ("openai_serving_embedding", "create_embedding")),
+    **{url: (("serving_scores", None), ("openai_serving_scores", "create_score"))
+       for url in SCORE_URLS},
+    **{url: (("serving_scores", None), ("openai_serving_scores", "do_rerank"))
+       for url in RERANK_URLS},
+}
+
+
+def serving_calls(state: Any, tasks: Any) -> dict[str, Callable]:
+    """URL -> the serving call that answers it, for the URLs this app state serves;
+    RuntimeError naming the vLLM release and the missing attribute when a URL the
+    model's TASKS promise (REQUIRED) has no serving object."""
+    calls = {}
+    for url, candidates in SERVING_ATTRS.items():
+        for attr, method in candidates:
+            obj = getattr(state, attr, None)
+            if obj is not None:
+                found = getattr(obj, method, None) if method else obj
+                if found is None:
+                    raise RuntimeError(f"vLLM {vllm_release()}: {attr} has no method "
+                                       f"{method!r} (it answers {url})")
+                calls[url] = found
+                break
+    for task in tasks:
+        for url in REQUIRED.get(task, ()):
+            if url not in calls:
+                names = " or ".join(attr for attr, _ in SERVING_ATTRS[url])
+                raise RuntimeError(
+                    f"vLLM {vllm_release()}: the model supports {task!r} but vLLM's app "
+                    f"state has no {names} to answer {url}; this vLLM release renamed its "
+                    "serving layer (docs/ARCHITECTURE.md lists the releases batchd supports)")
+    return calls
+
+
+def _endpoints(state: Any, tasks: Any) -> dict[str, Endpoint]:
     """The URLs this profile's runner serves, with the serving call for each."""
     from pydantic import BaseModel, TypeAdapter
+
+    calls = serving_calls(state, tasks)
 
     def model(modules: tuple[str, ...], name: str) -> tuple[Callable, frozenset[str]]:
         found = _first(modules, name)
@@ -203,41 +260,25 @@ def _endpoints(state: Any) -> dict[str, Endpoint]:
         names = frozenset().union(*(_field_names(m) for m in _union_members(found)))
         return adapter.validate_python, names
 
-    def serving(*candidates: tuple[str, str | None]) -> Callable | None:
-        for attr, method in candidates:
-            obj = getattr(state, attr, None)
-            if obj is not None:
-                return getattr(obj, method) if method else obj
-        return None
-
     old = "vllm.entrypoints.openai.protocol"
-    table: list[tuple[str, tuple[str, ...], str, Callable | None, bool]] = [
-        (CHAT, ("vllm.entrypoints.openai.chat_completion.protocol", old),
-         "ChatCompletionRequest", serving(("openai_serving_chat", "create_chat_completion")),
-         True),
-        (COMPLETIONS, ("vllm.entrypoints.openai.completion.protocol", old),
-         "CompletionRequest", serving(("openai_serving_completion", "create_completion")),
-         True),
-        (RESPONSES, ("vllm.entrypoints.openai.responses.protocol", old),
-         "ResponsesRequest", serving(("openai_serving_responses", "create_responses")), True),
-        (EMBEDDINGS, ("vllm.entrypoints.pooling.embed.protocol", old), "EmbeddingRequest",
-         serving(("serving_embedding", None), ("openai_serving_embedding", "create_embedding")),
-         False),
-    ]
-    scores = serving(("serving_scores", None), ("openai_serving_scores", "create_score"))
-    reranks = serving(("serving_scores", None), ("openai_serving_scores", "do_rerank"))
-    for url in SCORE_URLS:
-        table.append((url, ("vllm.entrypoints.pooling.scoring.protocol",
-                            "vllm.entrypoints.pooling.score.protocol", old),
-                      "ScoreRequest", scores, False))
-    for url in RERANK_URLS:
-        table.append((url, ("vllm.entrypoints.pooling.scoring.protocol",
-                            "vllm.entrypoints.pooling.score.protocol", old),
-                      "RerankRequest", reranks, False))
+    scoring = ("vllm.entrypoints.pooling.scoring.protocol",
+               "vllm.entrypoints.pooling.score.protocol", old)
+    # URL -> where vLLM's request model lives, its name, whether sampling defaults apply
+    table: dict[str, tuple[tuple[str, ...], str, bool]] = {
+        CHAT: (("vllm.entrypoints.openai.chat_completion.protocol", old),
+               "ChatCompletionRequest", True),
+        COMPLETIONS: (("vllm.entrypoints.openai.completion.protocol", old),
+                      "CompletionRequest", True),
+        RESPONSES: (("vllm.entrypoints.openai.responses.protocol", old),
+                    "ResponsesRequest", True),
+        EMBEDDINGS: (("vllm.entrypoints.pooling.embed.protocol", old), "EmbeddingRequest",
+                     False),
+        **{url: (scoring, "ScoreRequest", False) for url in SCORE_URLS},
+        **{url: (scoring, "RerankRequest", False) for url in RERANK_URLS},
+    }
     endpoints = {}
-    for url, modules, name, call, sampling in table:
-        if call is None:
-            continue
+    for url, call in calls.items():
+        modules, name, sampling = table[url]
         parse, fields = model(modules, name)
         endpoints[url] = Endpoint(parse, fields, _caller(call), sampling)
     return endpoints

@@ -127,7 +127,7 @@ class VllmEngine:
     def _answer(self, request: Request, task: asyncio.Task) -> Answer:
         exc = task.exception()
         if exc is not None:
-            if self.serving.dead or "EngineDead" in type(exc).__name__:
+            if self.serving.dead or isinstance(exc, self.serving.engine_dead):
                 raise EngineDead(f"vLLM's engine died: {self._dead_error()}") from exc
             raise exc
         body, error = task.result()
