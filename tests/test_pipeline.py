@@ -309,7 +309,7 @@ def test_completion_window_passes_mid_job(settings):
     d = Daemon(settings, factory=lambda p: FakeEngine(p, step_seconds=0.05, per_step=4))
     d.setup()
     from datetime import datetime, timedelta, timezone
-    soon = datetime.now(timezone.utc) + timedelta(seconds=0.4)
+    soon = datetime.now(timezone.utc) + timedelta(seconds=1.5)  # the job needs ~5 s
     (settings.inbox / "w.toml").write_text(f'expires_at = {soon.isoformat()}\n')
     drop(settings.inbox, "w.jsonl", [GOOD | {"custom_id": f"r{i}"} for i in range(400)])
     drain(d)

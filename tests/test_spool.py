@@ -2,6 +2,7 @@
 
 import os
 import threading
+from pathlib import Path
 
 from batchd.spool import inbox as spool
 from batchd.spool.lease import Leases
@@ -88,8 +89,15 @@ def test_auto_mode_polls_on_network_filesystems(monkeypatch, tmp_path):
 
 
 def test_filesystem_type_reads_the_mount_table(tmp_path):
+    """The mount table's answer equals df's (coreutils reads the same table) and
+    names /proc's own type."""
+    import subprocess
+
     from batchd.spool.watcher import filesystem_type
-    assert filesystem_type(tmp_path) != "unknown"
+    df = subprocess.run(["df", "--output=fstype", str(tmp_path)], capture_output=True,
+                        text=True, check=True).stdout.split()
+    assert filesystem_type(tmp_path) == df[-1]
+    assert filesystem_type(Path("/proc/self")) == "proc"
 
 
 def test_leases_take_over_only_from_the_gone(settings, monkeypatch):
