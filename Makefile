@@ -122,8 +122,8 @@ $(OLD_STAMP): pyproject.toml
 
 test-oldest: $(OLD_STAMP)
 	$(OLD_PY) -m pytest tests/test_vllm_daemon.py tests/test_embeddings.py tests/test_fidelity.py \
-	  tests/test_vllm_crash.py::test_kill9_then_sigterm_then_finish \
-	  tests/test_vllm_crash.py::test_engine_process_killed_mid_job
+	  tests/test_vllm_crash.py::test_kill9_then_double_sigterm_then_finish \
+	  tests/test_vllm_crash.py::test_poison_job_fails_after_repeated_engine_deaths_and_the_queue_moves_on
 
 clean:
 	rm -rf build $(DEMO)

@@ -66,7 +66,7 @@ class EngineConfig(_Section):
     idle_unload_seconds: float = Field(0.0, ge=0)
     fake: bool = False  # deterministic fake engine, for plumbing tests and dry runs
     # The order a file's requests reach the engine: "prefix" groups those sharing a
-    # prompt prefix for vLLM's prefix cache (batchd/order.py); "input" is file order.
+    # prompt prefix for vLLM's prefix cache (batchd/jobs/order.py); "input" is file order.
     # Results are published in input order either way; a sidecar may choose.
     order: Literal["prefix", "input"] = "prefix"
 

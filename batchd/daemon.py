@@ -1,5 +1,6 @@
-"""The daemon loop: watch, claim, run, repeat. The only module that knows
-signals and systemd.
+"""The daemon loop: watch, claim, run, repeat; its signal handlers and what it
+tells systemd (the sd_notify wire protocol itself is notify.py; the engine
+process ignores SIGTERM and SIGINT on its own, engine/host.py).
 
 ``run_once()`` does one pass and says whether it did work; ``run()`` repeats
 it until stopped; ``--once`` drains the spool and returns. Signal handlers

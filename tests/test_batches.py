@@ -1,5 +1,5 @@
-"""The spool as OpenAI Files and Batches, in-process (fast): batchd/batches.py and
-the routes of batchd/api.py through FastAPI's test client, with the in-process
+"""The spool as OpenAI Files and Batches, in-process (fast): batchd/api/ (batches, files)
+and the routes of batchd/api/app.py through FastAPI's test client, with the in-process
 daemon on the fake engine. The real processes and the SDK: test_api.py."""
 
 from __future__ import annotations

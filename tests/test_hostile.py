@@ -223,22 +223,23 @@ def test_a_100_mb_line_is_one_error_in_bounded_memory(daemon, settings):
     assert len(read_jsonl(settings.outbox / "huge.results.jsonl")) == 2
 
 
-@pytest.mark.slow  # writes and reads 1,000,001 lines: about 85 s
 def test_a_file_over_max_requests_is_refused_whole(spool_config, tmp_path):
+    """One line over the limit refuses the file whole (the default limit's own file,
+    1,000,000 lines, runs in test_a_million_tiny_lines_run_to_the_end)."""
     from batchd.config import load_settings
     from batchd.daemon import Daemon
     from batchd.engine import FakeEngine
 
-    settings = load_settings(spool_config("[limits]\nmax_requests = 1000000\n"))
+    settings = load_settings(spool_config("[limits]\nmax_requests = 1000\n"))
     d = Daemon(settings, factory=FakeEngine, clock=lambda: 1000.0)
     d.setup()
-    with open(settings.inbox / "million.jsonl", "wb") as f:
-        f.write(b'{"prompt":"x"}\n' * 1_000_001)
+    with open(settings.inbox / "over.jsonl", "wb") as f:
+        f.write(b'{"prompt":"x"}\n' * 1_001)
     drain(d)
-    status = statuses(settings.outbox)["million"]
+    status = statuses(settings.outbox)["over"]
     assert status["state"] == "failed" and code(status) == "too_many_requests"
-    assert status["errors"][0]["line"] == 1_000_001
-    assert (settings.failed / "million.jsonl").exists()
+    assert status["errors"][0]["line"] == 1_001
+    assert (settings.failed / "over.jsonl").exists()
 
 
 # -- the spool itself ------------------------------------------------------------------
@@ -265,6 +266,7 @@ def test_refuses_to_start_on_a_spool_it_cannot_write(spool_config, tmp_path):
 @pytest.mark.slow
 def test_a_million_tiny_lines_run_to_the_end(daemon, settings):
     """The default max_requests is exactly 1,000,000: such a file runs, streamed."""
+    assert settings.limits.max_requests == 1_000_000
     with open(settings.inbox / "million.jsonl", "wb") as f:
         f.write(b'{"prompt":"x","max_tokens":1}\n' * 1_000_000)
     drain(daemon)

@@ -1,4 +1,4 @@
-"""Prefix order (batchd/order.py): requests sharing a prefix reach the engine
+"""Prefix order (batchd/jobs/order.py): requests sharing a prefix reach the engine
 back to back, results still come out in input order, and resume holds.
 
 On the fake engine, recording the order it is fed; the real-vLLM kill -9 test

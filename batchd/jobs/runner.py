@@ -265,7 +265,7 @@ class Runner:
             yield item
 
     def _pending(self, job: Job) -> Iterator[Request]:
-        """The valid, unanswered requests in the job's order (batchd/order.py)."""
+        """The valid, unanswered requests in the job's order (batchd/jobs/order.py)."""
         if job.order is None:
             for item in self._classified(job):
                 if isinstance(item, Request) and item.line not in job.ckpt.done:
