@@ -289,3 +289,102 @@ def apis():
         if api.proc.poll() is None:
             api.proc.kill()
             api.proc.wait(30)
+
+
+# -- where the suite's time goes ---------------------------------------------------
+# `pytest --durations-file PATH` (make test passes build/test-durations.json) writes
+# every test's seconds and the vLLM engine cores started while it ran, summed per
+# file: the list of what to make faster, kept from every run instead of scrolled away.
+
+def pytest_addoption(parser):
+    parser.addoption("--durations-file", default=None,
+                     help="write per-test and per-file seconds and vLLM engine starts here")
+
+
+class _EngineCores:
+    """Counts vLLM engine cores (one per engine start: batchd's, vllm serve's, the
+    benchmarks' peers) by polling the process table, charged to the running test."""
+
+    def __init__(self):
+        import threading
+        self.current = None
+        self.seen: set = set()
+        self.counts: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True, name="engine-cores")
+        self._thread.start()
+
+    def _poll(self):
+        import psutil
+        while not self._stop.wait(0.5):
+            for proc in psutil.process_iter(["pid", "name", "cmdline", "create_time"]):
+                info = proc.info
+                text = (info["name"] or "") + " " + " ".join(info["cmdline"] or [])
+                key = (info["pid"], info["create_time"])
+                if "EngineCore" in text and key not in self.seen:
+                    self.seen.add(key)
+                    if self.current is not None:
+                        self.counts[self.current] = self.counts.get(self.current, 0) + 1
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+
+
+_TIMING: dict = {}  # filled when --durations-file is given
+
+
+def pytest_configure(config):
+    if config.getoption("--durations-file"):
+        _TIMING.update(cores=_EngineCores(), tests={}, start=time.time())
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _TIMING:
+        _TIMING["cores"].current = nodeid
+
+
+def pytest_runtest_logreport(report):
+    if _TIMING:
+        timing = _TIMING
+        entry = timing["tests"].setdefault(report.nodeid, {"seconds": 0.0, "outcome": "passed"})
+        entry["seconds"] = round(entry["seconds"] + report.duration, 3)
+        if report.outcome != "passed" and not (report.when != "call" and report.skipped):
+            entry["outcome"] = report.outcome
+
+
+def pytest_sessionfinish(session, exitstatus):
+    timing = _TIMING
+    if not timing:
+        return
+    timing["cores"].stop()
+    cores = timing["cores"].counts
+    tests = {nodeid: {**entry, "engine_cores": cores.get(nodeid, 0)}
+             for nodeid, entry in timing["tests"].items()}
+    files: dict[str, dict] = {}
+    for nodeid, entry in tests.items():
+        f = files.setdefault(nodeid.split("::")[0], {"seconds": 0.0, "tests": 0,
+                                                     "engine_cores": 0})
+        f["seconds"] = round(f["seconds"] + entry["seconds"], 1)
+        f["tests"] += 1
+        f["engine_cores"] += entry["engine_cores"]
+    path = Path(session.config.getoption("--durations-file"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "wall_s": round(time.time() - timing["start"], 1), "exit_status": int(exitstatus),
+        "files": dict(sorted(files.items(), key=lambda kv: -kv[1]["seconds"])),
+        "tests": dict(sorted(tests.items(), key=lambda kv: -kv[1]["seconds"]))}, indent=1))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _TIMING:
+        return
+    files: dict[str, list] = {}
+    cores = _TIMING["cores"].counts
+    for nodeid, entry in _TIMING["tests"].items():
+        f = files.setdefault(nodeid.split("::")[0], [0.0, 0])
+        f[0] += entry["seconds"]
+        f[1] += cores.get(nodeid, 0)
+    terminalreporter.section("seconds and vLLM engine starts per file")
+    for name, (seconds, started) in sorted(files.items(), key=lambda kv: -kv[1][0])[:15]:
+        terminalreporter.write_line(f"{seconds:8.1f}s {started:3d} engines  {name}")
