@@ -221,7 +221,8 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 def _check_profiles(settings: Settings, profiles: ProfileSet, name: str | None,
                     vram_text: str) -> int:
-    from .engine.fit import FitError, check, parse_size
+    from .engine.fit import FitError, parse_size
+    from .views import print_fit
 
     try:
         vram = parse_size(vram_text)
@@ -231,21 +232,7 @@ def _check_profiles(settings: Settings, profiles: ProfileSet, name: str | None,
     chosen = [p for p in found if p is not None]
     if len(chosen) < len(found):
         raise UsageError(f"unknown profile {name!r}; known: {profiles.known()}")
-    print(f"{'PROFILE':14} {'WEIGHTS':>8} {'BUDGET':>7} {'KV CACHE':>9} {'KV/TOKEN':>9} "
-          f"{'MAX LEN':>8} {'FULL SEQS':>9}  FITS {vram / 1024**3:g} GiB")
-    ok = True
-    for profile in sorted(chosen, key=lambda p: p.name):
-        try:
-            r = check(profile, settings.routing.models_dir, vram)
-        except (FitError, KeyError, ValueError) as exc:
-            print(f"{profile.name:14} cannot estimate: {exc}")
-            ok = False
-            continue
-        ok = ok and r["fits"]
-        print(f"{r['profile']:14} {r['weights_gb']:7.1f}G {r['budget_gb']:6.1f}G "
-              f"{r['kv_cache_gb']:8.1f}G {r['kv_kib_per_token']:7.0f}Ki {r['max_model_len']:8d} "
-              f"{r['full_length_sequences']:9.1f}  {'yes' if r['fits'] else 'NO'}")
-    return 0 if ok else 1
+    return print_fit(chosen, settings.routing.models_dir, vram)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

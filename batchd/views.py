@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .layout import STATUS, is_final
+from .profiles import Profile
 from .spool.listing import bench_groups
 from .spool.outbox import read_status
 
@@ -90,6 +91,28 @@ def follow(path: Path, as_json: bool = False, poll: float = 0.5) -> int:
             time.sleep(poll)
     print(f"{last['job']}: {last['state']} {last.get('message', '')}".rstrip())
     return 0 if last["state"] == "completed" else 1
+
+
+def print_fit(profiles: list[Profile], models_dir: Path, vram: int) -> int:
+    """`batchd profiles check`: whether each profile's weights and KV cache fit a
+    card of VRAM bytes (engine/fit.py's estimate); 1 when one does not."""
+    from .engine.fit import FitError, check
+
+    print(f"{'PROFILE':14} {'WEIGHTS':>8} {'BUDGET':>7} {'KV CACHE':>9} {'KV/TOKEN':>9} "
+          f"{'MAX LEN':>8} {'FULL SEQS':>9}  FITS {vram / 1024**3:g} GiB")
+    ok = True
+    for profile in sorted(profiles, key=lambda p: p.name):
+        try:
+            r = check(profile, models_dir, vram)
+        except (FitError, KeyError, ValueError) as exc:
+            print(f"{profile.name:14} cannot estimate: {exc}")
+            ok = False
+            continue
+        ok = ok and r["fits"]
+        print(f"{r['profile']:14} {r['weights_gb']:7.1f}G {r['budget_gb']:6.1f}G "
+              f"{r['kv_cache_gb']:8.1f}G {r['kv_kib_per_token']:7.0f}Ki {r['max_model_len']:8d} "
+              f"{r['full_length_sequences']:9.1f}  {'yes' if r['fits'] else 'NO'}")
+    return 0 if ok else 1
 
 
 def bench_report(outbox: Path, plot: str | None = None) -> int:

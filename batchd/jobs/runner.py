@@ -7,7 +7,6 @@ checkpoint: answered lines are never asked again and never written twice.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -18,15 +17,13 @@ import structlog
 
 from ..config import Settings
 from ..engine import EngineDead, EnginePool
-from ..layout import PUBLISHED_INPUT
-from ..lines import LineError, NotRegularFile, Request, open_regular, read_line_at
+from ..lines import LineError, Request, open_regular, read_line_at
 from ..profiles import ProfileSet
 from ..spool.outbox import JobState, error_line, read_status, result_line
 from . import publish
 from .job import Job
-from .order import PrefixOrder
-from .router import JobRejected, ModelVote, Sidecar, read_sidecar, route
-from .validate import classified, validate
+from .router import JobRejected, Sidecar, route
+from .validate import classified, validate_job
 
 log = structlog.get_logger()
 
@@ -101,7 +98,7 @@ class Runner:
             job.status.write(JobState.VALIDATING, phase="validating", message=message)
             job.queued_s = job.waited + time.monotonic() - job.started
             try:
-                sidecar, votes = self._validate(job)
+                sidecar, votes = validate_job(job)
                 job.profile, reason = route(name, sidecar, votes, profiles,
                                             self.settings.routing.default_profile)
             except JobRejected as exc:
@@ -121,50 +118,6 @@ class Runner:
     def _classified(self, job: Job) -> Iterator[Request | LineError]:
         for _offset, item in classified(job.input, self.settings.limits.max_line_bytes):
             yield item
-
-    def _validate(self, job: Job) -> tuple[Sidecar, ModelVote]:
-        limits = self.settings.limits
-        try:
-            with open_regular(job.input) as stream:
-                st = os.fstat(stream.fileno())
-        except NotRegularFile as exc:
-            raise JobRejected("not_a_regular_file", f"{job.input.name} {exc.strerror}") from None
-        if st.st_nlink > 1 and not self._published(job, st):
-            raise JobRejected("not_a_regular_file",
-                              f"{job.input.name} is a hard link ({st.st_nlink} names)")
-        size = st.st_size
-        if size > limits.max_file_bytes:
-            raise JobRejected("file_too_large",
-                              f"{size} bytes is over the limit of {limits.max_file_bytes}")
-        sidecar = read_sidecar(job.sidecar)
-        order = PrefixOrder() if (sidecar.order or self.settings.engine.order) == "prefix" \
-            else None
-
-        def on_request(item: Request, offset: int) -> None:
-            if order is not None and item.line not in job.ckpt.done:
-                order.add(item, offset)
-
-        def every_8192(lines: int) -> None:
-            job.total = lines
-            if time.monotonic() - job.status.written_at >= self.settings.status.interval:
-                job.status.write(JobState.VALIDATING, phase="validating",
-                                 message=f"{lines} lines read",
-                                 **job.progress())
-
-        job.total, votes = validate(
-            job.input, limits, lambda item: job.ckpt.add(item.line, "error", error_line(item)),
-            on_request, every_8192)
-        job.order = order if order is not None and not order.overflow else None
-        return sidecar, votes
-
-    def _published(self, job: Job, st: os.stat_result) -> bool:
-        """Whether the input's second name is its own outbox copy (a crash came
-        between publishing the input and the final status line)."""
-        try:
-            out = os.stat(job.out(PUBLISHED_INPUT), follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        return (out.st_dev, out.st_ino) == (st.st_dev, st.st_ino) and st.st_nlink == 2
 
     # -- generation ------------------------------------------------------------
 

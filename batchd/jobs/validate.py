@@ -1,15 +1,22 @@
 """The validation pass over a JSONL file, shared by the runner and ``batchd
 validate``: every line classified once (duplicate custom_ids included), the
-request limit enforced, the lines' models counted for routing."""
+request limit enforced, the lines' models counted for routing; and a claimed
+job's whole validating phase (``validate_job``)."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 from ..config import LimitsConfig
-from ..lines import Dedup, LineError, Request, iter_file_at
-from .router import JobRejected, ModelVote
+from ..layout import PUBLISHED_INPUT, JobState
+from ..lines import Dedup, LineError, NotRegularFile, Request, iter_file_at, open_regular
+from ..spool.outbox import error_line
+from .job import Job
+from .order import PrefixOrder
+from .router import JobRejected, ModelVote, Sidecar, read_sidecar
 
 
 def classified(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Request | LineError]]:
@@ -42,3 +49,53 @@ def validate(path: Path, limits: LimitsConfig,
         if total % 8192 == 0:
             every_8192(total)
     return total, votes
+
+
+def validate_job(job: Job) -> tuple[Sidecar, ModelVote]:
+    """A claimed job's validating phase: the input is a plain file within the
+    limits, its sidecar is read, every line is classified (bad lines get their
+    error line in the checkpoint), the prefix order is built; returns the
+    sidecar and the lines' model votes for routing. JobRejected refuses it whole."""
+    settings = job.settings
+    limits = settings.limits
+    try:
+        with open_regular(job.input) as stream:
+            st = os.fstat(stream.fileno())
+    except NotRegularFile as exc:
+        raise JobRejected("not_a_regular_file", f"{job.input.name} {exc.strerror}") from None
+    if st.st_nlink > 1 and not _published(job, st):
+        raise JobRejected("not_a_regular_file",
+                          f"{job.input.name} is a hard link ({st.st_nlink} names)")
+    size = st.st_size
+    if size > limits.max_file_bytes:
+        raise JobRejected("file_too_large",
+                          f"{size} bytes is over the limit of {limits.max_file_bytes}")
+    sidecar = read_sidecar(job.sidecar)
+    order = PrefixOrder() if (sidecar.order or settings.engine.order) == "prefix" \
+        else None
+
+    def on_request(item: Request, offset: int) -> None:
+        if order is not None and item.line not in job.ckpt.done:
+            order.add(item, offset)
+
+    def every_8192(lines: int) -> None:
+        job.total = lines
+        if time.monotonic() - job.status.written_at >= settings.status.interval:
+            job.status.write(JobState.VALIDATING, phase="validating",
+                             message=f"{lines} lines read",
+                             **job.progress())
+
+    job.total, votes = validate(
+        job.input, limits, lambda item: job.ckpt.add(item.line, "error", error_line(item)),
+        on_request, every_8192)
+    job.order = order if order is not None and not order.overflow else None
+    return sidecar, votes
+
+def _published(job: Job, st: os.stat_result) -> bool:
+    """Whether the input's second name is its own outbox copy (a crash came
+    between publishing the input and the final status line)."""
+    try:
+        out = os.stat(job.out(PUBLISHED_INPUT), follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (out.st_dev, out.st_ino) == (st.st_dev, st.st_ino) and st.st_nlink == 2
