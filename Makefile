@@ -96,7 +96,7 @@ demo: model
 	@printf '[spool]\nroot = "spool"\n[routing]\nprofiles_dir = "%s/profiles"\nmodels_dir = "%s/models"\n[watch]\nsettle_seconds = 0.2\n[log]\nformat = "console"\n' \
 	  "$(CURDIR)" "$(CURDIR)" > $(DEMO)/config.toml
 	$(BATCHD) submit examples/hello.jsonl --config $(DEMO)/config.toml
-	@echo "running the daemon until the job completes (model load about 30 s, answers about 15 s; log: $(DEMO)/daemon.log)"
+	@echo "running the daemon until the job completes (model load about 30 s on 2 cores, then a few seconds of answers; log: $(DEMO)/daemon.log)"
 	$(BATCHD) run --once --config $(DEMO)/config.toml > $(DEMO)/daemon.log 2>&1 || (tail -40 $(DEMO)/daemon.log; exit 1)
 	@$(PY) examples/show_answers.py $(DEMO)/spool/outbox/hello
 	$(BATCHD) bench report --config $(DEMO)/config.toml
