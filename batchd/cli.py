@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", default="list", choices=["list", "show", "check"])
     p.add_argument("name", nargs="?")
     p.add_argument("--vram", default="16GiB", help="GPU memory for `check` (default 16GiB)")
+    p.add_argument("--fit-only", action="store_true",
+                   help="`check` without asking the installed vLLM about the server options")
     p = command("models", cmd_models, "build a local model from a shipped recipe")
     p.add_argument("action", choices=["prepare", "list"])
     p.add_argument("name", nargs="?")
@@ -198,7 +200,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     settings = _settings(args)
     profiles = ProfileSet.load(settings.routing.profiles_dir)
     if args.action == "check":
-        return _check_profiles(settings, profiles, args.name, args.vram)
+        return _check_profiles(settings, profiles, args.name, args.vram, args.fit_only)
     if args.action == "show":
         if not args.name:
             raise UsageError("profiles show needs a NAME")
@@ -220,9 +222,9 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def _check_profiles(settings: Settings, profiles: ProfileSet, name: str | None,
-                    vram_text: str) -> int:
+                    vram_text: str, fit_only: bool) -> int:
     from .engine.fit import FitError, parse_size
-    from .views import print_fit
+    from .views import print_capabilities, print_fit
 
     try:
         vram = parse_size(vram_text)
@@ -232,7 +234,8 @@ def _check_profiles(settings: Settings, profiles: ProfileSet, name: str | None,
     chosen = [p for p in found if p is not None]
     if len(chosen) < len(found):
         raise UsageError(f"unknown profile {name!r}; known: {profiles.known()}")
-    return print_fit(chosen, settings.routing.models_dir, vram)
+    fits = print_fit(chosen, settings.routing.models_dir, vram)
+    return fits if fit_only else print_capabilities(chosen) or fits
 
 
 def cmd_models(args: argparse.Namespace) -> int:

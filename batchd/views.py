@@ -115,6 +115,24 @@ def print_fit(profiles: list[Profile], models_dir: Path, vram: int) -> int:
     return 0 if ok else 1
 
 
+def print_capabilities(profiles: list[Profile]) -> int:
+    """`batchd profiles check`, part two: what each profile's server options give on
+    the installed vLLM (engine/capabilities.py); 1 when a profile names a parser
+    vLLM does not have, a missing template or an unknown engine key."""
+    try:
+        from .engine.capabilities import capabilities
+        found = [capabilities(profile) for profile in sorted(profiles, key=lambda p: p.name)]
+    except ImportError as exc:
+        print(f"\nserver options not checked: vLLM is not importable here ({exc})")
+        return 0
+    print(f"\nSERVER OPTIONS on vLLM {found[0].release if found else '?'}")
+    for caps in found:
+        print(f"{caps.profile:14} {caps.line().split('; ', 1)[1]}")
+        for problem in caps.problems:
+            print(f"{'':14} PROBLEM: {problem}")
+    return 1 if any(caps.problems for caps in found) else 0
+
+
 def bench_report(outbox: Path, plot: str | None = None) -> int:
     """A table of all bench records grouped by profile; a bar chart with --plot."""
     groups = bench_groups(outbox)

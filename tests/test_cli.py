@@ -120,16 +120,18 @@ def test_bench_report_table_and_plot(spool_config, tmp_path):
 
 def test_profiles_check_fit_table():
     from conftest import ROOT
-    out = batchd("profiles", "check", config=ROOT / "config.toml")
+    out = batchd("profiles", "check", "--fit-only", config=ROOT / "config.toml")
     assert out.returncode == 0, out.stdout
+    assert "SERVER OPTIONS" not in out.stdout  # vLLM not asked (tests/test_vllm_contract.py)
     for name in ("gemma3-4b", "gemma3-12b", "llama3.2-1b", "llama3.2-3b", "qwen3-4b",
                  "qwen3-8b", "olmo2-1b", "smollm2-135m"):
         line = next(l for l in out.stdout.splitlines() if l.startswith(name + " "))
         assert line.endswith("yes"), line
-    small = batchd("profiles", "check", "qwen3-8b", "--vram", "8GiB",
+    small = batchd("profiles", "check", "qwen3-8b", "--vram", "8GiB", "--fit-only",
                    config=ROOT / "config.toml")
     assert small.returncode == 1 and small.stdout.strip().endswith("NO")
-    lots = batchd("profiles", "check", "--vram", "lots", config=ROOT / "config.toml")
+    lots = batchd("profiles", "check", "--vram", "lots", "--fit-only",
+                  config=ROOT / "config.toml")
     assert lots.returncode == 2
 
 

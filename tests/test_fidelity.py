@@ -162,8 +162,12 @@ def answers(tiny_model, tmp_path_factory):
             "server": served, "run_batch": runner}
 
 
-# Lines only batchd runs: its per-line refusals.
+# Lines only batchd runs: its per-line refusals, and tool_choice "auto" (answered
+# as `batchd profiles check` says, test_tool_choice_is_answered_as_profiles_check_says).
 EXTRA = [
+    {"custom_id": "tools-auto", "method": "POST", "url": CHAT,
+     "body": {"messages": USER, "tools": [WEATHER], "tool_choice": "auto", "max_tokens": 8,
+              **GREEDY}},
     {"custom_id": "unknown-field", "method": "POST", "url": CHAT,
      "body": {"messages": USER, "frobnicate": True}},
     {"custom_id": "remote-image", "method": "POST", "url": CHAT, "body": {"messages": [
@@ -239,3 +243,21 @@ def test_refused_fields_are_line_errors_naming_the_field(answers):
     assert errors["responses-unknown"]["param"] == "max_tokens"
     assert all(e["code"] == "invalid_request" for e in errors.values())
     assert set(errors) == {"unknown-field", "remote-image", "responses-unknown"}
+
+
+def test_tool_choice_is_answered_as_profiles_check_says(answers, tmp_path):
+    """The profile runs the hermes parser with auto tool choice: `batchd profiles
+    check` reports every tool_choice answered, and the engine answers one line of
+    each kind with a body."""
+    from batchd.engine.capabilities import ANSWERED, capabilities
+    from batchd.profiles import load_profile
+
+    (tmp_path / "tiny.toml").write_text(PROFILE)
+    said = capabilities(load_profile(tmp_path / "tiny.toml")).tool_choice
+    assert said == {"auto": ANSWERED, "required": ANSWERED, "named": ANSWERED}
+    lines = {"auto": "tools-auto", "required": "tools-required", "named": "tools-named"}
+    got = {kind: ANSWERED if custom_id in answers["batchd"] else "refused"
+           for kind, custom_id in lines.items()}
+    assert got == said, {k: answers["errors"].get(v) for k, v in lines.items()}
+    for custom_id in ("tools-required", "tools-named"):
+        assert answers["batchd"][custom_id]["choices"][0]["message"]["tool_calls"]

@@ -157,3 +157,31 @@ def test_shared_prefixes_hit_vllms_prefix_cache(served):
     assert bench["order"] == "prefix"
     assert bench["prefix_cache"]["cached_tokens"] == sum(cached)
     assert 0 < bench["prefix_cache"]["hit_rate"] < 1
+
+
+def test_tool_choice_is_refused_as_profiles_check_says(served):
+    """The tiny profile names no tool parser: `batchd profiles check` reports every
+    tool_choice refused, and the engine refuses each kind per line (vLLM's own
+    message), while the other lines of the file run."""
+    from batchd.engine.capabilities import REFUSED, capabilities
+    from batchd.profiles import ProfileSet
+
+    profile = ProfileSet.load(served.config.parent / "profiles").lookup("tiny")
+    said = capabilities(profile).tool_choice
+    assert said == {"auto": REFUSED, "required": REFUSED, "named": REFUSED}
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    choices = {"auto": "auto", "required": "required",
+               "named": {"type": "function", "function": {"name": "get_weather"}}}
+    inbox, outbox = served.spool / "inbox", served.spool / "outbox"
+    drop(inbox, "tools.jsonl", [{"custom_id": kind, **CHAT, "tools": [weather],
+                                 "tool_choice": choice, "max_tokens": 4}
+                                for kind, choice in choices.items()]
+         + [{"custom_id": "plain", **CHAT, "max_tokens": 2}])
+    assert wait_final(outbox, "tools") == "completed"
+    errors = {e["custom_id"]: e["response"]["body"]["error"]
+              for e in read_jsonl(outbox / "tools.errors.jsonl")}
+    results = [r["custom_id"] for r in read_jsonl(outbox / "tools.results.jsonl")]
+    assert results == ["plain"]
+    assert {kind: REFUSED if kind in errors else "answered" for kind in choices} == said
+    assert "tool-call-parser" in errors["required"]["message"]

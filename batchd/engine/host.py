@@ -52,7 +52,7 @@ def serve(conn: Connection) -> int:
     # At 50,000 it runs twice (0.05 s), and resident memory stayed flat over
     # six such runs and from 1,000 to 100,000 lines (docs/BENCHMARKING.md).
     gc.set_threshold(50_000, 20, 20)
-    conn.send((Msg.READY, engine.load_seconds))
+    conn.send((Msg.READY, engine.load_seconds, _capabilities(profile)))
     try:
         while True:
             message = conn.recv()
@@ -65,6 +65,17 @@ def serve(conn: Connection) -> int:
     finally:
         engine.close()
     return 0
+
+
+def _capabilities(profile: Any) -> tuple[str, list[str]]:
+    """What the profile's server options give on this vLLM: one line and its problems."""
+    from .capabilities import capabilities
+
+    try:
+        found = capabilities(profile)
+    except Exception as exc:  # noqa: BLE001 - only a report; the model is loaded
+        return f"not checked: {type(exc).__name__}: {exc}", []
+    return found.line(), found.problems
 
 
 def _stream(conn: Connection, engine: Any, sampling: dict[str, Any], window: int) -> bool:

@@ -100,8 +100,11 @@ class HostedEngine:
             self.close()
             cause = self.output.cause()
             raise RuntimeError(reply[1] + (f" (engine log: {cause})" if cause else ""))
+        line, problems = reply[2]
         log.info("engine_process_started", pid=self.proc.pid, profile=profile.name,
-                 vllm_load_s=round(reply[1], 2))
+                 vllm_load_s=round(reply[1], 2), capabilities=line)
+        for problem in problems:
+            log.warning("profile_problem", profile=profile.name, problem=problem)
         if pidfile is not None:
             record_children(pidfile)
 
