@@ -167,8 +167,12 @@ def test_tool_choice_is_refused_as_profiles_check_says(served):
     from batchd.profiles import ProfileSet
 
     profile = ProfileSet.load(served.config.parent / "profiles").lookup("tiny")
-    said = capabilities(profile).tool_choice
+    found = capabilities(profile)
+    said = found.tool_choice
     assert said == {"auto": REFUSED, "required": REFUSED, "named": REFUSED}
+    # the daemon said the same when it loaded the profile
+    started = [e for e in served.logs() if e.get("event") == "engine_process_started"]
+    assert started[0]["profile"] == "tiny" and started[0]["capabilities"] == found.line()
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}
     choices = {"auto": "auto", "required": "required",
