@@ -2,7 +2,7 @@
 
 import pytest
 
-from batchd.engine.serving import _first
+from batchd.engine.endpoints import _first
 
 
 def test_first_takes_the_first_module_that_has_the_name():
@@ -50,7 +50,7 @@ def test_a_serving_object_renamed_by_vllm_fails_the_load_by_name():
     """vLLM's app state as a release that renamed the chat serving object would
     build it: the load fails naming the missing attribute and the release, instead
     of every chat line coming back unsupported_url."""
-    from batchd.engine.serving import serving_calls
+    from batchd.engine.endpoints import serving_calls
 
     both = _Serving()
     calls = serving_calls(_state(openai_serving_chat=both, openai_serving_completion=both),
@@ -68,7 +68,7 @@ def test_a_serving_object_renamed_by_vllm_fails_the_load_by_name():
 
 
 def test_a_serving_method_renamed_by_vllm_fails_the_load_by_name():
-    from batchd.engine.serving import serving_calls
+    from batchd.engine.endpoints import serving_calls
 
     class Renamed:
         async def create_chat_completions(self, request, raw):

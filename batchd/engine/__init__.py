@@ -5,8 +5,8 @@ the answers that finished in it. It keeps at most ``window`` requests in
 flight, so the whole file is never in memory and the scheduler never waits at
 a chunk boundary. Closing the generator early aborts what is still in flight.
 
-The real engine lives in ``vllm_engine.py`` (with ``serving.py``, the only
-modules that import vLLM).
+The real engine lives in ``vllm_engine.py`` (with ``serving.py`` and
+``endpoints.py``, in the engine process: only this wing imports vLLM).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..profiles import Profile
-from .serving import _first, vllm_release
+from .endpoints import _first, vllm_release
 
 ANSWERED, REFUSED, UNKNOWN = "answered", "refused", "not known for this release"
 
