@@ -13,19 +13,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
-import structlog
-
 from ..config import Settings
 from ..engine import EngineDead, EnginePool
+from ..layout import JobState
 from ..lines import LineError, Request, open_regular, read_line_at
 from ..profiles import ProfileSet
-from ..spool.outbox import JobState, error_line, read_status, result_line
+from ..spool.outbox import error_line, read_status, result_line
 from . import publish
 from .job import Job
 from .router import JobRejected, Sidecar, route
 from .validate import classified, validate_job
-
-log = structlog.get_logger()
 
 # How often a running job looks for inbox/JOB.cancel: not a stat per engine step.
 CANCEL_CHECK_SECONDS = 0.5
