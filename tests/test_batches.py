@@ -5,12 +5,14 @@ daemon on the fake engine. The real processes and the SDK: test_api.py."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from fastapi.testclient import TestClient
 
 from batchd.api.app import create_app, is_local, parse_listen
 from batchd.api.batches import Store
+from batchd.api.files import ApiError
 from batchd.config import ConfigError
 
 from conftest import drain, drop
@@ -97,3 +99,16 @@ def test_listen_addresses():
     for bad in ("8080", "host:", ":80", "h:99999"):
         with pytest.raises(ConfigError):
             parse_listen(bad)
+
+
+def test_a_file_being_claimed_is_still_a_batch(settings):
+    """Between the claim's rename out of the inbox and its status file, the file
+    is a claim in work/: the API still finds the batch (it once answered 404)."""
+    store = Store(settings)
+    store.ensure_dirs()
+    claim = settings.layout.claim(os.getpid(), 1, "host", "inflight.jsonl")
+    claim.write_text('{"prompt": "x"}\n')
+    assert store.batch("inflight")["status"] == "validating"
+    claim.unlink()
+    with pytest.raises(ApiError):
+        store.batch("inflight")

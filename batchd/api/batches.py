@@ -137,8 +137,12 @@ class Store:
         status = self.layout.status(batch_id)
         history = read_status(status)
         waiting = self.layout.inbox / f"{batch_id}{INPUT}"
+        # A dropped file is in the inbox, then a claim in work/, then has a status
+        # file (spool/inbox.py, claim): looked for in that order, one of the three
+        # is always found, also while the daemon claims it.
         if not history and record is None and not (
                 inbox.is_eligible_name(waiting.name) and waiting.is_file()
+                or any(name == waiting.name for *_, name in self.layout.claims())
                 or status.exists()):
             raise ApiError(404, f"No such Batch object: {batch_id}", "batch_not_found",
                            "batch_id")
