@@ -68,7 +68,8 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
            completion_tokens: int, queued_s: float, model_load_s: float,
            generation_s: float, total_s: float, first_result_s: float | None,
            started_at: str, finished_at: str, state: str, resumed: bool,
-           order: str = "input", cached_tokens: int = 0) -> dict[str, Any]:
+           order: str = "input", cached_tokens: int = 0,
+           concurrency: dict[str, Any] | None = None) -> dict[str, Any]:
     """The contract's bench record (section 6)."""
     gen = generation_s if generation_s > 0 else None
     return {
@@ -93,6 +94,10 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
         "prefix_cache": {"cached_tokens": cached_tokens,
                          "hit_rate": round(cached_tokens / prompt_tokens, 4)
                          if prompt_tokens else 0.0},
+        # the jobs that shared the engine with this one and the engine's tokens
+        # meanwhile (batchd/jobs/job.py: Job.concurrency)
+        "concurrency": concurrency or {"overlapped_jobs": [], "engine_tokens": None,
+                                       "share_of_completion_tokens": None},
         "hardware": hardware(),
         "versions": versions(),
         "started_at": started_at, "finished_at": finished_at,

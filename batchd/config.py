@@ -75,8 +75,11 @@ class SchedulingConfig(_Section):
     # A job in work/ whose owner on another host has not refreshed its lease for
     # this long is taken over (same-host owners are checked by pid at once).
     lease_seconds: float = Field(60.0, gt=0)
-    # A file waiting longer than this runs next even if another profile is loaded.
+    # A file waiting longer than this runs next even if another profile is loaded:
+    # the running jobs make way (yield) and resume after it.
     max_wait_seconds: float = Field(600.0, ge=0)
+    # Jobs for the loaded profile that run at once in its engine, sharing its window.
+    max_running_jobs: int = Field(8, ge=1)
 
 
 class StatusConfig(_Section):

@@ -35,6 +35,16 @@ class Request:
     custom_id: str
     url: str
     body: dict[str, Any]
+    # Set when a job hands the request to a shared engine stream: whose it is
+    # (answers are told apart by ``key``) and the sampling defaults to apply
+    # under the line's own fields (the profile's, the sidecar's, and the job's
+    # vLLM priority where the profile schedules by priority).
+    job: str = ""
+    sampling: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.job, self.line
 
     @property
     def model(self) -> str | None:

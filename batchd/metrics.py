@@ -44,8 +44,14 @@ class Metrics:
                                 "Unix time of the last claim.", registry=r)
 
     def claimed(self) -> None:
-        self.running.set(1)
         self.last_claim.set(time.time())
+        self.write()
+
+    def running_jobs(self, count: int) -> None:
+        self.running.set(count)
+        if not count:
+            self.throughput.set(0)
+            self.requests_per_s.set(0)
         self.write()
 
     def progress(self, record: dict[str, Any]) -> None:
@@ -56,9 +62,6 @@ class Metrics:
 
     def finished(self, bench: dict[str, Any] | None, state: str) -> None:
         self.jobs.labels(state).inc()
-        self.running.set(0)
-        self.throughput.set(0)
-        self.requests_per_s.set(0)
         if bench:
             profile = bench.get("profile") or "-"
             self.requests.labels(profile, "succeeded").inc(bench["requests"]["succeeded"])

@@ -37,7 +37,7 @@ ENGINE_KEYS = frozenset(
     served_model_name enable_lora max_lora_rank max_loras
     pooler_config disable_log_stats num_gpu_blocks_override speculative_config
     model_impl async_scheduling structured_outputs_config logprobs_mode
-    mm_processor_cache_gb
+    mm_processor_cache_gb scheduling_policy
     """.split()
 )
 
@@ -199,6 +199,12 @@ class Profile(BaseModel):
     def engine_args(self, models_dir: Path) -> dict[str, Any]:
         """Keyword arguments for vllm.LLM, exactly as the profile gives them."""
         return {"model": self.model_location(models_dir), **self.engine}
+
+    @property
+    def priority_scheduling(self) -> bool:
+        """vLLM schedules by request priority (``scheduling_policy = "priority"``):
+        a job's sidecar priority then reaches each of its requests."""
+        return self.engine.get("scheduling_policy") == "priority"
 
 
 DEFAULT_SHIPPED = "smollm2-135m.toml"  # the CPU default: every install ships it

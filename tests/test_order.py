@@ -61,7 +61,8 @@ class Recording(FakeEngine):
     def stream(self, requests, sampling, window):
         def record():
             for request in requests:
-                Recording.fed.append(request)
+                if request is not None:  # None: the shared stream holds (engine/__init__.py)
+                    Recording.fed.append(request)
                 yield request
         return super().stream(record(), sampling, window)
 

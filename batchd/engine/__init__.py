@@ -5,6 +5,11 @@ the answers that finished in it. It keeps at most ``window`` requests in
 flight, so the whole file is never in memory and the scheduler never waits at
 a chunk boundary. Closing the generator early aborts what is still in flight.
 
+The stream may carry several jobs' requests at once (``Request.job`` tells
+their answers apart, ``Request.sampling`` overrides the stream's defaults), and
+its source may yield ``HOLD``: nothing to send now, ask again later. A stream
+whose source holds stays open, yielding empty lists, until the source ends.
+
 The real engine lives in ``vllm_engine.py`` (with ``serving.py`` and
 ``endpoints.py``, in the engine process: only this wing imports vLLM).
 """
@@ -14,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterable, Protocol
+from typing import Any, Callable, Generator, Iterable, Iterator, Protocol
 
 import structlog
 
@@ -37,11 +42,33 @@ class EngineDead(Exception):
     """The inference engine died; it must be started again."""
 
 
+HOLD = None  # what a source yields when it has nothing to send right now
+_END = object()
+
+
+def take(source: Iterator[Request | None], n: int) -> tuple[list[Request], bool]:
+    """Up to N requests from SOURCE, stopping early at a HOLD; and whether the
+    source has ended."""
+    batch: list[Request] = []
+    while len(batch) < n:
+        request = next(source, _END)
+        if request is _END:
+            return batch, True
+        if request is HOLD:
+            break
+        batch.append(request)  # type: ignore[arg-type]
+    return batch, False
+
+
+def sampling_of(request: Request, default: dict[str, Any]) -> dict[str, Any]:
+    return default if request.sampling is None else request.sampling
+
+
 class Engine(Protocol):
     profile: Profile
 
     def stream(
-        self, requests: Iterable[Request], sampling: dict[str, Any], window: int
+        self, requests: Iterable[Request | None], sampling: dict[str, Any], window: int
     ) -> Generator[list[Answer], None, None]:
         """Answers as they finish, one list per engine step (possibly empty)."""
         ...
@@ -72,24 +99,25 @@ class FakeEngine:
         self.per_step = per_step
         self.closed = False
 
-    def stream(self, requests: Iterable[Request], sampling: dict[str, Any], window: int
-               ) -> Generator[list[Answer], None, None]:
+    def stream(self, requests: Iterable[Request | None], sampling: dict[str, Any],
+               window: int) -> Generator[list[Answer], None, None]:
         source = iter(requests)
         pending: list[Request] = []
         exhausted = False
         while True:
-            while not exhausted and len(pending) < window:
-                request = next(source, None)
-                if request is None:
-                    exhausted = True
-                else:
-                    pending.append(request)
+            if not exhausted and len(pending) < window:
+                batch, exhausted = take(source, window - len(pending))
+                pending += batch
             if not pending:
-                return
+                if exhausted:
+                    return
+                time.sleep(self.step_seconds or 0.01)  # the source holds
+                yield []
+                continue
             if self.step_seconds:
                 time.sleep(self.step_seconds)
             done, pending = pending[: self.per_step], pending[self.per_step:]
-            yield [self._answer(r, sampling) for r in done]
+            yield [self._answer(r, sampling_of(r, sampling)) for r in done]
 
     def _answer(self, request: Request, sampling: dict[str, Any]) -> Answer:
         if request.url == EMBEDDINGS:

@@ -17,7 +17,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Iterator
 
 from ..lines import Request
-from . import EngineDead
+from . import HOLD, EngineDead
 from .wire import WANT_BATCH, Msg
 
 FLUSH_SECONDS = 0.1  # answers go back at most this often ...
@@ -85,15 +85,18 @@ def _stream(conn: Connection, engine: Any, sampling: dict[str, Any], window: int
     sent at least every QUIET_SECONDS (an empty bunch when nothing finished),
     so the daemon checkpoints, reports and acts on cancel and stop in time
     without waking up, and taking a core from the engine, after every step.
-    An answer goes back as (line, body, error): the daemon has the request.
+    An answer goes back as (key, body, error): the daemon has the request.
     """
 
-    def requests() -> Iterator[Request]:
+    def requests() -> Iterator[Request | None]:
         while True:
             conn.send((Msg.WANT, min(WANT_BATCH, window)))
             message = conn.recv()
             if message[0] == Msg.ABORT:
                 raise _Aborted
+            if message[0] == Msg.HOLD:
+                yield HOLD
+                continue
             if not message[1]:
                 return
             yield from message[1]
@@ -103,7 +106,7 @@ def _stream(conn: Connection, engine: Any, sampling: dict[str, Any], window: int
     sent = time.monotonic()
     try:
         for batch in answers:
-            bunch.extend((a.request.line, a.body, a.error) for a in batch)
+            bunch.extend((a.request.key, a.body, a.error) for a in batch)
             waited = time.monotonic() - sent
             if (bunch and waited >= FLUSH_SECONDS) or waited >= QUIET_SECONDS \
                     or len(bunch) >= WANT_BATCH:

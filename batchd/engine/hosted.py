@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from itertools import islice
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import IO, Any, Callable, Generator, Iterable
@@ -34,7 +33,7 @@ import structlog
 from ..config import Settings
 from ..lines import Request
 from ..profiles import Profile
-from . import Answer, Engine, EngineDead, FakeEngine
+from . import Answer, Engine, EngineDead, FakeEngine, take
 from .wire import Msg
 
 log = structlog.get_logger()
@@ -120,22 +119,22 @@ class HostedEngine:
         except (EOFError, OSError) as exc:
             raise EngineDead(f"engine process lost: {exc or type(exc).__name__}") from None
 
-    def stream(self, requests: Iterable[Request], sampling: dict[str, Any], window: int
-               ) -> Generator[list[Answer], None, None]:
+    def stream(self, requests: Iterable[Request | None], sampling: dict[str, Any],
+               window: int) -> Generator[list[Answer], None, None]:
         source = iter(requests)
-        inflight: dict[int, Request] = {}  # line -> request, sent and not answered
+        inflight: dict[tuple[str, int], Request] = {}  # sent and not answered
         over = False
         try:
             self.conn.send((Msg.STREAM, sampling, window))
             while True:
                 message = self._recv()
                 if message[0] == Msg.WANT:
-                    batch = list(islice(source, message[1]))
-                    inflight.update((r.line, r) for r in batch)
-                    self.conn.send((Msg.REQUESTS, batch))
+                    batch, ended = take(source, message[1])
+                    inflight.update((r.key, r) for r in batch)
+                    self.conn.send((Msg.REQUESTS, batch) if batch or ended else (Msg.HOLD,))
                 elif message[0] == Msg.ANSWERS:
-                    yield [Answer(inflight.pop(line), body, error)
-                           for line, body, error in message[1]]
+                    yield [Answer(inflight.pop(key), body, error)
+                           for key, body, error in message[1]]
                 else:
                     over = True
                     if message[0] == Msg.DEAD:

@@ -22,7 +22,7 @@ from typing import Any, Generator, Iterable
 
 from ..lines import Request
 from ..profiles import Profile
-from . import Answer, EngineDead
+from . import Answer, EngineDead, sampling_of, take
 
 QUIET_SECONDS = 0.1  # an empty list comes back this often when nothing finished
 
@@ -54,12 +54,12 @@ class VllmEngine:
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    def stream(self, requests: Iterable[Request], sampling: dict[str, Any], window: int
-               ) -> Generator[list[Answer], None, None]:
+    def stream(self, requests: Iterable[Request | None], sampling: dict[str, Any],
+               window: int) -> Generator[list[Answer], None, None]:
         """Answers as they finish; closing the generator cancels what is in flight
         (cancelling a serving call aborts its request in the engine)."""
         done: queue.SimpleQueue[list[tuple[Request, asyncio.Task]]] = queue.SimpleQueue()
-        tasks: dict[int, asyncio.Task] = {}  # touched only on the loop's thread
+        tasks: dict[tuple[str, int], asyncio.Task] = {}  # touched only on the loop's thread
         finished: list[tuple[Request, asyncio.Task]] = []  # likewise
         source = iter(requests)
         inflight = 0
@@ -71,12 +71,13 @@ class VllmEngine:
 
         def submit(batch: list[Request]) -> None:  # runs on the loop
             for request in batch:
-                task = self.loop.create_task(self.serving.answer(request, sampling))
-                tasks[request.line] = task
+                task = self.loop.create_task(
+                    self.serving.answer(request, sampling_of(request, sampling)))
+                tasks[request.key] = task
                 task.add_done_callback(functools.partial(finish, request))
 
         def finish(request: Request, task: asyncio.Task) -> None:  # runs on the loop
-            tasks.pop(request.line, None)
+            tasks.pop(request.key, None)
             if task.cancelled():
                 return
             if not finished:  # one hand-over for all that finish in this loop pass
@@ -93,18 +94,12 @@ class VllmEngine:
 
         try:
             while True:
-                batch: list[Request] = []
-                if inflight <= low:
-                    while not exhausted and inflight + len(batch) < window:
-                        request = next(source, None)
-                        if request is None:
-                            exhausted = True
-                        else:
-                            batch.append(request)
-                if batch:
-                    inflight += len(batch)
-                    self.loop.call_soon_threadsafe(submit, batch)
-                if not inflight:
+                if inflight <= low and not exhausted:
+                    batch, exhausted = take(source, window - inflight)
+                    if batch:
+                        inflight += len(batch)
+                        self.loop.call_soon_threadsafe(submit, batch)
+                if not inflight and exhausted:
                     return
                 try:
                     ready = done.get(timeout=QUIET_SECONDS)

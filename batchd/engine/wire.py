@@ -9,7 +9,9 @@ tuple whose first item is a ``Msg``:
     daemon -> host   (STREAM, sampling, window)           one job's requests follow
     host -> daemon   (WANT, n)                            send up to n more requests
     daemon -> host   (REQUESTS, [Request, ...])           an empty list: no more
-    host -> daemon   (ANSWERS, [(line, body, error), ...])  every 0.1-0.25 s
+                     | (HOLD,)                            none now; ask again later
+    host -> daemon   (ANSWERS, [(key, body, error), ...])   every 0.1-0.25 s;
+                                                          key: (job, line)
     daemon -> host   (ABORT,)                             stop this stream early
     host -> daemon   (END,) | (DEAD, text)                the stream is over
     daemon -> host   (CLOSE,) or end of file              exit
@@ -28,6 +30,7 @@ class Msg(str, Enum):
     STREAM = "stream"
     WANT = "want"
     REQUESTS = "requests"
+    HOLD = "hold"
     ANSWERS = "answers"
     ABORT = "abort"
     END = "end"

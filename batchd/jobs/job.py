@@ -40,6 +40,13 @@ class Job:
     gen_s: float = 0.0  # stepping the engine
     first_result_s: float | None = None  # from the claim to the first answer
     deadline: datetime | None = None  # its completion window's end (sidecar), if any
+    # set when routed: the sampling defaults under each line's own fields, and
+    # the sidecar's priority (higher first)
+    sampling: dict[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    # what it shared the engine with while it ran (batchd/jobs/session.py)
+    overlapped: set[str] = field(default_factory=set)
+    engine_tokens: list[int] = field(default_factory=lambda: [0, 0])  # prompt, completion
 
     def __post_init__(self) -> None:
         self.status = StatusFile(self.layout.status(self.name), self.name)
@@ -99,3 +106,14 @@ class Job:
 
     def out(self, kind: str) -> Path:
         return self.layout.out(self.name, kind)
+
+    def concurrency(self) -> dict[str, Any]:
+        """The bench record's account of a shared engine: the jobs that ran beside
+        this one, and every token the engine answered while this one ran (its own
+        included), so its throughput reads as a share, not as the engine's."""
+        tally = self.ckpt.tally
+        prompt, completion = self.engine_tokens
+        return {"overlapped_jobs": sorted(self.overlapped),
+                "engine_tokens": {"prompt": prompt, "completion": completion},
+                "share_of_completion_tokens": round(tally.completion_tokens / completion, 4)
+                if completion else None}

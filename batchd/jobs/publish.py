@@ -90,7 +90,7 @@ def outputs(job: Job, final: JobState, models_dir: Path) -> dict[str, Any]:
         first_result_s=job.first_result_s,
         started_at=job.started_at, finished_at=utc_now(), state=final.value,
         resumed=job.ckpt.resumed_lines > 0, order=job.order_name,
-        cached_tokens=tally.cached_tokens)
+        cached_tokens=tally.cached_tokens, concurrency=job.concurrency())
     write_atomic(job.out(BENCH), [json.dumps(record, indent=2).encode() + b"\n"])
     return record
 

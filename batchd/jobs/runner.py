@@ -1,8 +1,9 @@
-"""Run one claimed job from ``work/`` to its final status line.
+"""One claimed job from ``work/`` to its final status line.
 
-validating → loading the engine → generating (streamed, checkpointed) →
-finalizing. Every step can be cut short by a crash and redone from the
-checkpoint: answered lines are never asked again and never written twice.
+validating (``prepare``) → loading the engine and generating, beside other
+jobs (batchd/jobs/session.py) → finalizing (``end``). Every step can be cut
+short by a crash and redone from the checkpoint: answered lines are never
+asked again and never written twice.
 """
 
 from __future__ import annotations
@@ -14,18 +15,15 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
 from ..config import Settings
-from ..engine import EngineDead, EnginePool
+from ..engine import EnginePool
 from ..layout import JobState
 from ..lines import LineError, Request, open_regular, read_line_at
 from ..profiles import ProfileSet
-from ..spool.outbox import error_line, read_status, result_line
+from ..spool.outbox import error_line, read_status
 from . import publish
 from .job import Job
-from .router import JobRejected, Sidecar, route
+from .router import JobRejected, route
 from .validate import classified, validate_job
-
-# How often a running job looks for inbox/JOB.cancel: not a stat per engine step.
-CANCEL_CHECK_SECONDS = 0.5
 
 
 def _when(ts: Any) -> datetime | None:
@@ -46,7 +44,9 @@ class Outcome:
 
 
 class Runner:
-    """Runs jobs one at a time on a warm engine. ``stop`` is set by SIGTERM."""
+    """Takes a claimed job to its first request (``prepare``) and from its last
+    answer to the outbox (``end``); a session (batchd/jobs/session.py) runs it
+    in between, beside others on the same engine. ``stop`` is set by SIGTERM."""
 
     def __init__(self, settings: Settings, pool: EnginePool,
                  stop: threading.Event | None = None,
@@ -63,12 +63,13 @@ class Runner:
     def expired(job: Job) -> bool:
         return job.deadline is not None and datetime.now(timezone.utc) >= job.deadline
 
-    # -- the job, start to end -----------------------------------------------
+    # -- the job, up to its first request ----------------------------------------
 
-    def run(self, name: str, profiles: ProfileSet, note: str = "", waited: float = 0.0
-            ) -> Outcome | None:
-        """Run a job to a final state and say how it ended; None when a stop
-        interrupted it (it resumes later).
+    def prepare(self, name: str, profiles: ProfileSet, note: str = "", waited: float = 0.0
+                ) -> Job | Outcome:
+        """Open a claimed job, validate and route it: the Job, ready for a session
+        (batchd/jobs/session.py), or how it ended when it cannot run (rejected,
+        cancelled or expired before it ran, or already published before a crash).
 
         PROFILES are the daemon's (their one owner, reloaded on SIGHUP); NOTE
         says why it was claimed; WAITED is how long it sat in the inbox."""
@@ -84,6 +85,7 @@ class Runner:
             if job.status.state != JobState.QUEUED:
                 job.status.write(JobState.QUEUED, message="resuming after a restart")
         job.open_checkpoint()
+        ready = False
         try:
             if job.status.state is None:
                 job.status.write(JobState.QUEUED, message=note or "claimed")
@@ -103,110 +105,36 @@ class Runner:
             job.log = job.log.bind(profile=job.profile.name)
             job.log.info("job_routed", reason=reason, total=job.total)
             job.deadline = sidecar.deadline(claimed_at)
+            job.sampling = {**job.profile.sampling, **sidecar.sampling}
+            job.priority = sidecar.priority
             publish.job_toml(job, sidecar, reason, self.settings.routing.models_dir)
             if self.cancel_requested(name):
-                return self._finish_cancelled(job)
+                return self.end(job, "cancelled")
             if self.expired(job):
-                return self._finish_expired(job)
-            return self._generate(job, sidecar)
+                return self.end(job, "expired")
+            ready = True
+            return job
         finally:
-            job.ckpt.close()
+            if not ready:
+                job.ckpt.close()
 
     def _classified(self, job: Job) -> Iterator[Request | LineError]:
         for _offset, item in classified(job.input, self.settings.limits.max_line_bytes):
             yield item
 
-    # -- generation ------------------------------------------------------------
-
-    def _generate(self, job: Job, sidecar: Sidecar) -> Outcome | None:
-        assert job.profile is not None
-        sampling = {**job.profile.sampling, **sidecar.sampling}
-        deaths = 0
-        while True:
-            job.status.write(JobState.IN_PROGRESS, phase="loading_model",
-                             **job.progress())
-            try:
-                engine, spent = self.pool.get(job.profile)
-            except Exception as exc:  # noqa: BLE001 - a model that cannot load fails its job
-                job.log.error("engine_load_failed", error=str(exc))
-                return self._fail_rest(job, "engine_error",
-                                       f"model failed to load: {exc}")
-            job.load_s += spent
-            started = time.monotonic()
-            done_before = job.answered
-            job.status.write(JobState.IN_PROGRESS, phase="generating",
-                             **job.progress())
-            todo = self._runnable(job, sampling)
-            stream = engine.stream(todo, sampling, self.settings.engine.window)
-            outcome = None
-            cancel_check = 0.0
-            try:
-                for answers in stream:
-                    for answer in answers:
-                        if answer.error is not None:
-                            job.ckpt.add(answer.request.line, "error", error_line(answer.error))
-                        else:
-                            assert answer.body is not None  # an answer is one or the other
-                            job.ckpt.add(answer.request.line, "result",
-                                     result_line(answer.request, answer.body))
-                            if job.first_result_s is None:
-                                job.first_result_s = time.monotonic() - job.started
-                    job.ckpt.tick()
-                    if time.monotonic() - job.status.written_at >= self.settings.status.interval:
-                        done_now = job.answered - done_before
-                        record = job.status.write(
-                            JobState.IN_PROGRESS, phase="generating",
-                            **job.progress(done_now, time.monotonic() - started))
-                        self.heartbeat(record)
-                    if time.monotonic() >= cancel_check:
-                        if self.cancel_requested(job.name):
-                            outcome = "cancel"
-                            break
-                        if self.expired(job):
-                            outcome = "expire"
-                            break
-                        cancel_check = time.monotonic() + CANCEL_CHECK_SECONDS
-                    if self.stop.is_set():
-                        outcome = "stop"
-                        break
-            except EngineDead as exc:
-                deaths += 1
-                job.gen_s += time.monotonic() - started
-                job.log.error("engine_died", error=str(exc), deaths=deaths)
-                self.pool.discard()  # its process is gone; never reuse it
-                if self.stop.is_set():
-                    self._interrupted(job)  # no new engine while stopping
-                    return None
-                if deaths >= self.settings.engine.max_engine_failures:
-                    return self._fail_rest(job, "engine_error", f"the engine died "
-                                           f"{deaths} times running this job: {exc}")
-                continue
-            finally:
-                stream.close()  # aborts whatever is still in flight
-            job.gen_s += time.monotonic() - started
-            if outcome == "stop":
-                self._interrupted(job)
-                return None
-            if outcome == "cancel":
-                return self._finish_cancelled(job)
-            if outcome == "expire":
-                return self._finish_expired(job)
-            return self._publish(job, JobState.COMPLETED)
-
-    def _interrupted(self, job: Job) -> None:
+    def interrupted(self, job: Job) -> None:
         job.ckpt.sync()
         job.status.write(JobState.QUEUED, phase="interrupted",
                          message="daemon stopping; the job resumes at the next start",
                          **job.progress())
         job.log.info("job_interrupted", answered=job.answered)
 
-    def _runnable(self, job: Job, sampling: dict[str, Any]
-                  ) -> Iterator[Request]:
+    def runnable(self, job: Job) -> Iterator[Request]:
         """The valid, unanswered requests; one over the profile's limits gets its
         error line here and never reaches the engine."""
         assert job.profile is not None
         for item in self._pending(job):
-            over = job.profile.limits.violation({**sampling, **item.body}) \
+            over = job.profile.limits.violation({**job.sampling, **item.body}) \
                 or job.profile.media.violation(item.body)
             if over:
                 job.ckpt.add(item.line, "error", error_line(LineError(
@@ -230,6 +158,18 @@ class Runner:
                     yield item
 
     # -- endings ---------------------------------------------------------------
+
+    def end(self, job: Job, how: str) -> Outcome:
+        """Publish JOB as HOW says: "completed", "cancelled", "expired", or
+        "CODE:message" for a failure that gives every unanswered line CODE."""
+        if how == "completed":
+            return self._publish(job, JobState.COMPLETED)
+        if how == "cancelled":
+            return self._finish_cancelled(job)
+        if how == "expired":
+            return self._finish_expired(job)
+        code, _, message = how.partition(":")
+        return self._fail_rest(job, code, message)
 
     def _fill(self, job: Job, code: str, message: str, status: int) -> None:
         """Give every line not yet answered an error line with CODE."""
