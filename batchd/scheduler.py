@@ -3,8 +3,10 @@
 Loading a model costs tens of seconds to minutes, so among the files ready to
 claim a daemon prefers those for the profile its engine already holds. A file
 that has waited longer than ``scheduling.max_wait_seconds`` goes first
-regardless, so no profile starves; sidecar ``priority`` orders within each
-group, then age.
+regardless (the longest wait first), so no profile starves; sidecar
+``priority`` orders within each group, then age. Jobs that made way for
+another profile (batchd/jobs/session.py) wait here too, from the moment they
+stopped.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ def order(files: list[Waiting], loaded: str | None, max_wait: float
     """FILES in the order to claim them, each with the reason, for the status line."""
 
     def key(w: Waiting) -> tuple:
-        return (w.waited <= max_wait, not (loaded and w.profile == loaded), -w.priority,
-                -w.waited)
+        if w.waited > max_wait:  # overdue: the longest wait first, whatever is loaded
+            return (False, -w.waited)
+        return (True, not (loaded and w.profile == loaded), -w.priority, -w.waited)
 
     def reason(w: Waiting) -> str:
         if w.waited > max_wait:

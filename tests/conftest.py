@@ -61,6 +61,11 @@ def final_state(outbox: Path, job: str) -> str | None:
     return None
 
 
+def outputs(outbox: Path, job: str) -> tuple[list, list]:
+    """A published job's result lines and error lines."""
+    return read_jsonl(outbox / f"{job}.results.jsonl"), read_jsonl(outbox / f"{job}.errors.jsonl")
+
+
 def drop(inbox: Path, name: str, lines: list, how: str = "rename") -> Path:
     """Drop a file as users do: 'rename' (write hidden, then rename in) or 'inplace'."""
     data = "".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines)

@@ -13,15 +13,9 @@ from batchd.daemon import Daemon
 from batchd.engine import FakeEngine
 from batchd.profiles import ProfileSet
 
-from conftest import drain, drop, final_state, read_jsonl
+from conftest import drain, drop, final_state, outputs, read_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "hello"}]}
-
-
-def outputs(outbox, job):
-    results = read_jsonl(outbox / f"{job}.results.jsonl")
-    errors = read_jsonl(outbox / f"{job}.errors.jsonl")
-    return results, errors
 
 
 def test_mixed_file_one_output_per_line(daemon, settings):

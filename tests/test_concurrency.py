@@ -1,0 +1,168 @@
+"""Many jobs at once on one engine, on the fake engine (the plumbing, exactly):
+the shared window's fair share and its priority weights, jobs joining a running
+session, a yield to another profile, cancel of one of several. The same events
+on real vLLM are in test_vllm_concurrency.py."""
+
+import json
+import threading
+import time
+from collections import Counter
+
+from batchd.daemon import Daemon
+from batchd.engine import FakeEngine
+from batchd.jobs.session import weight
+from conftest import drop, final_state, outputs, read_jsonl, wait_for
+
+
+class Recording(FakeEngine):
+    """Remembers the job of every request fed to it, in order."""
+
+    fed: list = []
+
+    def stream(self, requests, sampling, window):
+        def record():
+            for request in requests:
+                if request is not None:
+                    Recording.fed.append(request.job)
+                yield request
+        return super().stream(record(), sampling, window)
+
+
+def lines(prefix, n):
+    return [{"custom_id": f"{prefix}{i}", "prompt": f"{prefix} {i}"} for i in range(n)]
+
+
+def daemon_for(settings, window=4):
+    settings.watch.settle_seconds = 0  # every file is ready when first seen
+    settings.engine.window = window
+    Recording.fed = []
+    d = Daemon(settings, factory=lambda profile: Recording(profile, per_step=2))
+    d.setup()
+    return d
+
+
+def test_weights():
+    assert [weight(p) for p in (0, 3, -1, -3)] == [1.0, 4.0, 0.5, 0.25]
+
+
+def test_jobs_share_the_window_by_priority_and_each_answers_every_line(settings):
+    """b (priority 3) is claimed first; bulk, a and c join it at the first check,
+    within one refill of the window, which they share: b gets four requests for
+    each one of the others'. Every line once, in input order."""
+    d = daemon_for(settings)
+    drop(settings.inbox, "bulk.jsonl", lines("bulk", 200))
+    drop(settings.inbox, "a.jsonl", lines("a", 40))
+    (settings.inbox / "b.toml").write_text("priority = 3\n")
+    drop(settings.inbox, "b.jsonl", lines("b", 100))
+    drop(settings.inbox, "c.jsonl", lines("c", 40))
+    assert d.run_once(now=1.0)  # b first (priority), the others join it
+    fed = Recording.fed
+    assert fed[0] == "b" and set(fed) == {"bulk", "a", "b", "c"}
+    joined = max(fed.index(j) for j in ("a", "c", "bulk"))
+    assert joined <= 4 + 3  # within one refill of the window (4)
+    # while all four had requests to send: b four times each other's share
+    share = Counter(fed[joined + 1:joined + 1 + 56])
+    assert share["b"] == 4 * share["a"] == 4 * share["c"] == 4 * share["bulk"]
+    for job, n in (("bulk", 200), ("a", 40), ("b", 100), ("c", 40)):
+        assert final_state(settings.outbox, job) == "completed"
+        results, errors = outputs(settings.outbox, job)
+        assert [r["custom_id"] for r in results] == [f"{job}{i}" for i in range(n)]
+        assert errors == []
+    bench = json.loads((settings.outbox / "a.bench.json").read_text())
+    assert bench["concurrency"]["overlapped_jobs"] == ["b", "bulk", "c"]
+    engine = bench["concurrency"]["engine_tokens"]["completion"]
+    assert engine > bench["tokens"]["completion"] > 0
+    assert 0 < bench["concurrency"]["share_of_completion_tokens"] < 1
+    # the status files overlap in time: a started generating before bulk ended
+    a_gen = next(s["ts"] for s in read_jsonl(settings.outbox / "a.status.jsonl")
+                 if s.get("phase") == "generating")
+    assert a_gen < read_jsonl(settings.outbox / "bulk.status.jsonl")[-1]["ts"]
+
+
+def test_running_jobs_are_capped(settings):
+    settings.scheduling.max_running_jobs = 2
+    d = daemon_for(settings)
+    for name in ("a", "b", "c"):
+        drop(settings.inbox, f"{name}.jsonl", lines(name, 30))
+    assert d.run_once(now=1.0)
+    fed = Recording.fed
+    last = {j: len(fed) - 1 - fed[::-1].index(j) for j in "ab"}
+    assert fed.index("b") < last["a"]  # a and b ran at once ...
+    assert fed.index("c") > min(last.values())  # ... c only once one of them had left
+    assert all(final_state(settings.outbox, j) == "completed" for j in "abc")
+
+
+def run_with(d, action, until, timeout=60):
+    """Run the daemon's passes on the real clock while ACTION runs in a thread,
+    until UNTIL() holds."""
+    thread = threading.Thread(target=action, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "timed out"
+        if not d.run_once():
+            time.sleep(0.02)
+    thread.join(timeout)
+
+
+def slow_daemon(settings, max_wait=600.0):
+    """An in-process daemon on the real clock, its fake engine 10 ms a step."""
+    settings.watch.settle_seconds = 0
+    settings.engine.window = 4
+    settings.scheduling.max_wait_seconds = max_wait
+    Recording.fed = []
+    d = Daemon(settings, factory=lambda p: Recording(p, step_seconds=0.01, per_step=2),
+               clock=time.monotonic)
+    d.setup()
+    return d
+
+
+def phases(outbox, job):
+    return [s.get("phase") for s in read_jsonl(outbox / f"{job}.status.jsonl")]
+
+
+def test_cancel_one_of_several(settings):
+    d = slow_daemon(settings)
+    outbox = settings.outbox
+    drop(settings.inbox, "keep.jsonl", lines("keep", 200))
+    drop(settings.inbox, "doomed.jsonl", lines("doomed", 200))
+
+    def cancel():
+        wait_for(lambda: Recording.fed.count("doomed") > 10, 30, what="doomed running")
+        (settings.inbox / "doomed.cancel").touch()
+
+    run_with(d, cancel, lambda: final_state(outbox, "keep"))
+    assert final_state(outbox, "doomed") == "cancelled"
+    assert final_state(outbox, "keep") == "completed"
+    results, errors = outputs(outbox, "keep")
+    assert [r["custom_id"] for r in results] == [f"keep{i}" for i in range(200)]
+    assert errors == []
+    results, errors = outputs(outbox, "doomed")
+    assert 0 < len(results) < 200 and len(results) + len(errors) == 200
+    assert {e["response"]["body"]["error"]["code"] for e in errors} == {"cancelled"}
+    ids = sorted(r["custom_id"] for r in results + errors)
+    assert ids == sorted(f"doomed{i}" for i in range(200))
+
+
+def test_an_overdue_file_of_another_profile_makes_the_running_jobs_yield(settings):
+    """A file for 'other' waits 0.3 s (max_wait_seconds) during a long tiny job:
+    the job yields, 'other' runs, then the job resumes from its checkpoint."""
+    d = slow_daemon(settings, max_wait=0.3)
+    outbox = settings.outbox
+    drop(settings.inbox, "bulk.jsonl", lines("bulk", 300))
+
+    def later():
+        wait_for(lambda: Recording.fed.count("bulk") > 10, 30, what="bulk running")
+        drop(settings.inbox, "other__x.jsonl", lines("x", 3))
+
+    run_with(d, later, lambda: final_state(outbox, "bulk"))
+    assert final_state(outbox, "other__x") == "completed"
+    assert "yielded" in phases(outbox, "bulk")
+    x_done = read_jsonl(outbox / "other__x.status.jsonl")[-1]["ts"]
+    assert x_done < read_jsonl(outbox / "bulk.status.jsonl")[-1]["ts"]
+    results, errors = outputs(outbox, "bulk")
+    assert [r["custom_id"] for r in results] == [f"bulk{i}" for i in range(300)]
+    assert errors == []
+    assert Recording.fed.count("bulk") <= 300 + 4  # resumed, not restarted
+    bench = json.loads((outbox / "bulk.bench.json").read_text())
+    assert bench["timing_s"]["model_load"] >= 0 and bench["requests"]["succeeded"] == 300
