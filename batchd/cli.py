@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile")
     p = command("status", cmd_status, "table of jobs, or one job")
     p.add_argument("job", nargs="?")
-    p.add_argument("--follow", action="store_true")
+    p.add_argument("--follow", action="store_true",
+                   help="live: the job until it ends, or every running job until none is")
     p.add_argument("--json", action="store_true")
     p = command("validate", cmd_validate, "check every line without loading a model")
     p.add_argument("file")
@@ -147,7 +148,7 @@ def _copy_in(data, target: Path) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .spool.listing import job_rows
-    from .views import follow, print_job, print_table
+    from .views import follow, follow_spool, print_job, print_table
 
     settings = _settings(args)
     if args.job:
@@ -157,6 +158,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.follow:
             return follow(path, as_json=args.json)
         return print_job(path, as_json=args.json)
+    if args.follow:
+        return follow_spool(lambda: job_rows(settings), as_json=args.json)
     rows = job_rows(settings)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -7,7 +7,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -38,10 +38,52 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         done = r["completed"] + r["failed"]
         tps = r["output_tokens_per_s"]
         eta = r["eta_s"]
-        table.add_row(r["job"], r["state"], r["profile"] or "-", f"{done}/{r['total']}",
+        state = r["state"]
+        if r.get("phase") and not is_final(state) and state != "waiting":
+            state += f" ({r['phase']})"  # generating side by side, yielded, ...
+        table.add_row(r["job"], state, r["profile"] or "-", f"{done}/{r['total']}",
                       f"{tps:.1f}" if tps else "-", f"{eta:.0f}s" if eta else "-",
                       _age(r["started"]))
     Console().print(table)
+
+
+def follow_spool(rows: Callable[[], list[dict[str, Any]]], as_json: bool = False,
+                 poll: float = 0.5) -> int:
+    """`batchd status --follow` without a job: every running and waiting job live,
+    one bar each (many run at once on one engine), until none is left."""
+    def active() -> list[dict[str, Any]]:
+        return [r for r in rows() if not is_final(r["state"])]
+
+    if as_json:
+        while True:
+            now = active()
+            print(json.dumps({"ts": datetime.now(timezone.utc).isoformat(),
+                              "jobs": now}), flush=True)
+            if not now:
+                return 0
+            time.sleep(poll)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total} req"),
+               TextColumn("{task.fields[tps]} tok/s"), TextColumn("{task.fields[state]}"))
+    tasks: dict[str, Any] = {}
+    with Progress(*columns, console=Console()) as progress:
+        while True:
+            now = {r["job"]: r for r in active()}
+            for job, r in now.items():
+                if job not in tasks:
+                    tasks[job] = progress.add_task(job, total=None, tps="-", state="")
+                tps = r["output_tokens_per_s"]
+                progress.update(tasks[job], total=r["total"] or None,
+                                completed=r["completed"] + r["failed"],
+                                tps=f"{tps:.1f}" if tps else "-",
+                                state=f"{r['state']} {r.get('phase') or ''}".rstrip())
+            for job in [j for j in tasks if j not in now]:
+                progress.update(tasks.pop(job), state="ended", visible=False)
+            if not now:
+                break
+            time.sleep(poll)
+    print("no job running or waiting")
+    return 0
 
 
 def print_job(path: Path, as_json: bool = False) -> int:

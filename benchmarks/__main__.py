@@ -14,6 +14,7 @@ SCENARIOS = {
     "chunked": "streaming window against fixed chunks of 100 on a mixed-length workload",
     "prefix": "shared-prefix workloads: batchd's prefix order vs LLM.chat in input order",
     "gpu": "raw vLLM vs batchd at GPU speed, memory over six swaps, the fit table vs vLLM",
+    "concurrency": "a small file dropped during a bulk job: its wait, and the bulk's cost",
 }
 
 

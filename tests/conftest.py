@@ -25,13 +25,8 @@ from benchmarks.common import TINY_PROFILE as BENCH_TINY  # noqa: E402
 # The benchmarks' tiny-Llama profile, with an alias and a short default length.
 TINY_PROFILE = 'aliases = ["tiny"]\n' + BENCH_TINY + "[sampling]\nmax_tokens = 16\n"
 
-OTHER_PROFILE = """
-model = "org/other-model"
-recipe = "tiny-llama"
-[engine]
-dtype = "float32"
-max_model_len = 512
-"""
+# A second profile of the same tiny Llama under another name: a real swap on CPU.
+OTHER_PROFILE = BENCH_TINY.replace('model = "batchd/tiny-llama"', 'model = "org/other-model"')
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):

@@ -83,19 +83,28 @@ def check_exactly_once(outbox):
 
 
 def test_kill9_then_double_sigterm_then_finish(shared_prefix_spool, daemons):
-    """One job through three daemons: kill -9 mid-generation; the next daemon ends
-    the killed one's engine processes, resumes from the checkpoint and is stopped
-    by SIGTERM (it checkpoints and says so) and a second SIGTERM while the engine
-    shuts down (it exits at once, 128+15); a third runs --once to the end.
-    Every line comes out exactly once, in input order."""
+    """Three jobs at once through three daemons: kill -9 mid-generation; the next
+    daemon ends the killed one's engine processes, resumes every job from its
+    checkpoint and is stopped by SIGTERM (they checkpoint and say so) and a
+    second SIGTERM while the engine shuts down (it exits at once, 128+15); a
+    third runs --once to the end. Every line comes out exactly once, in input
+    order."""
     config, spool = shared_prefix_spool
     outbox = spool / "outbox"
+    sides = {f"side{k}": [{"custom_id": f"s{k}-{i}", "prompt": f"side {k} line {i}",
+                           "max_tokens": 48, "ignore_eos": True} for i in range(300)]
+             for k in (1, 2)}
+    for job, lines in sides.items():
+        drop(spool / "inbox", f"{job}.jsonl", lines)
 
     first = daemons(config)
     wait_for(lambda: ckpt_size(spool) > 20_000, 300, what="checkpoint to grow")
     engine_children = children(first.proc)
+    in_flight = {job for job in sides if (spool / "work" / f"{job}.ckpt.jsonl").exists()
+                 and final_state(outbox, job) is None}
     first.kill()  # kill -9 in the middle of generation
     assert final_state(outbox, "long") is None
+    assert in_flight == set(sides)  # three jobs in flight at once
     killed_at = ckpt_size(spool)
     # The engine was fed in prefix order, one topic after another: what was
     # answered is scattered over the file, not its first lines.
@@ -131,6 +140,13 @@ def test_kill9_then_double_sigterm_then_finish(shared_prefix_spool, daemons):
     assert third.proc.wait(600) == 0, third.log.read_text()[-3000:]
     assert final_state(outbox, "long") == "completed"
     check_exactly_once(outbox)
+    for job, lines in sides.items():
+        assert final_state(outbox, job) == "completed"
+        results = read_jsonl(outbox / f"{job}.results.jsonl")
+        assert [r["custom_id"] for r in results] == [line["custom_id"] for line in lines]
+        assert read_jsonl(outbox / f"{job}.errors.jsonl") == []
+        bench = json.loads((outbox / f"{job}.bench.json").read_text())
+        assert "long" in bench["concurrency"]["overlapped_jobs"]
     assert list((spool / "work").iterdir()) == []
 
 

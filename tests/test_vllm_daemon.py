@@ -5,12 +5,13 @@ noise, so these tests check shapes, counts, routing and ordering, not content.
 """
 
 import json
+import subprocess
 
 import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from conftest import DaemonProcess, drop, final_state, read_jsonl, wait_for
+from conftest import BATCHD, DaemonProcess, drop, final_state, outputs, read_jsonl, wait_for
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -22,8 +23,10 @@ def served(tiny_model, tmp_path_factory):
     """A running daemon (inotify mode) on a temp spool with tiny + other profiles."""
     from conftest import OTHER_PROFILE, TINY_PROFILE, served_spool
     base = tmp_path_factory.mktemp("served")
-    config = served_spool(base, tiny_model.parent,
-                          {"tiny": TINY_PROFILE, "other": OTHER_PROFILE}, "[engine]\nwindow = 64\n")
+    # vLLM's priority scheduling on: a sidecar priority reaches every request
+    tiny = TINY_PROFILE.replace("[engine]\n", '[engine]\nscheduling_policy = "priority"\n')
+    config = served_spool(base, tiny_model.parent, {"tiny": tiny, "other": OTHER_PROFILE},
+                          "[engine]\nwindow = 64\n[scheduling]\nmax_wait_seconds = 3\n")
     daemon = DaemonProcess(config)
     try:
         daemon.wait_ready()
@@ -108,34 +111,6 @@ def test_same_name_twice_gets_a_new_job_name(served):
     assert json.loads((outbox / "again-2.input.jsonl").read_text())["prompt"] == "y"
 
 
-def test_cancel_a_running_job(served):
-    inbox, outbox = served.spool / "inbox", served.spool / "outbox"
-    lines = [{"custom_id": f"r{i}", "prompt": f"count {i}", "max_tokens": 200,
-              "ignore_eos": True} for i in range(3000)]
-    drop(inbox, "big.jsonl", lines)
-    from batchd.spool.outbox import read_status  # the daemon may be mid-line
-    wait_for(lambda: (read_status(outbox / "big.status.jsonl") or [{}])[-1]
-             .get("request_counts", {}).get("completed", 0) > 0, 300, what="first answers")
-    import subprocess
-    from conftest import BATCHD
-    out = subprocess.run([BATCHD, "cancel", "big", "--config", str(served.config)],
-                         capture_output=True, text=True, check=True)
-    assert "cancel requested" in out.stdout
-    assert wait_final(outbox, "big", timeout=30) == "cancelled"
-    results = read_jsonl(outbox / "big.results.jsonl")
-    errors = read_jsonl(outbox / "big.errors.jsonl")
-    assert 0 < len(results) < 3000
-    assert {e["response"]["body"]["error"]["code"] for e in errors} == {"cancelled"}
-    ids = sorted(r["custom_id"] for r in results + errors)
-    assert ids == sorted(f"r{i}" for i in range(3000))
-    again = subprocess.run([BATCHD, "cancel", "big", "--config", str(served.config)],
-                           capture_output=True, text=True)
-    assert again.returncode == 0 and "already ended: cancelled" in again.stdout
-    unknown = subprocess.run([BATCHD, "cancel", "nosuchjob", "--config", str(served.config)],
-                             capture_output=True, text=True)
-    assert unknown.returncode == 1 and "no such job" in unknown.stderr
-
-
 def test_shared_prefixes_hit_vllms_prefix_cache(served):
     """A shuffled file of three long shared prompts: fed in prefix order, and
     vLLM's own per-request cached_tokens add up to the bench record's hit rate."""
@@ -189,3 +164,93 @@ def test_tool_choice_is_refused_as_profiles_check_says(served):
     assert results == ["plain"]
     assert {kind: REFUSED if kind in errors else "answered" for kind in choices} == said
     assert "tool-call-parser" in errors["required"]["message"]
+
+
+def lines(prefix, n, tokens):
+    return [{"custom_id": f"{prefix}{i}", "prompt": f"{prefix} number {i}",
+             "max_tokens": tokens, "ignore_eos": True} for i in range(n)]
+
+
+def status(outbox, job):
+    from batchd.spool.outbox import read_status  # the daemon may be mid-line
+    return read_status(outbox / f"{job}.status.jsonl")
+
+
+def answered(outbox, job):
+    counts = (status(outbox, job) or [{}])[-1].get("request_counts") or {}
+    return counts.get("completed", 0) + counts.get("failed", 0)
+
+
+def exactly_once(outbox, job, n, codes=()):
+    results, errors = outputs(outbox, job)
+    ids = [r["custom_id"] for r in results] + [e["custom_id"] for e in errors]
+    assert sorted(ids) == sorted(f"{job}{i}" for i in range(n)), job
+    assert {e["response"]["body"]["error"]["code"] for e in errors} <= set(codes), job
+    return results, errors
+
+
+def test_small_files_cancel_and_another_profile_during_a_long_job(served):
+    """Many jobs at once on one engine (CONTRACT 14). A long job runs; an urgent
+    file, two small ones, a doomed one (cancelled) and a file for another
+    profile (overdue after 3 s) are dropped during it, and each ends while the
+    long job still runs. The long job made way for the other profile, resumed,
+    and ends with every line exactly once. Last in this module: it swaps models."""
+    config, root = served.config, served.spool
+    inbox, outbox = root / "inbox", root / "outbox"
+    daemon = served
+    drop(inbox, "bulk.jsonl", lines("bulk", 1600, 128))
+    wait_for(lambda: answered(outbox, "bulk") > 0, 300, what="bulk's first answers")
+
+    # an urgent file (priority 100) and two small ones: all run beside bulk
+    (inbox / "urgent.toml").write_text("priority = 100\n")
+    drop(inbox, "urgent.jsonl", lines("urgent", 3, 16))
+    drop(inbox, "a.jsonl", lines("a", 20, 16))
+    drop(inbox, "b.jsonl", lines("b", 20, 16))
+    for job in ("urgent", "a", "b"):
+        assert wait_for(lambda: final_state(outbox, job), 120, what=job) == "completed"
+    assert final_state(outbox, "bulk") is None  # still running
+    for job, n in (("urgent", 3), ("a", 20), ("b", 20)):
+        results, _ = exactly_once(outbox, job, n)
+        assert [r["custom_id"] for r in results] == [f"{job}{i}" for i in range(n)]
+        concurrency = json.loads((outbox / f"{job}.bench.json").read_text())["concurrency"]
+        assert "bulk" in concurrency["overlapped_jobs"]
+        assert concurrency["engine_tokens"]["completion"] > n * 16
+    started = next(s["ts"] for s in status(outbox, "a") if s.get("phase") == "generating")
+    assert started > next(s["ts"] for s in status(outbox, "bulk")
+                          if s.get("phase") == "generating")
+    assert "priority = 100" in (outbox / "urgent.job.toml").read_text()
+
+    # one of several cancelled: the others untouched
+    drop(inbox, "doomed.jsonl", lines("doomed", 1000, 128))
+    wait_for(lambda: answered(outbox, "doomed") > 0, 120, what="doomed's first answers")
+    out = subprocess.run([BATCHD, "cancel", "doomed", "--config", str(config)],
+                         capture_output=True, text=True, check=True)
+    assert "cancel requested" in out.stdout
+    assert wait_for(lambda: final_state(outbox, "doomed"), 30, what="cancel") == "cancelled"
+    results, errors = exactly_once(outbox, "doomed", 1000, {"cancelled"})
+    assert results and errors
+    assert final_state(outbox, "bulk") is None
+
+    # a file for another profile waits 3 s at most, then bulk makes way
+    drop(inbox, "other__x.jsonl", lines("other__x", 3, 8))
+    assert wait_for(lambda: final_state(outbox, "other__x"), 300, what="other__x") == "completed"
+    assert final_state(outbox, "bulk") is None
+    exactly_once(outbox, "other__x", 3)
+    x_status = status(outbox, "other__x")
+    assert x_status[0]["message"].startswith("claimed: waited")  # over max_wait_seconds
+    assert wait_for(lambda: final_state(outbox, "bulk"), 600, what="bulk") == "completed"
+    phases = [s.get("phase") for s in status(outbox, "bulk")]
+    assert phases.count("yielded") == 1 and phases[-1] == "done"
+    results, _ = exactly_once(outbox, "bulk", 1600)
+    assert [r["custom_id"] for r in results] == [f"bulk{i}" for i in range(1600)]
+    bench = json.loads((outbox / "bulk.bench.json").read_text())
+    assert bench["timing_s"]["model_load"] > 0  # loaded again after the other profile
+    assert {"urgent", "a", "b", "doomed"} <= set(bench["concurrency"]["overlapped_jobs"])
+    loads = [e for e in daemon.logs() if e.get("event") == "engine_loaded"]
+    assert [e["profile"] for e in loads] == ["tiny", "other", "tiny"]
+    again = subprocess.run([BATCHD, "cancel", "doomed", "--config", str(config)],
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and "already ended: cancelled" in again.stdout
+    unknown = subprocess.run([BATCHD, "cancel", "nosuchjob", "--config", str(config)],
+                             capture_output=True, text=True)
+    assert unknown.returncode == 1 and "no such job" in unknown.stderr

@@ -24,7 +24,8 @@ def job_rows(settings: Settings) -> list[dict[str, Any]]:
         last = history[-1]
         counts = last.get("request_counts") or {}
         rows.append({
-            "job": last["job"], "state": last["state"], "profile": last.get("profile"),
+            "job": last["job"], "state": last["state"], "phase": last.get("phase"),
+            "profile": last.get("profile"),
             "completed": counts.get("completed", 0), "failed": counts.get("failed", 0),
             "total": counts.get("total", 0),
             "output_tokens_per_s": (last.get("throughput") or {}).get("output_tokens_per_s"),
@@ -33,7 +34,8 @@ def job_rows(settings: Settings) -> list[dict[str, Any]]:
         })
     rows.sort(key=lambda r: r["started"], reverse=True)
     for name, _st in scan(layout.inbox):
-        rows.append({"job": safe_stem(name), "state": "waiting", "profile": None,
+        rows.append({"job": safe_stem(name), "state": "waiting", "phase": None,
+                     "profile": None,
                      "completed": 0, "failed": 0, "total": 0, "output_tokens_per_s": None,
                      "eta_s": None, "started": None, "updated": None,
                      "message": "in inbox, not claimed yet"})
