@@ -69,7 +69,8 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
            generation_s: float, total_s: float, first_result_s: float | None,
            started_at: str, finished_at: str, state: str, resumed: bool,
            order: str = "input", cached_tokens: int = 0,
-           concurrency: dict[str, Any] | None = None) -> dict[str, Any]:
+           concurrency: dict[str, Any] | None = None,
+           parts: list[str] | None = None) -> dict[str, Any]:
     """The contract's bench record (section 6)."""
     gen = generation_s if generation_s > 0 else None
     return {
@@ -98,6 +99,8 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
         # meanwhile (batchd/jobs/job.py: Job.concurrency)
         "concurrency": concurrency or {"overlapped_jobs": [], "engine_tokens": None,
                                        "share_of_completion_tokens": None},
+        # the profiles a file whose lines name several ran on (``profile`` is the first)
+        "parts": parts or [profile],
         "hardware": hardware(),
         "versions": versions(),
         "started_at": started_at, "finished_at": finished_at,

@@ -197,9 +197,11 @@ class Daemon:
     def _session(self, job: Job) -> None:
         """Run JOB's profile's session: JOB and those that join it on the way."""
         assert job.profile is not None
+        if self.pool.engine is not None:
+            job.prefer(self.pool.engine.profile)  # a part for the loaded model goes first
         session = self.session = Session(self.runner, job.profile, self._admit,
                                          lambda job, outcome: self._ended(job.name, outcome),
-                                         self._job_stalled)
+                                         self._job_stalled, self._hold)
         self.metrics.running_jobs(1)
         try:
             session.run([job])
@@ -209,9 +211,11 @@ class Daemon:
         finally:
             self.session = None
             self.metrics.running_jobs(0)
-        now = self._now()
-        for yielded in session.yielded:
-            self.held[yielded.name] = Held(yielded, now)
+
+    def _hold(self, job: Job) -> None:
+        """A job left its session unfinished (it made way, or its next part needs
+        another profile): it waits beside the inbox's files, from now."""
+        self.held[job.name] = Held(job, self._now())
 
     def _admit(self, session: Session) -> list[Job] | str:
         """Asked by a running session between engine steps: jobs to join it (files
@@ -260,7 +264,7 @@ class Daemon:
         """A prepared job joins SESSION when it routed to its profile, else waits
         its turn beside the inbox's files."""
         assert job.profile is not None
-        if job.profile == session.profile:
+        if job.prefer(session.profile):
             joining.append(job)
             return
         job.status.write(JobState.QUEUED, phase="waiting_for_model",

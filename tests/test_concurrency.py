@@ -166,3 +166,40 @@ def test_an_overdue_file_of_another_profile_makes_the_running_jobs_yield(setting
     assert Recording.fed.count("bulk") <= 300 + 4  # resumed, not restarted
     bench = json.loads((outbox / "bulk.bench.json").read_text())
     assert bench["timing_s"]["model_load"] >= 0 and bench["requests"]["succeeded"] == 300
+
+
+def test_sidecar_priority_reaches_vllm_only_where_the_profile_schedules_by_priority(
+        settings, tmp_path):
+    """On a profile with scheduling_policy = "priority" a job's sidecar priority
+    goes with each request as vLLM's priority (negated: vLLM runs lower first);
+    a line's own priority field is left as it is and wins; elsewhere nothing is
+    added (vLLM would refuse a non-zero priority there)."""
+    tiny = tmp_path / "profiles" / "tiny.toml"
+    tiny.write_text(tiny.read_text().replace("[engine]\n",
+                                             '[engine]\nscheduling_policy = "priority"\n'))
+    seen = {}
+
+    class Sampling(FakeEngine):
+        def stream(self, requests, sampling, window):
+            def record():
+                for request in requests:
+                    if request is not None:
+                        seen[request.custom_id] = (request.sampling, request.body)
+                    yield request
+            return super().stream(record(), sampling, window)
+
+    settings.watch.settle_seconds = 0
+    d = Daemon(settings, factory=Sampling)
+    d.setup()
+    (settings.inbox / "urgent.toml").write_text("priority = 7\n[sampling]\nmax_tokens = 3\n")
+    drop(settings.inbox, "urgent.jsonl", [{"custom_id": "u", "prompt": "x"},
+                                          {"custom_id": "own", "prompt": "x", "priority": 2}])
+    drop(settings.inbox, "plain.jsonl", [{"custom_id": "p", "prompt": "x"}])
+    (settings.inbox / "other__o.toml").write_text("priority = 7\n")
+    drop(settings.inbox, "other__o.jsonl", [{"custom_id": "o", "prompt": "x"}])
+    while d.run_once(now=1.0):
+        pass
+    assert seen["u"][0] == {"max_tokens": 3, "priority": -7}
+    assert seen["own"][0]["priority"] == -7 and seen["own"][1]["priority"] == 2  # the line's wins
+    assert "priority" not in seen["p"][0]  # priority 0: vLLM's default
+    assert "priority" not in seen["o"][0]  # 'other' does not schedule by priority

@@ -11,7 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 from batchd.spool import inbox as spool
 from batchd.profiles import ProfileSet
-from batchd.jobs.router import JobRejected, ModelVote, Sidecar, hint, read_sidecar, route
+from batchd.jobs.router import (JobRejected, ModelVote, Sidecar, hint, read_sidecar, route,
+                                routes)
 
 from conftest import OTHER_PROFILE, TINY_PROFILE
 
@@ -19,7 +20,7 @@ JOB_NAME = re.compile(r"^[A-Za-z0-9_+=@,][A-Za-z0-9._+=@,-]*$")
 # What a file name can be on Linux: any bytes but "/" and NUL, as Python sees them.
 NAMES = st.binary(min_size=1, max_size=255).map(
     lambda b: os.fsdecode(b.replace(b"/", b"_").replace(b"\0", b"_"))) | st.text(max_size=300)
-CODES = {"unknown_profile", "model_mismatch", "invalid_sidecar"}
+CODES = {"unknown_profile", "too_many_models", "invalid_sidecar"}
 
 
 def profile_set() -> ProfileSet:
@@ -73,7 +74,14 @@ def test_any_routing_input_gives_a_known_profile_or_a_rejection(job, named, mode
         assert exc.code in CODES
     else:
         assert profile is PROFILES.profiles[profile.name]
-        assert reason in ("sidecar", "filename prefix", "lines' model", "default")
+        assert reason in ("sidecar", "filename prefix", "lines' model",
+                          "lines' models, per line", "default")
+        found = routes(reason, votes, PROFILES)
+        if found is not None:  # per line: every model goes to a part or is unknown
+            assert found.parts[0] is profile
+            names = {p.name for p in found.parts}
+            assert all(found.of(m) in names | {None} for m in models)
+            assert found.of(None) == profile.name
 
 
 @given(st.binary(max_size=70_000) | st.sampled_from([b"[" * 70_000, b'{"model": ' * 5000]),

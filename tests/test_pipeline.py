@@ -5,6 +5,7 @@ The same paths run on real vLLM in test_vllm_daemon.py.
 
 import json
 import os
+import tomllib
 
 import pytest
 
@@ -76,12 +77,37 @@ def test_sidecar_routing_and_unknown_profile(daemon, settings):
     assert (settings.failed / "u.jsonl").exists()
 
 
-def test_model_mismatch_rejects_file(daemon, settings):
-    drop(settings.inbox, "m.jsonl", [{"model": "tiny", "prompt": "a"},
-                                     {"model": "other", "prompt": "b"}])
+def test_lines_naming_two_profiles_and_an_unknown_model(daemon, settings):
+    """CONTRACT 3, per line: each line runs on the profile its model names, a line
+    without one with the first named; an unknown model is that line's
+    model_not_found; one results file in input order. The loaded profile's
+    lines run first."""
+    drop(settings.inbox, "first.jsonl", [{"model": "other", "prompt": "warm"}])
+    drain(daemon)  # 'other' is loaded
+    drop(settings.inbox, "m.jsonl", [
+        {"custom_id": "t1", "model": "tiny", "prompt": "a"},
+        {"custom_id": "o1", "model": "org/other-model", "prompt": "b"},
+        {"custom_id": "x", "model": "gpt-9", "prompt": "c"},
+        {"custom_id": "n", "prompt": "d"},
+        {"custom_id": "t2", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "TINY", "prompt": "e"}}])
     drain(daemon)
-    status = read_jsonl(settings.outbox / "m.status.jsonl")[-1]
-    assert status["state"] == "failed" and status["errors"][0]["code"] == "model_mismatch"
+    assert final_state(settings.outbox, "m") == "completed"
+    results, errors = outputs(settings.outbox, "m")
+    assert [(r["custom_id"], r["response"]["body"]["model"]) for r in results] == [
+        ("t1", "batchd/tiny-llama"), ("o1", "org/other-model"), ("n", "batchd/tiny-llama"),
+        ("t2", "batchd/tiny-llama")]
+    assert [(e["custom_id"], e["response"]["status_code"]) for e in errors] == [("x", 404)]
+    error = errors[0]["response"]["body"]["error"]
+    assert (error["code"], error["param"]) == ("model_not_found", "model")
+    assert "`gpt-9`" in error["message"]
+    phases = [(s.get("phase"), s.get("profile")) for s in
+              read_jsonl(settings.outbox / "m.status.jsonl")]
+    assert ("waiting_for_model", "tiny") in phases  # other's part ran first: it was loaded
+    assert [e.profile.name for e in daemon.engines] == ["other", "tiny"]
+    job = tomllib.loads((settings.outbox / "m.job.toml").read_text())
+    assert (job["profile"], job["parts"], job["routed_by"]) == \
+        ("tiny", ["tiny", "other"], "lines' models, per line")
 
 
 def test_non_regular_files_never_opened(daemon, settings):

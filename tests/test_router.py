@@ -3,7 +3,7 @@
 import pytest
 
 from batchd.profiles import ProfileSet
-from batchd.jobs.router import JobRejected, ModelVote, Sidecar, read_sidecar, route
+from batchd.jobs.router import JobRejected, ModelVote, Sidecar, read_sidecar, route, routes
 
 
 @pytest.fixture
@@ -33,9 +33,26 @@ def test_rejections(profiles):
     with pytest.raises(JobRejected) as exc:
         route("x", Sidecar(profile="gpt-9"), votes(), profiles, "tiny")
     assert exc.value.code == "unknown_profile" and "other, tiny" in exc.value.message
+    many = ModelVote(limit=2)
+    for i, model in enumerate(("a", "b", "c"), 1):
+        many.add(model, i)
     with pytest.raises(JobRejected) as exc:
-        route("x", Sidecar(), votes("tiny", "other"), profiles, "tiny")
-    assert exc.value.code == "model_mismatch" and exc.value.line == 2
+        route("x", Sidecar(), many, profiles, "tiny")
+    assert exc.value.code == "too_many_models" and exc.value.line == 3
+
+
+def test_lines_naming_several_models_route_per_line(profiles):
+    v = votes("other", "gpt-9", "tiny", "batchd/tiny-llama")
+    p, why = route("x", Sidecar(), v, profiles, "tiny")
+    assert (p.name, why) == ("other", "lines' models, per line")
+    r = routes(why, v, profiles)
+    assert [p.name for p in r.parts] == ["other", "tiny"]  # first named first
+    assert (r.of("tiny"), r.of("batchd/tiny-llama"), r.of("gpt-9"), r.of(None)) == \
+        ("tiny", "tiny", None, "other")  # no model: the first named profile's
+    # no line names a known model: the default runs them all, as before
+    p, why = route("x", Sidecar(), votes("gpt-9", "gpt-10"), profiles, "tiny")
+    assert (p.name, why, routes(why, votes(), profiles)) == ("tiny", "default", None)
+    assert routes("sidecar", v, profiles) is None
 
 
 def test_sidecar_refuses_engine_and_model(tmp_path):

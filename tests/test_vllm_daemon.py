@@ -198,7 +198,7 @@ def test_small_files_cancel_and_another_profile_during_a_long_job(served):
     config, root = served.config, served.spool
     inbox, outbox = root / "inbox", root / "outbox"
     daemon = served
-    drop(inbox, "bulk.jsonl", lines("bulk", 1600, 128))
+    drop(inbox, "bulk.jsonl", lines("bulk", 1000, 128))
     wait_for(lambda: answered(outbox, "bulk") > 0, 300, what="bulk's first answers")
 
     # an urgent file (priority 100) and two small ones: all run beside bulk
@@ -221,28 +221,44 @@ def test_small_files_cancel_and_another_profile_during_a_long_job(served):
     assert "priority = 100" in (outbox / "urgent.job.toml").read_text()
 
     # one of several cancelled: the others untouched
-    drop(inbox, "doomed.jsonl", lines("doomed", 1000, 128))
+    drop(inbox, "doomed.jsonl", lines("doomed", 600, 128))
     wait_for(lambda: answered(outbox, "doomed") > 0, 120, what="doomed's first answers")
     out = subprocess.run([BATCHD, "cancel", "doomed", "--config", str(config)],
                          capture_output=True, text=True, check=True)
     assert "cancel requested" in out.stdout
     assert wait_for(lambda: final_state(outbox, "doomed"), 30, what="cancel") == "cancelled"
-    results, errors = exactly_once(outbox, "doomed", 1000, {"cancelled"})
+    results, errors = exactly_once(outbox, "doomed", 600, {"cancelled"})
     assert results and errors
     assert final_state(outbox, "bulk") is None
 
+    # a file whose lines name both profiles and an unknown model: its tiny lines
+    # run beside bulk, its 'other' lines with other__x below
+    mix = [{"custom_id": "m-tiny", "model": "tiny", "prompt": "a", "max_tokens": 4},
+           {"custom_id": "m-other", "model": "org/other-model", "prompt": "b", "max_tokens": 4},
+           {"custom_id": "m-unknown", "model": "gpt-9", "prompt": "c", "max_tokens": 4},
+           {"custom_id": "m-none", "prompt": "d", "max_tokens": 4}]
+    drop(inbox, "mix.jsonl", mix)
+    wait_for(lambda: any(s.get("phase") == "waiting_for_model" for s in status(outbox, "mix")),
+             60, what="mix's tiny lines")
     # a file for another profile waits 3 s at most, then bulk makes way
     drop(inbox, "other__x.jsonl", lines("other__x", 3, 8))
     assert wait_for(lambda: final_state(outbox, "other__x"), 300, what="other__x") == "completed"
     assert final_state(outbox, "bulk") is None
     exactly_once(outbox, "other__x", 3)
+    assert wait_for(lambda: final_state(outbox, "mix"), 60, what="mix") == "completed"
+    results, errors = outputs(outbox, "mix")
+    assert [(r["custom_id"], r["response"]["body"]["model"]) for r in results] == [
+        ("m-tiny", "batchd/tiny-llama"), ("m-other", "org/other-model"),
+        ("m-none", "batchd/tiny-llama")]
+    assert [(e["custom_id"], e["response"]["body"]["error"]["code"]) for e in errors] == \
+        [("m-unknown", "model_not_found")]
     x_status = status(outbox, "other__x")
     assert x_status[0]["message"].startswith("claimed: waited")  # over max_wait_seconds
     assert wait_for(lambda: final_state(outbox, "bulk"), 600, what="bulk") == "completed"
     phases = [s.get("phase") for s in status(outbox, "bulk")]
     assert phases.count("yielded") == 1 and phases[-1] == "done"
-    results, _ = exactly_once(outbox, "bulk", 1600)
-    assert [r["custom_id"] for r in results] == [f"bulk{i}" for i in range(1600)]
+    results, _ = exactly_once(outbox, "bulk", 1000)
+    assert [r["custom_id"] for r in results] == [f"bulk{i}" for i in range(1000)]
     bench = json.loads((outbox / "bulk.bench.json").read_text())
     assert bench["timing_s"]["model_load"] > 0  # loaded again after the other profile
     assert {"urgent", "a", "b", "doomed"} <= set(bench["concurrency"]["overlapped_jobs"])

@@ -16,6 +16,7 @@ from ..profiles import Profile
 from ..spool.checkpoint import Checkpoint, Tally
 from ..spool.outbox import StatusFile, utc_now
 from .order import PrefixOrder
+from .router import Routes
 
 
 @dataclass
@@ -40,10 +41,14 @@ class Job:
     gen_s: float = 0.0  # stepping the engine
     first_result_s: float | None = None  # from the claim to the first answer
     deadline: datetime | None = None  # its completion window's end (sidecar), if any
-    # set when routed: the sampling defaults under each line's own fields, and
-    # the sidecar's priority (higher first)
-    sampling: dict[str, Any] = field(default_factory=dict)
+    # set when routed: the sidecar's sampling defaults and priority (higher first)
+    sidecar_sampling: dict[str, Any] = field(default_factory=dict)
     priority: int = 0
+    # a file whose lines name several profiles runs in parts, one per profile
+    # (router.Routes); ``profile`` is the part running or next, ``parts`` the
+    # profiles still to run, that one first
+    routes: Routes | None = None
+    parts: list[Profile] = field(default_factory=list)
     # what it shared the engine with while it ran (batchd/jobs/session.py)
     overlapped: set[str] = field(default_factory=set)
     engine_tokens: list[int] = field(default_factory=lambda: [0, 0])  # prompt, completion
@@ -106,6 +111,37 @@ class Job:
 
     def out(self, kind: str) -> Path:
         return self.layout.out(self.name, kind)
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The defaults under each line's own fields: the profile's, then the sidecar's."""
+        assert self.profile is not None
+        return {**self.profile.sampling, **self.sidecar_sampling}
+
+    def profile_of(self, request: Any) -> str | None:
+        """The profile a request runs on; None: its model is no profile's."""
+        assert self.profile is not None
+        return self.profile.name if self.routes is None else self.routes.of(request.model)
+
+    def prefer(self, profile: Profile) -> bool:
+        """Run PROFILE's lines first when it has some (it is loaded); whether it has."""
+        for i, part in enumerate(self.parts):
+            if part == profile:
+                if i:
+                    self.parts.insert(0, self.parts.pop(i))
+                    self.profile = profile
+                    self.log = self.log.bind(profile=profile.name)
+                return True
+        return False
+
+    def next_part(self) -> bool:
+        """Done with the current profile's lines: move to the next part, if any."""
+        self.parts = self.parts[1:]
+        if not self.parts:
+            return False
+        self.profile = self.parts[0]
+        self.log = self.log.bind(profile=self.profile.name)
+        return True
 
     def concurrency(self) -> dict[str, Any]:
         """The bench record's account of a shared engine: the jobs that ran beside

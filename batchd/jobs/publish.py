@@ -38,11 +38,13 @@ def job_toml(job: Job, sidecar: Sidecar, reason: str, models_dir: Path) -> None:
            "model": job.profile.model, "routed_by": reason, "priority": sidecar.priority,
            "requests": job.total, "order": job.order_name,
            "engine": job.profile.engine_args(models_dir),
-           "sampling": {**job.profile.sampling, **sidecar.sampling},
+           "sampling": job.sampling,
            "chat": job.profile.chat.model_dump(exclude_none=True),
            "media": job.profile.media.model_dump()}
     if job.deadline is not None:
         doc["expires_at"] = job.deadline
+    if job.routes is not None and len(job.routes.parts) > 1:
+        doc["parts"] = [p.name for p in job.routes.parts]  # lines run on each (per line)
     write_atomic(job.out(JOB_TOML), [tomli_w.dumps(doc).encode()])
 
 
@@ -78,7 +80,7 @@ def outputs(job: Job, final: JobState, models_dir: Path) -> dict[str, Any]:
         for _line, kind, out in job.ckpt.ordered():  # already as dumps_line writes it
             streams[kind].write(out)
     tally = job.ckpt.tally
-    profile = job.profile
+    profile = job.routes.parts[0] if job.routes else job.profile  # the first named
     record = bench.record(
         job=job.name, profile=profile.name if profile else None,
         model=profile.model if profile else None,
@@ -90,7 +92,8 @@ def outputs(job: Job, final: JobState, models_dir: Path) -> dict[str, Any]:
         first_result_s=job.first_result_s,
         started_at=job.started_at, finished_at=utc_now(), state=final.value,
         resumed=job.ckpt.resumed_lines > 0, order=job.order_name,
-        cached_tokens=tally.cached_tokens, concurrency=job.concurrency())
+        cached_tokens=tally.cached_tokens, concurrency=job.concurrency(),
+        parts=[p.name for p in job.routes.parts] if job.routes else None)
     write_atomic(job.out(BENCH), [json.dumps(record, indent=2).encode() + b"\n"])
     return record
 

@@ -94,11 +94,43 @@ class ModelVote:
     """The ``model`` values seen in a job's lines."""
 
     models: dict[str, int] = field(default_factory=dict)  # model -> first line
-    limit: int = 16
+    limit: int = 256
+    over: int | None = None  # the first line naming a model past the limit
 
     def add(self, model: str | None, line: int) -> None:
-        if model and model not in self.models and len(self.models) < self.limit:
-            self.models[model] = line
+        if model and model not in self.models:
+            if len(self.models) < self.limit:
+                self.models[model] = line
+            elif self.over is None:
+                self.over = line
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Where each line of a file whose lines name models runs (CONTRACT 3, per
+    line): the profile its ``model`` names; a line without one runs with the
+    file's first named profile; a model no profile knows is that line's
+    ``model_not_found``. ``parts`` are the profiles with lines, first named first."""
+
+    parts: tuple[Profile, ...]
+    models: dict[str, str | None]  # model value -> profile name, None: unknown
+
+    def of(self, model: str | None) -> str | None:
+        return self.parts[0].name if not model else self.models.get(model)
+
+
+def routes(reason: str, votes: ModelVote, profiles: ProfileSet) -> Routes | None:
+    """Each line's profile when the lines' models chose (see Routes); None when
+    one profile runs the whole file."""
+    if not reason.startswith("lines' model"):
+        return None
+    models = {m: profiles.lookup(m) for m in votes.models}
+    parts: dict[str, Profile] = {}
+    for profile in models.values():
+        if profile is not None:
+            parts.setdefault(profile.name, profile)
+    return Routes(tuple(parts.values()),
+                  {m: p.name if p else None for m, p in models.items()})
 
 
 def prefix_profile(job: str, profiles: ProfileSet) -> Profile | None:
@@ -108,7 +140,8 @@ def prefix_profile(job: str, profiles: ProfileSet) -> Profile | None:
 
 def route(job: str, sidecar: Sidecar, votes: ModelVote, profiles: ProfileSet,
           default: str) -> tuple[Profile, str]:
-    """The profile for a job and the reason it was chosen; JobRejected if none."""
+    """The profile for a job (for a file whose lines name several, the first
+    named: ``routes`` gives each line's) and the reason; JobRejected if none."""
     if sidecar.profile is not None:
         profile = profiles.lookup(sidecar.profile)
         if profile is None:
@@ -118,20 +151,15 @@ def route(job: str, sidecar: Sidecar, votes: ModelVote, profiles: ProfileSet,
     profile = prefix_profile(job, profiles)
     if profile is not None:
         return profile, "filename prefix"
-    if votes.models:
-        chosen = {m: profiles.lookup(m) for m in votes.models}
-        names = {p.name if p else None for p in chosen.values()}
-        if len(names) > 1:
-            first, second = list(votes.models.items())[:2]
-            raise JobRejected(
-                "model_mismatch",
-                f"lines name different models: {first[0]!r} (line {first[1]}) and "
-                f"{second[0]!r} (line {second[1]})", line=second[1])
-        profile = next(iter(chosen.values()))
-        if profile is not None:
-            return profile, "lines' model"
-        # Every line names the same model that no profile knows: the default
-        # profile runs it (as an OpenAI-compatible server ignores `model`).
+    if votes.over is not None:
+        raise JobRejected("too_many_models", f"lines name more than {votes.limit} different "
+                          "models", line=votes.over)
+    known = [p for p in (profiles.lookup(m) for m in votes.models) if p is not None]
+    if known:
+        several = len({p.name for p in known}) > 1
+        return known[0], "lines' models, per line" if several else "lines' model"
+    # No line names a model a profile knows: the default profile runs them all
+    # (as an OpenAI-compatible server with one model ignores `model`).
     profile = profiles.lookup(default)
     if profile is None:
         raise JobRejected("unknown_profile", f"default profile {default!r} is not known; "

@@ -22,7 +22,7 @@ from ..profiles import ProfileSet
 from ..spool.outbox import error_line, read_status
 from . import publish
 from .job import Job
-from .router import JobRejected, route
+from .router import JobRejected, route, routes
 from .validate import classified, validate_job
 
 
@@ -102,10 +102,13 @@ class Runner:
                                             self.settings.routing.default_profile)
             except JobRejected as exc:
                 return self._reject(job, exc)
+            job.routes = routes(reason, votes, profiles)
+            job.parts = list(job.routes.parts) if job.routes else [job.profile]
             job.log = job.log.bind(profile=job.profile.name)
-            job.log.info("job_routed", reason=reason, total=job.total)
+            job.log.info("job_routed", reason=reason, total=job.total,
+                         parts=[p.name for p in job.parts])
             job.deadline = sidecar.deadline(claimed_at)
-            job.sampling = {**job.profile.sampling, **sidecar.sampling}
+            job.sidecar_sampling = sidecar.sampling
             job.priority = sidecar.priority
             publish.job_toml(job, sidecar, reason, self.settings.routing.models_dir)
             if self.cancel_requested(name):
@@ -130,11 +133,23 @@ class Runner:
         job.log.info("job_interrupted", answered=job.answered)
 
     def runnable(self, job: Job) -> Iterator[Request]:
-        """The valid, unanswered requests; one over the profile's limits gets its
-        error line here and never reaches the engine."""
+        """The valid, unanswered requests of the job's current profile; one over
+        the profile's limits, or naming a model no profile knows, gets its error
+        line here and never reaches the engine."""
         assert job.profile is not None
+        sampling = job.sampling
         for item in self._pending(job):
-            over = job.profile.limits.violation({**job.sampling, **item.body}) \
+            target = job.profile_of(item)
+            if target is None:
+                job.ckpt.add(item.line, "error", error_line(LineError(
+                    item.line, item.custom_id, "model_not_found",
+                    f"The model `{item.model}` does not exist: no profile serves it "
+                    f"(known profiles: {', '.join(p.name for p in job.parts)} and the "
+                    "others in `batchd profiles list`)", "model", 404)))
+                continue
+            if target != job.profile.name:
+                continue  # another part's line: it runs when that profile is loaded
+            over = job.profile.limits.violation({**sampling, **item.body}) \
                 or job.profile.media.violation(item.body)
             if over:
                 job.ckpt.add(item.line, "error", error_line(LineError(

@@ -77,19 +77,23 @@ class Session:
 
     ADMIT(session) returns jobs to add, or YIELD; ENDED(job, outcome) is told of
     every job that leaves with a final state, STALLED(name, error) of one whose
-    publishing failed (it stays in work/ with its checkpoint)."""
+    publishing failed (it stays in work/ with its checkpoint), HOLD(job) of one
+    that leaves unfinished (it made way, or its next part needs another
+    profile): it stays open and resumes from its checkpoint."""
 
     def __init__(self, runner: Runner, profile: Profile,
                  admit: Callable[[Session], list[Job] | str] = lambda session: [],
                  ended: Callable[[Job, Outcome], None] = lambda job, outcome: None,
-                 stalled: Callable[[str, OSError], None] = lambda name, error: None):
+                 stalled: Callable[[str, OSError], None] = lambda name, error: None,
+                 hold: Callable[[Job], None] | None = None):
         self.runner = runner
         self.profile = profile
         self.admit = admit
         self.ended = ended
         self.stalled = stalled
+        self.held: list[Job] = []  # without HOLD: the jobs that left unfinished
+        self.hold = hold or self.held.append
         self.running: dict[str, Running] = {}
-        self.yielded: list[Job] = []  # jobs that made way; they resume from their checkpoints
         self.tokens = [0, 0]  # prompt and completion tokens answered in this session
 
     # -- membership --------------------------------------------------------------
@@ -141,6 +145,23 @@ class Session:
             return
         r.job.ckpt.close()
         self.ended(r.job, outcome)
+
+    def _part_done(self, r: Running) -> None:
+        """Every line of the job's current profile is answered: it publishes, or
+        waits for the profile of its next part (a file whose lines name several)."""
+        job = r.job
+        if job.answered >= job.total or not job.next_part():
+            self._leave(r, "completed" if job.answered >= job.total else
+                        "engine_error:internal error: lines left without a profile")
+            return
+        self._stopped(r, time.monotonic())
+        del self.running[job.name]
+        job.ckpt.sync()
+        job.status.write(JobState.IN_PROGRESS, phase="waiting_for_model",
+                         message=f"lines for {self.profile.name} answered; those for "
+                         f"{job.profile.name} run when it is loaded", **job.progress())
+        job.log.info("job_part_done", next_profile=job.profile.name)
+        self.hold(job)
 
     def abandon(self) -> list[str]:
         """After an error the session cannot go on from (a disk gone read-only):
@@ -230,7 +251,7 @@ class Session:
                 job = r.job
                 job.ckpt.tick()
                 if r.answered:
-                    self._leave(r, "completed")
+                    self._part_done(r)
                 elif now - job.status.written_at >= interval:
                     record = job.status.write(
                         JobState.IN_PROGRESS, phase="generating",
@@ -289,5 +310,5 @@ class Session:
                                  "waited over max_wait_seconds; resumes from its checkpoint",
                                  **job.progress())
                 job.log.info("job_yielded", answered=job.answered)
-                self.yielded.append(job)
+                self.hold(job)
         self.running.clear()
