@@ -142,9 +142,17 @@ def test_status_follow_until_the_job_ends(spool_config, tmp_path, daemons):
     daemon = daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.05"})
     daemon.wait_ready()
     drop(tmp_path / "spool" / "inbox", "watched.jsonl", [{"prompt": "x"}] * 200)
+    drop(tmp_path / "spool" / "inbox", "beside.jsonl", [{"prompt": "y"}] * 100)
     wait_for(lambda: (tmp_path / "spool" / "outbox" / "watched.status.jsonl").exists(), 30)
+    spool = subprocess.Popen([BATCHD, "status", "--follow", "--json", "--config", str(config)],
+                             stdout=subprocess.PIPE, text=True)
     follow = subprocess.run([BATCHD, "status", "watched", "--follow", "--json", "--config",
                              str(config)], capture_output=True, text=True, timeout=120)
+    # the whole spool, followed: both jobs running at once, until none is left
+    frames = [json.loads(l) for l in spool.communicate(timeout=60)[0].splitlines()]
+    assert spool.returncode == 0 and frames[-1]["jobs"] == []
+    running = [{j["job"] for j in f["jobs"] if j["state"] == "in_progress"} for f in frames]
+    assert {"watched", "beside"} in running
     assert follow.returncode == 0
     records = [json.loads(l) for l in follow.stdout.splitlines()]
     assert records[-1]["state"] == "completed"
