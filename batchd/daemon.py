@@ -232,6 +232,8 @@ class Daemon:
         candidates = (self._ready(now) or []) + self._held(now)
         if any(c.waited > max_wait and c.profile not in (loaded, None) for c in candidates):
             return YIELD
+        if any(r.job.deaths for r in session.running.values()):
+            return []  # a job that was running when the engine died runs alone
         room = self.settings.scheduling.max_running_jobs - len(session.running)
         joining: list[Job] = []
         for name in inbox.unfinished(self.settings):
@@ -249,6 +251,8 @@ class Daemon:
             if candidate.profile not in (loaded, None):
                 continue
             if candidate.name in self.held:
+                if self.held[candidate.name].job.deaths:
+                    continue  # it runs alone, in a session of its own
                 job = self.held.pop(candidate.name).job
                 job.log.info("job_resuming", reason=reason)
             else:
@@ -267,7 +271,7 @@ class Daemon:
         if job.prefer(session.profile):
             joining.append(job)
             return
-        job.status.write(JobState.QUEUED, phase="waiting_for_model",
+        job.status.write(JobState.IN_PROGRESS, phase="waiting_for_model",
                          message=f"waiting for profile {job.profile.name}: "
                          f"{session.profile.name} is loaded", **job.progress())
         self.held[job.name] = Held(job, now)

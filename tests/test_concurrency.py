@@ -203,3 +203,53 @@ def test_sidecar_priority_reaches_vllm_only_where_the_profile_schedules_by_prior
     assert seen["own"][0]["priority"] == -7 and seen["own"][1]["priority"] == 2  # the line's wins
     assert "priority" not in seen["p"][0]  # priority 0: vLLM's default
     assert "priority" not in seen["o"][0]  # 'other' does not schedule by priority
+
+
+def test_a_file_that_kills_the_engine_fails_alone(settings):
+    """The engine dies while two jobs share it: both count the death, then they
+    run one at a time; the poison file dies again alone and fails; the other
+    completes every line."""
+    from batchd.engine import EngineDead
+
+    class Poisoned(FakeEngine):
+        def stream(self, requests, sampling, window):
+            for answers in super().stream(requests, sampling, window):
+                if any("poison" in str(a.request.body) for a in answers):
+                    raise EngineDead("killed by a poison line")
+                yield answers
+
+    settings.watch.settle_seconds = 0
+    settings.engine.window = 4
+    d = Daemon(settings, factory=lambda p: Poisoned(p, per_step=2))
+    d.setup()
+    drop(settings.inbox, "bad.jsonl", lines("bad", 10) + [{"custom_id": "p", "prompt": "poison"}]
+         + lines("late", 10))
+    drop(settings.inbox, "good.jsonl", lines("good", 30))
+    while d.run_once(now=1.0):
+        pass
+    assert final_state(settings.outbox, "good") == "completed"
+    results, errors = outputs(settings.outbox, "good")
+    assert len(results) == 30 and errors == []
+    assert final_state(settings.outbox, "bad") == "failed"
+    results, errors = outputs(settings.outbox, "bad")
+    assert len(results) + len(errors) == 21
+    assert {e["response"]["body"]["error"]["code"] for e in errors} == {"engine_error"}
+    phases = [s.get("phase") for s in read_jsonl(settings.outbox / "good.status.jsonl")]
+    assert "waiting" in phases or "waiting" in [
+        s.get("phase") for s in read_jsonl(settings.outbox / "bad.status.jsonl")]
+
+
+def test_a_claimed_file_that_routes_elsewhere_waits_for_its_model(settings):
+    """Its first line names no model (so it looked like the loaded profile's), its
+    others name 'other': claimed beside tiny's job, it waits, then runs on other."""
+    d = daemon_for(settings)
+    drop(settings.inbox, "a.jsonl", lines("a", 40))
+    drop(settings.inbox, "sneaky.jsonl", [{"custom_id": "s0", "prompt": "x"},
+                                          {"custom_id": "s1", "model": "other", "prompt": "y"}])
+    while d.run_once(now=1.0):
+        pass
+    assert final_state(settings.outbox, "a") == "completed"
+    assert final_state(settings.outbox, "sneaky") == "completed"
+    results, _ = outputs(settings.outbox, "sneaky")
+    assert {r["response"]["body"]["model"] for r in results} == {"org/other-model"}
+    assert "waiting_for_model" in phases(settings.outbox, "sneaky")

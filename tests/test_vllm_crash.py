@@ -92,7 +92,7 @@ def test_kill9_then_double_sigterm_then_finish(shared_prefix_spool, daemons):
     config, spool = shared_prefix_spool
     outbox = spool / "outbox"
     sides = {f"side{k}": [{"custom_id": f"s{k}-{i}", "prompt": f"side {k} line {i}",
-                           "max_tokens": 48, "ignore_eos": True} for i in range(300)]
+                           "max_tokens": 48, "ignore_eos": True} for i in range(150)]
              for k in (1, 2)}
     for job, lines in sides.items():
         drop(spool / "inbox", f"{job}.jsonl", lines)
@@ -155,9 +155,13 @@ def test_poison_job_fails_after_repeated_engine_deaths_and_the_queue_moves_on(
     """A job that kills the engine max_engine_failures (2) times is failed with
     engine_error lines for the rest, keeps its answers, and the next file runs.
     The first death is vLLM's engine core: the job goes on, on a fresh engine,
-    from its checkpoint; the second is batchd's engine process."""
+    from its checkpoint; the second is batchd's engine process. A bystander
+    running beside it at the first death waits, then runs alone and completes."""
     config, spool = crash_spool
     outbox = spool / "outbox"
+    bystander = [{"custom_id": f"b{i}", "prompt": f"bystander {i}", "max_tokens": 48,
+                  "ignore_eos": True} for i in range(200)]
+    drop(spool / "inbox", "bystander.jsonl", bystander)
     daemon = daemons(config)
     grown = 5_000
     for find in (engine_cores, engine_hosts):
@@ -171,6 +175,7 @@ def test_poison_job_fails_after_repeated_engine_deaths_and_the_queue_moves_on(
         grown = ckpt_size(spool) + 5_000
     deaths = [e for e in daemon.logs() if e.get("event") == "engine_died"]
     assert [e["deaths"] for e in deaths] == [1, 2]
+    assert deaths[0]["jobs"] == ["bystander", "long"] and deaths[1]["jobs"] == ["long"]
     drop(spool / "inbox", "after.jsonl", [{"prompt": "next file", "max_tokens": 3}])
     assert wait_for(lambda: final_state(outbox, "long"), 300, what="poison job end") == "failed"
     status = read_jsonl(outbox / "long.status.jsonl")[-1]
@@ -183,4 +188,10 @@ def test_poison_job_fails_after_repeated_engine_deaths_and_the_queue_moves_on(
     assert {e["response"]["body"]["error"]["code"] for e in errors} == {
         "engine_error", "invalid_json_line"}
     assert wait_for(lambda: final_state(outbox, "after"), 300, what="next file") == "completed"
+    assert wait_for(lambda: final_state(outbox, "bystander"), 300, what="bystander") == \
+        "completed"
+    results = read_jsonl(outbox / "bystander.results.jsonl")
+    assert [r["custom_id"] for r in results] == [line["custom_id"] for line in bystander]
+    phases = [s.get("phase") for s in read_jsonl(outbox / "bystander.status.jsonl")]
+    assert "waiting" in phases  # it stepped aside after the shared death
     assert daemon.stop() == 0

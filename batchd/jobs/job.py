@@ -49,6 +49,9 @@ class Job:
     # profiles still to run, that one first
     routes: Routes | None = None
     parts: list[Profile] = field(default_factory=list)
+    # engine deaths while it ran (in this daemon): a job with any runs alone
+    # from then on, so a file that kills the engine fails itself, not its neighbours
+    deaths: int = 0
     # what it shared the engine with while it ran (batchd/jobs/session.py)
     overlapped: set[str] = field(default_factory=set)
     engine_tokens: list[int] = field(default_factory=lambda: [0, 0])  # prompt, completion

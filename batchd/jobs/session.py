@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterator
 
+import structlog
+
 from ..engine import HOLD, Answer, EngineDead
 from ..layout import JobState
 from ..lines import Request
@@ -36,6 +38,8 @@ from .job import Job
 
 if TYPE_CHECKING:
     from .runner import Outcome, Runner
+
+log = structlog.get_logger()
 
 # How often running jobs look for inbox/JOB.cancel and the daemon is asked for
 # more work: not a stat and an inbox scan per engine step.
@@ -195,7 +199,6 @@ class Session:
         pool = runner.pool
         for job in jobs:
             self.add(job)
-        deaths = 0
         while self.running:
             if pool.engine is None or pool.engine.profile != self.profile:
                 for r in self.running.values():
@@ -216,20 +219,10 @@ class Session:
             try:
                 how = self._consume(stream)
             except EngineDead as exc:
-                deaths += 1
-                now = time.monotonic()
-                for r in self.running.values():
-                    self._stopped(r, now)
-                    r.job.log.error("engine_died", error=str(exc), deaths=deaths)
-                pool.discard()  # its process is gone; never reuse it
+                self._died(exc)
                 if runner.stop.is_set():
                     self._end_all("stop")  # no new engine while stopping
                     return "stopped"
-                if deaths >= runner.settings.engine.max_engine_failures:
-                    for r in list(self.running.values()):
-                        self._leave(r, f"engine_error:the engine died {deaths} times "
-                                    f"running this job: {exc}")
-                    return "done"
                 continue
             finally:
                 stream.close()  # aborts whatever is still in flight
@@ -237,6 +230,34 @@ class Session:
                 self._end_all(how)
                 return "stopped" if how == "stop" else "yielded"
         return "done"
+
+    def _died(self, exc: EngineDead) -> None:
+        """The engine died under the running jobs. Each counts the death; one at
+        its max_engine_failures fails the rest of its lines. Which request killed
+        it cannot be told, so jobs that shared the engine run one at a time from
+        now on (the others wait, phase `waiting`): a file that kills the engine again
+        then fails alone, and the others finish."""
+        now = time.monotonic()
+        for r in self.running.values():
+            self._stopped(r, now)
+            r.job.deaths += 1
+        log.error("engine_died", error=str(exc), jobs=sorted(self.running),
+                  deaths=max(r.job.deaths for r in self.running.values()))
+        self.runner.pool.discard()  # its process is gone; never reuse it
+        if self.runner.stop.is_set():
+            return
+        limit = self.runner.settings.engine.max_engine_failures
+        for r in list(self.running.values()):
+            if r.job.deaths >= limit:
+                self._leave(r, f"engine_error:the engine died {r.job.deaths} times "
+                            f"running this job: {exc}")
+        for r in list(self.running.values())[1:]:
+            del self.running[r.job.name]
+            r.job.ckpt.sync()
+            r.job.status.write(JobState.IN_PROGRESS, phase="waiting",
+                               message="the engine died while this job ran beside others; "
+                               "it runs alone next", **r.job.progress())
+            self.hold(r.job)
 
     def _consume(self, stream: Iterator[list[Answer]]) -> str:
         """Answers to their jobs' checkpoints until the session empties, the
