@@ -56,10 +56,10 @@ def follow_spool(rows: Callable[[], list[dict[str, Any]]], as_json: bool = False
 
     if as_json:
         while True:
-            now = active()
+            frame = active()
             print(json.dumps({"ts": datetime.now(timezone.utc).isoformat(),
-                              "jobs": now}), flush=True)
-            if not now:
+                              "jobs": frame}), flush=True)
+            if not frame:
                 return 0
             time.sleep(poll)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(),

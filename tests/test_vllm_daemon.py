@@ -207,7 +207,7 @@ def test_small_files_cancel_and_another_profile_during_a_long_job(served):
     drop(inbox, "a.jsonl", lines("a", 20, 16))
     drop(inbox, "b.jsonl", lines("b", 20, 16))
     for job in ("urgent", "a", "b"):
-        assert wait_for(lambda: final_state(outbox, job), 120, what=job) == "completed"
+        assert wait_for(lambda job=job: final_state(outbox, job), 120, what=job) == "completed"
     assert final_state(outbox, "bulk") is None  # still running
     for job, n in (("urgent", 3), ("a", 20), ("b", 20)):
         results, _ = exactly_once(outbox, job, n)

@@ -161,6 +161,7 @@ class Session:
         self._stopped(r, time.monotonic())
         del self.running[job.name]
         job.ckpt.sync()
+        assert job.profile is not None  # next_part() set it
         job.status.write(JobState.IN_PROGRESS, phase="waiting_for_model",
                          message=f"lines for {self.profile.name} answered; those for "
                          f"{job.profile.name} run when it is loaded", **job.progress())
@@ -288,10 +289,10 @@ class Session:
                     elif runner.expired(r.job):
                         self._leave(r, "expired")
                 more = self.admit(self)
-                if more == YIELD:
+                if isinstance(more, str):  # YIELD
                     return "yield"
-                for job in more:
-                    self.add(job, time.monotonic())
+                for joining in more:
+                    self.add(joining, time.monotonic())
             if not self.running:
                 return "done"
         raise AssertionError("a shared stream ends only when the session closes it")
