@@ -70,6 +70,10 @@ def engine_hosts(proc):
     return [p for p in children(proc) if "batchd.engine.host" in command(p)]
 
 
+def engine_loads(daemon) -> int:
+    return sum(e.get("event") == "engine_loaded" for e in daemon.logs())
+
+
 def check_exactly_once(outbox):
     results = read_jsonl(outbox / "long.results.jsonl")
     errors = read_jsonl(outbox / "long.errors.jsonl")
@@ -164,10 +168,11 @@ def test_poison_job_fails_after_repeated_engine_deaths_and_the_queue_moves_on(
     drop(spool / "inbox", "bystander.jsonl", bystander)
     daemon = daemons(config)
     grown = 5_000
-    for find in (engine_cores, engine_hosts):
-        wait_for(lambda grown=grown: ckpt_size(spool) > grown, 300, what="progress before a kill")
-        victims = find(daemon.proc)
-        assert victims, [command(p) for p in children(daemon.proc)]
+    for loads, find in ((1, engine_cores), (2, engine_hosts)):
+        # the engine of this round loaded and answering: not the last one on its way out
+        victims = wait_for(lambda grown=grown, loads=loads, find=find: (
+            ckpt_size(spool) > grown and engine_loads(daemon) >= loads and find(daemon.proc)),
+            300, what=f"progress on engine {loads} before a kill")
         for victim in victims:
             victim.kill()
         psutil.wait_procs(victims, timeout=30)

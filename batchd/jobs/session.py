@@ -243,7 +243,7 @@ class Session:
             self._stopped(r, now)
             r.job.deaths += 1
         log.error("engine_died", error=str(exc), jobs=sorted(self.running),
-                  deaths=max(r.job.deaths for r in self.running.values()))
+                  deaths=max((r.job.deaths for r in self.running.values()), default=0))
         self.runner.pool.discard()  # its process is gone; never reuse it
         if self.runner.stop.is_set():
             return
