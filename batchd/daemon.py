@@ -230,8 +230,9 @@ class Daemon:
         max_wait = self.settings.scheduling.max_wait_seconds
         loaded = session.profile.name
         candidates = (self._ready(now) or []) + self._held(now)
-        if any(c.waited > max_wait and c.profile not in (loaded, None) for c in candidates):
-            return YIELD
+        if session.running_for() >= max_wait and \
+                any(c.waited > max_wait and c.profile not in (loaded, None) for c in candidates):
+            return YIELD  # its turn was at least max_wait long: the overdue file's now
         if any(r.job.deaths for r in session.running.values()):
             return []  # a job that was running when the engine died runs alone
         room = self.settings.scheduling.max_running_jobs - len(session.running)

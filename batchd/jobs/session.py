@@ -98,6 +98,7 @@ class Session:
         self.held: list[Job] = []  # without HOLD: the jobs that left unfinished
         self.hold = hold or self.held.append
         self.running: dict[str, Running] = {}
+        self.ready_at: float | None = None  # when its engine first answered to it
         self.tokens = [0, 0]  # prompt and completion tokens answered in this session
 
     # -- membership --------------------------------------------------------------
@@ -179,6 +180,12 @@ class Session:
 
     # -- the stream --------------------------------------------------------------
 
+    def running_for(self) -> float:
+        """Seconds since its engine was ready (0 while it loads): the daemon lets a
+        session run max_wait_seconds before it makes way, so each turn makes
+        progress even when a load takes longer than the wait."""
+        return 0.0 if self.ready_at is None else time.monotonic() - self.ready_at
+
     def _source(self) -> Iterator[Request | None]:
         """The shared window's feed: the least served job with a request to send."""
         while True:
@@ -213,6 +220,8 @@ class Session:
                     self._leave(r, f"engine_error:model failed to load: {exc}")
                 return "done"
             now = time.monotonic()
+            if self.ready_at is None:
+                self.ready_at = now
             for r in self.running.values():
                 r.job.load_s += spent
                 self._start(r, now)
