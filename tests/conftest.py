@@ -128,7 +128,7 @@ def drain(d):
     for tick in range(1000):
         if d.run_once(now=10_000.0 + tick):
             done += 1
-        elif not d.waiting():
+        elif not d.admission.waiting():
             return done
     raise AssertionError("the spool never drained")
 
