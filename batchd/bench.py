@@ -70,7 +70,8 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
            started_at: str, finished_at: str, state: str, resumed: bool,
            order: str = "input", cached_tokens: int = 0,
            concurrency: dict[str, Any] | None = None,
-           parts: list[str] | None = None) -> dict[str, Any]:
+           parts: list[str] | None = None,
+           cache: dict[str, int] | None = None) -> dict[str, Any]:
     """The contract's bench record (section 6)."""
     gen = generation_s if generation_s > 0 else None
     return {
@@ -101,6 +102,9 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
                                        "share_of_completion_tokens": None},
         # the profiles a file whose lines name several ran on (``profile`` is the first)
         "parts": parts or [profile],
+        # answers the result cache gave (hits) and lines it could not (misses,
+        # cacheable lines sent to the engine); null when the cache is off
+        "cache": cache,
         "hardware": hardware(),
         "versions": versions(),
         "started_at": started_at, "finished_at": finished_at,

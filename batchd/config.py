@@ -82,6 +82,14 @@ class SchedulingConfig(_Section):
     max_running_jobs: int = Field(8, ge=1)
 
 
+class CacheConfig(_Section):
+    # Reuse the answers of deterministic lines (temperature 0 or a seed) when the
+    # same request reaches the same model and engine settings (batchd/spool/cache.py).
+    enabled: bool = False
+    folder: Path | None = None  # default: the spool's cache/ folder
+    size_limit: ByteSize = Field(ByteSize(1024**3), gt=0)  # least recently used go first
+
+
 class StatusConfig(_Section):
     interval: float = Field(2.0, gt=0)
 
@@ -115,6 +123,7 @@ class Settings(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     engine: EngineConfig = EngineConfig()
     scheduling: SchedulingConfig = SchedulingConfig()
+    cache: CacheConfig = CacheConfig()
     status: StatusConfig = StatusConfig()
     metrics: MetricsConfig = MetricsConfig()
     api: ApiConfig = ApiConfig()
@@ -199,6 +208,8 @@ def load_settings(explicit: str | os.PathLike | None = None) -> Settings:
     settings.routing.models_dir = _resolve(base, settings.routing.models_dir)
     if settings.metrics.textfile is not None:
         settings.metrics.textfile = _resolve(base, settings.metrics.textfile)
+    if settings.cache.folder is not None:
+        settings.cache.folder = _resolve(base, settings.cache.folder)
     if settings.api.keys_file is not None:
         settings.api.keys_file = _resolve(base, settings.api.keys_file)
     return settings

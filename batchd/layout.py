@@ -10,6 +10,7 @@ typed in two modules drifts apart the first time one changes.
                                input.jsonl, job.toml
     ROOT/failed/NAME           rejected inputs, untouched
     ROOT/api/files/, ROOT/api/batches/   what `batchd api` keeps
+    ROOT/cache/                the result cache, when [cache] is enabled
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class Layout:
         self.failed = root / "failed"
         self.api_files = root / "api" / "files"
         self.api_batches = root / "api" / "batches"
+        self.cache = root / "cache"
 
     @property
     def folders(self) -> tuple[Path, Path, Path, Path]:

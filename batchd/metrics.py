@@ -40,6 +40,8 @@ class Metrics:
         self.load_seconds = Gauge("batchd_model_load_seconds",
                                   "Seconds the last load of a profile took.", ["profile"],
                                   registry=r)
+        self.cache = Counter("batchd_cache_lookups", "Result cache lookups of "
+                             "deterministic lines, by outcome.", ["outcome"], registry=r)
         self.last_claim = Gauge("batchd_last_claim_timestamp_seconds",
                                 "Unix time of the last claim.", registry=r)
 
@@ -70,6 +72,8 @@ class Metrics:
             self.tokens.labels(profile, "completion").inc(bench["tokens"]["completion"])
             cached = (bench.get("prefix_cache") or {}).get("cached_tokens") or 0
             self.tokens.labels(profile, "cached").inc(cached)
+            for field, outcome in (("hits", "hit"), ("misses", "miss")):
+                self.cache.labels(outcome).inc((bench.get("cache") or {}).get(field) or 0)
             if bench["timing_s"]["model_load"]:
                 self.load_seconds.labels(profile).set(bench["timing_s"]["model_load"])
         self.write()

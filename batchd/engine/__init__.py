@@ -98,6 +98,7 @@ class FakeEngine:
         self.step_seconds = step_seconds
         self.per_step = per_step
         self.closed = False
+        self.answered = 0  # requests it answered: what reached the engine
 
     def stream(self, requests: Iterable[Request | None], sampling: dict[str, Any],
                window: int) -> Generator[list[Answer], None, None]:
@@ -120,6 +121,7 @@ class FakeEngine:
             yield [self._answer(r, sampling_of(r, sampling)) for r in done]
 
     def _answer(self, request: Request, sampling: dict[str, Any]) -> Answer:
+        self.answered += 1
         if request.url == EMBEDDINGS:
             return fail(request, "invalid_request",
                         f"profile {self.profile.name} does not serve embeddings")

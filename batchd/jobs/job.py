@@ -13,6 +13,7 @@ import structlog
 from ..config import Settings
 from ..layout import Layout
 from ..profiles import Profile
+from ..spool.cache import ResultCache
 from ..spool.checkpoint import Checkpoint, Tally
 from ..spool.outbox import StatusFile, utc_now
 from .order import PrefixOrder
@@ -55,6 +56,12 @@ class Job:
     # what it shared the engine with while it ran (batchd/jobs/session.py)
     overlapped: set[str] = field(default_factory=set)
     engine_tokens: list[int] = field(default_factory=lambda: [0, 0])  # prompt, completion
+    # the result cache, unless off (config or sidecar); lines sent to the engine
+    # whose answers are to be stored: line -> key
+    cache: ResultCache | None = None
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_pending: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.status = StatusFile(self.layout.status(self.name), self.name)
@@ -110,7 +117,18 @@ class Job:
                            "output_tokens_per_s": round(
                                tally.completion_tokens / seconds if seconds > 0 else 0.0, 3)},
             "eta_s": round(remaining / rate, 1) if rate > 0 else None,
+            **({"cache": self.cache_counts()} if self.cache is not None else {}),
         }
+
+    def remember(self, line: int, body: dict[str, Any] | None) -> None:
+        """An answer came for LINE: store it when the line was a cache miss."""
+        key = self.cache_pending.pop(line, None)
+        if key is not None and body is not None and self.cache is not None:
+            self.cache.add(key, body)
+
+    def cache_counts(self) -> dict[str, int] | None:
+        return None if self.cache is None else {"hits": self.cache_hits,
+                                                "misses": self.cache_misses}
 
     def out(self, kind: str) -> Path:
         return self.layout.out(self.name, kind)

@@ -93,7 +93,8 @@ def outputs(job: Job, final: JobState, models_dir: Path) -> dict[str, Any]:
         started_at=job.started_at, finished_at=utc_now(), state=final.value,
         resumed=job.ckpt.resumed_lines > 0, order=job.order_name,
         cached_tokens=tally.cached_tokens, concurrency=job.concurrency(),
-        parts=[p.name for p in job.routes.parts] if job.routes else None)
+        parts=[p.name for p in job.routes.parts] if job.routes else None,
+        cache=job.cache_counts())
     write_atomic(job.out(BENCH), [json.dumps(record, indent=2).encode() + b"\n"])
     return record
 

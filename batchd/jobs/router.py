@@ -62,6 +62,7 @@ class Sidecar(BaseModel):
     # writes the latter: the window of a batch counts from its creation).
     completion_window: str | None = Field(None, pattern=WINDOW_PATTERN)
     expires_at: datetime | None = None
+    cache: bool = True  # false: this file's lines never use the result cache
 
     def deadline(self, claimed_at: datetime) -> datetime | None:
         """When the job expires, given when it was claimed; None: never."""

@@ -19,7 +19,8 @@ from ..engine import EnginePool
 from ..layout import JobState
 from ..lines import LineError, Request, open_regular, read_line_at
 from ..profiles import ProfileSet
-from ..spool.outbox import error_line, read_status
+from ..spool import cache
+from ..spool.outbox import error_line, read_status, result_line
 from . import publish
 from .job import Job
 from .router import JobRejected, route, routes
@@ -55,6 +56,10 @@ class Runner:
         self.pool = pool
         self.stop = stop or threading.Event()
         self.heartbeat = heartbeat  # called after every engine step with the progress
+        config = settings.cache
+        self.cache = cache.ResultCache(config.folder or settings.layout.cache,
+                                       int(config.size_limit)) if config.enabled else None
+        self.identities: dict[str, str] = {}  # profile name -> cache.identity
 
     def cancel_requested(self, job: str) -> bool:
         return self.settings.layout.cancel(job).exists()
@@ -110,6 +115,7 @@ class Runner:
             job.deadline = sidecar.deadline(claimed_at)
             job.sidecar_sampling = sidecar.sampling
             job.priority = sidecar.priority
+            job.cache = self.cache if sidecar.cache else None
             publish.job_toml(job, sidecar, reason, self.settings.routing.models_dir)
             if self.cancel_requested(name):
                 return self.end(job, "cancelled")
@@ -155,7 +161,31 @@ class Runner:
                 job.ckpt.add(item.line, "error", error_line(LineError(
                     item.line, item.custom_id, "invalid_request", over[1], over[0])))
                 continue
+            if job.cache is not None and self._cached(job, item, sampling):
+                continue
             yield item
+
+    def _cached(self, job: Job, item: Request, sampling: dict[str, Any]) -> bool:
+        """Answer ITEM from the result cache when it holds its answer (True); a
+        cacheable miss is noted so its answer is stored when it comes."""
+        assert job.cache is not None and job.profile is not None
+        request = {**sampling, **item.body}
+        if not cache.cacheable(item.url, request):
+            return False
+        profile = job.profile
+        if profile.name not in self.identities:
+            self.identities[profile.name] = cache.identity(
+                profile, self.settings.routing.models_dir)
+        key = cache.key(self.identities[profile.name], item.url, request)
+        body = job.cache.get(key)
+        if body is not None:
+            job.ckpt.add(item.line, "result", result_line(item, cache.fresh(body)))
+            job.cache_hits += 1
+            return True
+        if item.line not in job.cache_pending:
+            job.cache_misses += 1
+        job.cache_pending[item.line] = key
+        return False
 
     def _pending(self, job: Job) -> Iterator[Request]:
         """The valid, unanswered requests in the job's order (batchd/jobs/order.py)."""

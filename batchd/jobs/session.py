@@ -313,6 +313,7 @@ class Session:
                 continue  # its job left (cancelled, expired): that line is answered already
             r.inflight -= 1
             job, request = r.job, answer.request
+            job.remember(request.line, answer.body)
             if answer.error is not None:
                 job.ckpt.add(request.line, "error", error_line(answer.error))
                 continue
