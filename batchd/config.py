@@ -13,7 +13,8 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import (BaseModel, ByteSize, ConfigDict, Field, HttpUrl, ValidationError,
+                      model_validator)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .layout import Layout
@@ -90,6 +91,32 @@ class CacheConfig(_Section):
     size_limit: ByteSize = Field(ByteSize(1024**3), gt=0)  # least recently used go first
 
 
+class HooksConfig(_Section):
+    # A command run once per job final state: an argv list, no shell. Its
+    # environment names the job, its state, counts and outbox files (docs/FORMATS.md).
+    on_final: list[str] = Field(default_factory=list)
+    on_final_timeout: float = Field(60.0, gt=0)  # then its process group is killed
+    # An OpenAI-shaped event (batch.completed, ...) POSTed per job final state,
+    # signed the Standard Webhooks way with the whsec_ secret in the file; retried
+    # with backoff (doubling from webhook_backoff_seconds, at most an hour apart),
+    # across restarts, until a 2xx or webhook_deadline_seconds after the job ended.
+    webhook_url: HttpUrl | None = None
+    webhook_secret_file: Path | None = None
+    webhook_timeout: float = Field(10.0, gt=0)
+    webhook_backoff_seconds: float = Field(5.0, gt=0)
+    webhook_deadline_seconds: float = Field(86400.0, gt=0)
+
+    @model_validator(mode="after")
+    def _secret_with_url(self) -> HooksConfig:
+        if self.webhook_url is not None and self.webhook_secret_file is None:
+            raise ValueError("webhook_url needs webhook_secret_file (a whsec_ secret)")
+        return self
+
+    @property
+    def any(self) -> bool:
+        return bool(self.on_final) or self.webhook_url is not None
+
+
 class StatusConfig(_Section):
     interval: float = Field(2.0, gt=0)
 
@@ -124,6 +151,7 @@ class Settings(BaseSettings):
     engine: EngineConfig = EngineConfig()
     scheduling: SchedulingConfig = SchedulingConfig()
     cache: CacheConfig = CacheConfig()
+    hooks: HooksConfig = HooksConfig()
     status: StatusConfig = StatusConfig()
     metrics: MetricsConfig = MetricsConfig()
     api: ApiConfig = ApiConfig()
@@ -210,6 +238,8 @@ def load_settings(explicit: str | os.PathLike | None = None) -> Settings:
         settings.metrics.textfile = _resolve(base, settings.metrics.textfile)
     if settings.cache.folder is not None:
         settings.cache.folder = _resolve(base, settings.cache.folder)
+    if settings.hooks.webhook_secret_file is not None:
+        settings.hooks.webhook_secret_file = _resolve(base, settings.hooks.webhook_secret_file)
     if settings.api.keys_file is not None:
         settings.api.keys_file = _resolve(base, settings.api.keys_file)
     return settings

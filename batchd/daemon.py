@@ -26,6 +26,7 @@ from .engine.hosted import engine_factory, reap_engines
 from .jobs.job import Job
 from .jobs.runner import Outcome, Runner
 from .jobs.session import YIELD, Session
+from .hooks import Hooks
 from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
 from .profiles import Profile, ProfileSet
@@ -53,6 +54,7 @@ class Daemon:
         self.metrics = Metrics(settings.metrics.textfile)
         self.admission = Admission(settings, self.runner, self.leases, self.metrics,
                                    self.notifier, lambda: self.profiles, self._ended)
+        self.hooks = Hooks(settings, self.metrics.webhook)
         self.watcher: Watcher | None = None
         self.unloaded: str | None = None  # the idle status after an idle unload
         self.session: Session | None = None  # the jobs running now
@@ -124,6 +126,7 @@ class Daemon:
         if outcome is not None:
             self.notifier.status(f"finished {name}: {outcome.state.value}")
             self.metrics.finished(outcome.bench, outcome.state.value)
+        self.hooks.wake()
 
     def _keepalive(self, factory: Callable[[Profile], Engine]) -> Callable[[Profile], Engine]:
         """Wrap model loading: it blocks the loop for a minute or more, so a helper
@@ -173,6 +176,7 @@ class Daemon:
         self.watcher.start()
         self.admission.watcher = self.watcher
         self.leases.start()
+        self.hooks.start()
         idle = f"idle, watching {self.settings.inbox}"
         self.notifier.send(READY=1, STATUS=idle)
         log.info("daemon_ready", inbox=str(self.settings.inbox), once=once)
@@ -207,6 +211,7 @@ class Daemon:
                 self.watcher.stop()
                 self.leases.stop()
                 self.pool.close()
+                self.hooks.stop()
         return 0
 
     def _unload_if_idle(self, last_work: float) -> str | None:

@@ -11,6 +11,7 @@ typed in two modules drifts apart the first time one changes.
     ROOT/failed/NAME           rejected inputs, untouched
     ROOT/api/files/, ROOT/api/batches/   what `batchd api` keeps
     ROOT/cache/                the result cache, when [cache] is enabled
+    ROOT/events/JOB.json       a job's end, until its hook ran and its webhook was delivered
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Layout:
         self.api_files = root / "api" / "files"
         self.api_batches = root / "api" / "batches"
         self.cache = root / "cache"
+        self.events = root / "events"
 
     @property
     def folders(self) -> tuple[Path, Path, Path, Path]:
@@ -147,6 +149,9 @@ class Layout:
 
     def status(self, job: str) -> Path:
         return self.out(job, STATUS)
+
+    def event(self, job: str) -> Path:
+        return self.events / f"{job}.json"
 
     def out(self, job: str, kind: str) -> Path:
         """outbox/JOB.KIND, KIND one of the module's file kinds (e.g. RESULTS)."""

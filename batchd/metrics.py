@@ -9,6 +9,7 @@ Prometheus expects of a process's counters.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from .layout import FINAL_STATES
 class Metrics:
     def __init__(self, path: Path | None):
         self.path = path
+        self._writing = threading.Lock()
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.jobs = Counter("batchd_jobs", "Jobs ended, by final state.", ["state"],
                             registry=r)
@@ -42,6 +44,8 @@ class Metrics:
                                   registry=r)
         self.cache = Counter("batchd_cache_lookups", "Result cache lookups of "
                              "deterministic lines, by outcome.", ["outcome"], registry=r)
+        self.webhooks = Counter("batchd_webhooks", "Webhook events, by outcome (delivered; "
+                                "failed: the deadline passed).", ["outcome"], registry=r)
         self.last_claim = Gauge("batchd_last_claim_timestamp_seconds",
                                 "Unix time of the last claim.", registry=r)
 
@@ -78,6 +82,10 @@ class Metrics:
                 self.load_seconds.labels(profile).set(bench["timing_s"]["model_load"])
         self.write()
 
+    def webhook(self, outcome: str) -> None:
+        self.webhooks.labels(outcome).inc()
+        self.write()
+
     def model(self, profile: str | None, model: str | None) -> None:
         self.loaded.clear()
         if profile:
@@ -90,6 +98,7 @@ class Metrics:
         from .spool.outbox import write_atomic
 
         try:
-            write_atomic(self.path, [generate_latest(self.registry)])
+            with self._writing:  # the hooks thread counts webhooks too; one temp name
+                write_atomic(self.path, [generate_latest(self.registry)])
         except OSError:
             pass  # metrics must never stop the daemon

@@ -20,8 +20,8 @@ LAYERS = [
     ("engine", ["batchd.engine"]),
     ("jobs", ["batchd.jobs"]),
     ("api", ["batchd.api"]),
-    ("daemon", ["batchd.daemon", "batchd.admission", "batchd.scheduler", "batchd.views",
-                "batchd.metrics", "batchd.notify"]),
+    ("daemon", ["batchd.daemon", "batchd.admission", "batchd.hooks", "batchd.scheduler",
+                "batchd.views", "batchd.metrics", "batchd.notify"]),
     ("command line", ["batchd.cli", "batchd.__main__"]),
 ]
 

@@ -23,7 +23,7 @@ from .. import bench
 from ..config import Settings
 from ..layout import BENCH, ERRORS, INPUT, JOB_TOML, PUBLISHED_INPUT, RESULTS, JobState
 from ..lines import open_regular
-from ..spool import inbox
+from ..spool import events, inbox
 from ..spool.outbox import StatusFile, atomic_files, read_status, sync_dir, utc_now, write_atomic
 from .job import Job
 from .router import Sidecar
@@ -65,6 +65,9 @@ def finish(job: Job, final: JobState, models_dir: Path,
     if not rejected:
         place_input(job)
         sync_dir(job.layout.outbox)
+    # before the final line: a daemon killed right after it still signals the end
+    events.record(job.settings, job.name, final, {"total": job.total,
+                  "completed": job.ckpt.tally.completed, "failed": job.ckpt.tally.failed})
     job.status.write(final, phase="done", message=errors[0]["message"] if errors else "",
                      **fields)
     job.log.info("job_finished", state=final.value, total=job.total,
@@ -150,6 +153,7 @@ def reject_entry(settings: Settings, name: str, why: str) -> bool:
     moved = inbox.move_to_failed(settings, name)
     job = inbox.reserve_name(settings, inbox.safe_stem(name))
     message = f"{name!r} {why}" + ("" if moved else "; left in inbox")
+    events.record(settings, job, JobState.FAILED, {"total": 0, "completed": 0, "failed": 0})
     StatusFile(settings.layout.status(job), job).write(
         JobState.FAILED, phase="done", message=message,
         errors=[{"code": "not_a_regular_file", "message": message, "line": None}])

@@ -1,0 +1,178 @@
+"""Signals when a job ends, in-process on the fake engine: the hook command, the
+signed webhook with retries, and what a hanging hook or a failing receiver does.
+Real daemon processes, restarts and real vLLM: test_vllm_rerun.py."""
+
+import base64
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import psutil
+import pytest
+from standardwebhooks import Webhook
+
+from batchd.config import load_settings
+from batchd.daemon import Daemon
+from batchd.engine import FakeEngine
+from batchd.hooks import Hooks
+from batchd.spool import events
+
+from conftest import drain, drop, final_state, wait_for
+
+SECRET = "whsec_" + base64.b64encode(b"a secret of thirty-two bytes!!!!").decode()
+HOOK = "import json, os, sys; open(sys.argv[1], 'a').write(json.dumps({k: v for k, v in " \
+       "os.environ.items() if k.startswith('BATCHD_')}) + '\\n')"
+
+
+class Receiver:
+    """A webhook receiver on localhost: answers CODES in turn (then 200), keeps
+    every request's headers and body."""
+
+    def __init__(self, codes=()):
+        self.codes = list(codes)
+        self.got: list[tuple[dict, bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.got.append((dict(self.headers), body))
+                self.send_response(receiver.codes.pop(0) if receiver.codes else 200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def make(spool_config, tmp_path, hooks: str):
+    (tmp_path / "secret").write_text(SECRET + "\n")
+    settings = load_settings(spool_config("[hooks]\n" + hooks))
+    d = Daemon(settings, factory=FakeEngine, clock=lambda: 1000.0)
+    d.setup()
+    return settings, d
+
+
+def test_the_hook_runs_once_per_job_with_its_environment(spool_config, tmp_path):
+    log = tmp_path / "hook.log"
+    settings, d = make(spool_config, tmp_path,
+                       f"on_final = {json.dumps([sys.executable, '-c', HOOK, str(log)])}\n")
+    drop(settings.inbox, "a.jsonl", [{"prompt": "x"}, "not json"])
+    (settings.inbox / "b.cancel").write_text("")
+    drop(settings.inbox, "b.jsonl", [{"prompt": "y"}])
+    drain(d)
+    hooks = Hooks(settings)
+    hooks.run_due(0.0)
+    hooks.run_due(0.0)  # a second pass repeats nothing
+    ran = [json.loads(l) for l in log.read_text().splitlines()]
+    assert sorted((r["BATCHD_JOB"], r["BATCHD_STATE"]) for r in ran) == [
+        ("a", "completed"), ("b", "cancelled")]
+    a = next(r for r in ran if r["BATCHD_JOB"] == "a")
+    assert (a["BATCHD_TOTAL"], a["BATCHD_COMPLETED"], a["BATCHD_FAILED"]) == ("2", "1", "1")
+    assert a["BATCHD_EVENT"] == "batch.completed"
+    assert json.loads(open(a["BATCHD_RESULTS_FILE"]).readline())["custom_id"] == "line-1"
+    assert a["BATCHD_ERRORS_FILE"].endswith("a.errors.jsonl")
+    assert events.pending(settings) == []
+
+
+def test_a_record_waits_for_the_final_status_line(spool_config, tmp_path):
+    """A crash between the record and the final line: the job is republished, so
+    the record is not acted on until its line is there."""
+    from batchd.layout import JobState
+    log = tmp_path / "hook.log"
+    settings, d = make(spool_config, tmp_path,
+                       f"on_final = {json.dumps([sys.executable, '-c', HOOK, str(log)])}\n")
+    events.record(settings, "ghost", JobState.COMPLETED, {"total": 1})
+    Hooks(settings).run_due(0.0)
+    assert not log.exists() and len(events.pending(settings)) == 1
+
+
+def test_a_hook_that_hangs_is_killed_and_the_daemon_goes_on(spool_config, tmp_path):
+    pidfile = tmp_path / "pid"
+    script = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); " \
+             "time.sleep(600)"
+    argv = json.dumps([sys.executable, "-c", script])
+    settings, d = make(spool_config, tmp_path, f"on_final = {argv}\non_final_timeout = 0.5\n")
+    drop(settings.inbox, "a.jsonl", [{"prompt": "x"}])
+    drain(d)
+    Hooks(settings).run_due(0.0)
+    assert not psutil.pid_exists(int(pidfile.read_text())) or \
+        psutil.Process(int(pidfile.read_text())).status() == psutil.STATUS_ZOMBIE
+    assert events.pending(settings) == []  # ran (and was killed): not run again
+    drop(settings.inbox, "b.jsonl", [{"prompt": "y"}])
+    drain(d)
+    assert final_state(settings.outbox, "b") == "completed"
+
+
+def test_the_webhook_is_signed_and_redelivered_with_the_same_id(spool_config, tmp_path,
+                                                                  receiver):
+    receiver.codes = [500, 503]
+    settings, d = make(spool_config, tmp_path,
+                       f'webhook_url = "{receiver.url}"\nwebhook_secret_file = "secret"\n'
+                       "webhook_backoff_seconds = 0.05\n")
+    drop(settings.inbox, "a.jsonl", [{"prompt": "x"}])
+    drain(d)
+    hooks = Hooks(settings)
+    hooks.start()
+    try:
+        wait_for(lambda: hooks.delivered == 1, 30, what="the webhook delivered")
+    finally:
+        hooks.stop()
+    assert len(receiver.got) == 3
+    ids = {headers["webhook-id"] for headers, _ in receiver.got}
+    assert len(ids) == 1 and next(iter(ids)).startswith("msg_")
+    headers, body = receiver.got[-1]
+    event = Webhook(SECRET).verify(body, headers)  # the receiver's own library
+    assert event["type"] == "batch.completed" and event["object"] == "event"
+    assert event["data"] == {"id": "a"} and event["id"].startswith("evt_")
+    assert isinstance(event["created_at"], int)
+    assert events.pending(settings) == []
+
+
+def test_a_receiver_that_fails_forever_is_given_up_after_the_deadline(spool_config, tmp_path,
+                                                                     receiver):
+    receiver.codes = [500] * 1000
+    settings, d = make(spool_config, tmp_path,
+                       f'webhook_url = "{receiver.url}"\nwebhook_secret_file = "secret"\n'
+                       "webhook_backoff_seconds = 0.05\nwebhook_deadline_seconds = 0.5\n")
+    drop(settings.inbox, "a.jsonl", [{"prompt": "x"}])
+    (settings.inbox / "b.cancel").write_text("")
+    drop(settings.inbox, "b.jsonl", [{"prompt": "x"}])
+    drain(d)
+    hooks = Hooks(settings)
+    hooks.start()
+    try:
+        wait_for(lambda: hooks.failed == 2, 30, what="both webhooks given up")
+    finally:
+        hooks.stop()
+    types = {json.loads(body)["type"] for _, body in receiver.got}
+    assert types == {"batch.completed", "batch.cancelled"}
+    assert events.pending(settings) == []
+
+
+def test_webhook_urls_come_from_config_only(spool_config, tmp_path):
+    from batchd.config import ConfigError
+    with pytest.raises(ConfigError, match="webhook_url"):
+        load_settings(spool_config('[hooks]\nwebhook_url = "file:///etc/passwd"\n'
+                                   'webhook_secret_file = "s"\n'))
+    with pytest.raises(ConfigError, match="secret"):
+        load_settings(spool_config('[hooks]\nwebhook_url = "https://example.com/h"\n'))
+    (tmp_path / "x.toml").write_text('webhook_url = "http://example.com"\n')
+    from batchd.jobs.router import JobRejected, read_sidecar
+    with pytest.raises(JobRejected):
+        read_sidecar(tmp_path / "x.toml")  # a sidecar cannot name a URL
