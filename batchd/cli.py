@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p = command("cancel", cmd_cancel, "ask the daemon to cancel a job")
     p.add_argument("job")
+    p = command("retry", cmd_retry, "drop a job's retryable failed lines as a new job")
+    p.add_argument("job")
+    p.add_argument("--codes", help="error codes to retry, comma-separated (default: "
+                   "engine_error,cancelled,batch_cancelled,batch_expired)")
     p = command("init", cmd_init, "create a spool and a config.toml")
     p.add_argument("dir", nargs="?", default=".")
     p = command("api", cmd_api, "serve OpenAI's Files and Batches API and a dashboard")
@@ -275,6 +279,26 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         return 1
     _copy_in(b"", layout.cancel(job))
     print(f"cancel requested for {job}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Prints the new job's name on stdout; NEW.merged.jsonl follows when it ends."""
+    from .jobs.retry import RETRYABLE, RetryError, drop_retry
+
+    settings = _settings(args)
+    if inbox.safe_stem(args.job) != args.job:
+        raise UsageError(f"not a job name: {args.job!r}")
+    codes = tuple(c.strip() for c in args.codes.split(",") if c.strip()) if args.codes \
+        else RETRYABLE
+    try:
+        name, count = drop_retry(settings, args.job, codes)
+    except RetryError as exc:
+        print(f"batchd: {exc}", file=sys.stderr)
+        return 1
+    print(name)
+    print(f"{count} lines of {args.job} to retry; {name}.merged.jsonl follows when it ends",
+          file=sys.stderr)
     return 0
 
 

@@ -58,6 +58,8 @@ class Job:
     engine_tokens: list[int] = field(default_factory=lambda: [0, 0])  # prompt, completion
     # the result cache, unless off (config or sidecar); lines sent to the engine
     # whose answers are to be stored: line -> key
+    retry_of: str | None = None  # a retry publishes a merged file (jobs/retry.py)
+    retry_codes: list[str] = field(default_factory=list)
     cache: ResultCache | None = None
     cache_hits: int = 0
     cache_misses: int = 0

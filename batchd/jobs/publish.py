@@ -24,6 +24,7 @@ from ..config import Settings
 from ..layout import BENCH, ERRORS, INPUT, JOB_TOML, PUBLISHED_INPUT, RESULTS, JobState
 from ..lines import open_regular
 from ..spool import events, inbox
+from . import retry
 from ..spool.outbox import StatusFile, atomic_files, read_status, sync_dir, utc_now, write_atomic
 from .job import Job
 from .router import Sidecar
@@ -62,6 +63,13 @@ def finish(job: Job, final: JobState, models_dir: Path,
     fields["eta_s"] = 0.0
     if errors:
         fields["errors"] = errors
+    if job.retry_of and not rejected:
+        problem = retry.publish_merged(job.settings, job.name, job.retry_of, job.retry_codes,
+                                       job.input)
+        if problem:
+            job.log.warning("merged_not_written", retry_of=job.retry_of, error=problem)
+        fields["merged_file" if problem is None else "merged_error"] = \
+            problem or job.out(retry.MERGED).name
     if not rejected:
         place_input(job)
         sync_dir(job.layout.outbox)

@@ -63,6 +63,10 @@ class Sidecar(BaseModel):
     completion_window: str | None = Field(None, pattern=WINDOW_PATTERN)
     expires_at: datetime | None = None
     cache: bool = True  # false: this file's lines never use the result cache
+    # written by `batchd retry`: the job whose failed lines (with these codes)
+    # this one retries; it then publishes JOB.merged.jsonl (batchd/jobs/retry.py)
+    retry_of: str | None = Field(None, pattern=r"^[A-Za-z0-9_+=@,][A-Za-z0-9._+=@,-]{0,199}$")
+    retry_codes: list[str] = Field(default_factory=list, max_length=100)
 
     def deadline(self, claimed_at: datetime) -> datetime | None:
         """When the job expires, given when it was claimed; None: never."""

@@ -116,6 +116,7 @@ class Runner:
             job.sidecar_sampling = sidecar.sampling
             job.priority = sidecar.priority
             job.cache = self.cache if sidecar.cache else None
+            job.retry_of, job.retry_codes = sidecar.retry_of, sidecar.retry_codes
             publish.job_toml(job, sidecar, reason, self.settings.routing.models_dir)
             if self.cancel_requested(name):
                 return self.end(job, "cancelled")
