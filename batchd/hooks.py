@@ -30,7 +30,7 @@ from typing import Any, Callable
 import structlog
 
 from .config import Settings
-from .layout import BENCH, ERRORS, RESULTS, STATUS
+from .layout import BENCH, ERRORS, MERGED, RESULTS, STATUS
 from .spool import events
 from .spool.outbox import read_status
 
@@ -126,7 +126,7 @@ class Hooks:
                "BATCHD_SPOOL": str(layout.root)}
         for var, kind in (("BATCHD_STATUS_FILE", STATUS), ("BATCHD_RESULTS_FILE", RESULTS),
                           ("BATCHD_ERRORS_FILE", ERRORS), ("BATCHD_BENCH_FILE", BENCH),
-                          ("BATCHD_MERGED_FILE", "merged.jsonl")):
+                          ("BATCHD_MERGED_FILE", MERGED)):
             path = layout.out(job, kind)
             if path.exists():
                 env[var] = str(path.resolve())

@@ -64,6 +64,7 @@ ERRORS = "errors.jsonl"
 BENCH = "bench.json"
 PUBLISHED_INPUT = "input.jsonl"
 JOB_TOML = "job.toml"
+MERGED = "merged.jsonl"  # a retry's answers merged into its original's (jobs/retry.py)
 CHECKPOINT = ".ckpt.jsonl"
 CLAIM = ".claim~"  # work/.claim~PID~N~HOST~NAME: hidden, never a job
 ENGINE_PIDS = ".engine~"  # work/.engine~HOST~PID

@@ -112,3 +112,27 @@ def test_a_file_being_claimed_is_still_a_batch(settings):
     claim.unlink()
     with pytest.raises(ApiError):
         store.batch("inflight")
+
+
+def test_a_retry_batch_names_its_original_and_serves_the_merged_file(http, daemon, settings):
+    data = "".join(json.dumps(LINE | {"custom_id": c}) + "\n" for c in "abc").encode()
+    f = upload(http, data)
+    batch = http.post("/v1/batches", json={"input_file_id": f["id"],
+                                           "endpoint": "/v1/chat/completions"}).json()
+    assert http.post(f"/v1/batches/{batch['id']}/cancel").status_code == 200
+    drain(daemon)
+    assert http.get(f"/v1/batches/{batch['id']}").json()["status"] == "cancelled"
+    got = http.post(f"/v1/batches/{batch['id']}/retry", json={"metadata": {"why": "again"}})
+    assert got.status_code == 200, got.text
+    retry = got.json()
+    assert retry["id"] != batch["id"] and retry["id"].startswith("batch_")
+    assert retry["metadata"] == {"why": "again", "retry_of": batch["id"]}
+    assert retry["status"] == "validating" and retry["endpoint"] == "/v1/chat/completions"
+    drain(daemon)
+    done = http.get(f"/v1/batches/{retry['id']}").json()
+    assert done["status"] == "completed" and done["request_counts"]["completed"] == 3
+    merged = http.get(f"/v1/files/{done['merged_file_id']}/content").text.splitlines()
+    assert [json.loads(l)["custom_id"] for l in merged] == ["a", "b", "c"]
+    again = http.post(f"/v1/batches/{retry['id']}/retry")
+    assert again.status_code == 400 and again.json()["error"]["code"] == "nothing_to_retry"
+    assert http.post("/v1/batches/batch_nope/retry").status_code == 404

@@ -13,7 +13,7 @@ import ipaddress
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -81,6 +81,16 @@ class Keys:
         given = header[len("Bearer "):].strip().encode()
         # Compare with every key, in constant time for each.
         return any([hmac.compare_digest(given, key) for key in self.keys])
+
+
+class BatchRetry(BaseModel):
+    """batchd's own: POST /v1/batches/{id}/retry (`batchd retry` over HTTP)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    codes: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=32)
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None,
+                                                                              max_length=15)
 
 
 class BatchCreate(BaseModel):
@@ -172,6 +182,11 @@ def create_app(settings: Settings, keys: Keys | None = None) -> FastAPI:
     @app.get("/v1/batches/{batch_id}", dependencies=v1)
     def get_batch(batch_id: str) -> dict[str, Any]:
         return store.batch(batch_id)
+
+    @app.post("/v1/batches/{batch_id}/retry", dependencies=v1)
+    def retry_batch(batch_id: str, body: BatchRetry | None = None) -> dict[str, Any]:
+        body = body or BatchRetry()
+        return store.retry(batch_id, body.codes, body.metadata)
 
     @app.post("/v1/batches/{batch_id}/cancel", dependencies=v1)
     def cancel_batch(batch_id: str) -> dict[str, Any]:

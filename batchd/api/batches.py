@@ -19,13 +19,14 @@ import json
 import secrets
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
 from ..config import Settings
+from ..jobs.retry import RETRYABLE, RetryError, drop_retry
 from ..jobs.router import parse_window
 from ..layout import ERRORS, INPUT, JOB_TOML, PUBLISHED_INPUT, is_final
 from ..lines import URLS
@@ -99,6 +100,30 @@ class Store:
         assert source is not None
         with open(source, "rb") as stream:
             write_atomic(self.layout.inbox / name, iter(lambda: stream.read(1 << 20), b""))
+        return self.batch(job)
+
+    def retry(self, batch_id: str, codes: list[str] | None,
+              metadata: dict[str, str] | None) -> dict[str, Any]:
+        """A new batch of BATCH_ID's retryable failed lines (``batchd retry``):
+        its metadata names the original; its merged file comes when it ends."""
+        original = self.batch(batch_id)
+        job = f"batch_{secrets.token_hex(12)}"
+        now = datetime.now(timezone.utc)
+        window = original["completion_window"]
+        if parse_window(window) is None:
+            window = "24h"  # a dropped file without a window: OpenAI's only one
+        expires = now + (parse_window(window) or timedelta(hours=24))
+        record = {"endpoint": original["endpoint"], "completion_window": window,
+                  "metadata": {**(metadata or {}), "retry_of": batch_id},
+                  "input_file_id": f"file-{job}.input",
+                  "created_at": int(now.timestamp()), "expires_at": int(expires.timestamp())}
+        write_atomic(self.layout.batch_request(job), [json.dumps(record).encode()])
+        try:
+            drop_retry(self.settings, batch_id, tuple(codes) if codes else RETRYABLE, name=job,
+                       extra={"expires_at": expires})
+        except RetryError as exc:
+            self.layout.batch_request(job).unlink(missing_ok=True)
+            raise ApiError(400, str(exc), "nothing_to_retry", "batch_id") from None
         return self.batch(job)
 
     def cancel(self, batch_id: str) -> dict[str, Any]:
@@ -183,7 +208,7 @@ class Store:
                  "param": None} for e in last["errors"]]}
         outputs = {kind: f"file-{job}.{kind}" if final and
                    self.layout.out(job, JOB_FILE_KINDS[kind][0]).is_file() else None
-                   for kind in ("results", "errors")}
+                   for kind in ("results", "errors", "merged")}
         if outputs["errors"] and self.layout.out(job, ERRORS).stat().st_size == 0:
             outputs["errors"] = None
         return {
@@ -212,6 +237,8 @@ class Store:
                       "total_tokens": tokens.get("prompt", 0) + tokens.get("completion", 0)},
             "metadata": record.get("metadata"),
             "model": last.get("model"),
+            # batchd's own: a retry's merged file (POST /v1/batches/{id}/retry)
+            **({"merged_file_id": outputs["merged"]} if outputs["merged"] else {}),
         }
 
     def _endpoint(self, job: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import Settings
-from ..layout import ERRORS, PUBLISHED_INPUT, RESULTS
+from ..layout import ERRORS, MERGED, PUBLISHED_INPUT, RESULTS
 from ..spool.outbox import write_atomic
 
 # A job name as spool.inbox.safe_stem makes it; a file id is one of those with a kind.
@@ -26,7 +26,7 @@ JOB_ID = re.compile(r"[A-Za-z0-9_+=@,][A-Za-z0-9._+=@,-]{0,199}")
 UPLOAD_ID = re.compile(r"file-[0-9a-f]{24}")
 # A job file's kind in its id -> (its outbox file, its OpenAI purpose).
 JOB_FILE_KINDS = {"results": (RESULTS, "batch_output"), "errors": (ERRORS, "batch_output"),
-                  "input": (PUBLISHED_INPUT, "batch")}
+                  "input": (PUBLISHED_INPUT, "batch"), "merged": (MERGED, "batch_output")}
 
 
 class ApiError(Exception):

@@ -24,12 +24,11 @@ from typing import Any, Iterator
 import tomli_w
 
 from ..config import Settings
-from ..layout import ERRORS, INPUT, JOB_TOML, PUBLISHED_INPUT, RESULTS, Layout, is_final
+from ..layout import ERRORS, INPUT, JOB_TOML, MERGED, PUBLISHED_INPUT, RESULTS, Layout, is_final
 from ..lines import open_regular, read_lines
 from ..spool.outbox import dumps_line, read_status, write_atomic
 
 RETRYABLE = ("engine_error", "cancelled", "batch_cancelled", "batch_expired")
-MERGED = "merged.jsonl"
 NO_LIMIT = 1 << 62  # a line is copied whole, whatever the daemon's limit
 
 
