@@ -92,8 +92,11 @@ class Hooks:
                 doc = events.load(path)
                 if doc is None or not self._published(doc):
                     continue
+                if doc["hook"] == "running" and not self._still_running(doc):
+                    doc["hook"] = "done"  # its daemon died while it ran: it ran once
+                    events.save(path, doc)
                 if doc["hook"] == "pending":
-                    self._run_hook(doc)
+                    self._run_hook(path, doc)
                     doc["hook"] = "done"
                     events.save(path, doc)
                 if doc["webhook"] == "pending":
@@ -102,7 +105,7 @@ class Hooks:
                         events.save(path, doc)
                     if doc["webhook"] == "pending":
                         next_in = min(next_in, max(0.05, doc["next_at"] - now))
-                if doc["hook"] != "pending" and doc["webhook"] != "pending":
+                if doc["hook"] in ("done", "none") and doc["webhook"] != "pending":
                     path.unlink(missing_ok=True)
         self._fresh = False
         return next_in
@@ -132,7 +135,22 @@ class Hooks:
                 env[var] = str(path.resolve())
         return env
 
-    def _run_hook(self, doc: dict[str, Any]) -> None:
+    @staticmethod
+    def _still_running(doc: dict[str, Any]) -> bool:
+        """Whether the hook a dead daemon started is still running (same pid, same
+        start time); once it is not, it counts as run."""
+        import psutil
+
+        try:
+            return psutil.Process(doc["hook_pid"]).create_time() == doc["hook_started"]
+        except (psutil.Error, KeyError, TypeError):
+            return False
+
+    def _run_hook(self, path: Path, doc: dict[str, Any]) -> None:
+        """Run the command once: the record says "running" (with its pid) while it
+        runs, so a daemon killed meanwhile does not start it again at its next start."""
+        import psutil
+
         argv = self.config.on_final
         job = doc["job"]
         started = time.monotonic()
@@ -143,6 +161,12 @@ class Hooks:
         except OSError as exc:
             log.error("hook_failed", job=job, argv=argv, error=str(exc))
             return
+        try:
+            created = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            created = None  # it already exited
+        events.save(path, {**doc, "hook": "running", "hook_pid": proc.pid,
+                           "hook_started": created})
         try:
             output, _ = proc.communicate(timeout=self.config.on_final_timeout)
         except subprocess.TimeoutExpired:

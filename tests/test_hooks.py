@@ -176,3 +176,25 @@ def test_webhook_urls_come_from_config_only(spool_config, tmp_path):
     from batchd.jobs.router import JobRejected, read_sidecar
     with pytest.raises(JobRejected):
         read_sidecar(tmp_path / "x.toml")  # a sidecar cannot name a URL
+
+
+def test_a_hook_a_dead_daemon_left_running_is_not_started_again(spool_config, tmp_path):
+    import subprocess
+    log = tmp_path / "hook.log"
+    settings, d = make(spool_config, tmp_path,
+                       f"on_final = {json.dumps([sys.executable, '-c', HOOK, str(log)])}\n")
+    drop(settings.inbox, "a.jsonl", [{"prompt": "x"}])
+    drain(d)
+    [path] = events.pending(settings)
+    left = subprocess.Popen(["sleep", "60"])  # the hook the killed daemon had started
+    doc = events.load(path)
+    events.save(path, {**doc, "hook": "running", "hook_pid": left.pid,
+                       "hook_started": psutil.Process(left.pid).create_time()})
+    try:
+        Hooks(settings).run_due(0.0)
+        assert events.load(path)["hook"] == "running" and not log.exists()
+    finally:
+        left.kill()
+        left.wait()
+    Hooks(settings).run_due(0.0)
+    assert not log.exists() and events.pending(settings) == []  # it ran once: done
