@@ -15,6 +15,7 @@ SCENARIOS = {
     "prefix": "shared-prefix workloads: batchd's prefix order vs LLM.chat in input order",
     "gpu": "raw vLLM vs batchd at GPU speed, memory over six swaps, the fit table vs vLLM",
     "concurrency": "a small file dropped during a bulk job: its wait, and the bulk's cost",
+    "rerun": "the result cache: a file, then the same file with 1 % of its lines changed",
 }
 
 

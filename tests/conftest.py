@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -228,6 +229,35 @@ def served_spool(base: Path, models: Path, profiles: dict[str, str], extra: str 
         f'default_profile = "{next(iter(profiles))}"\nmodels_dir = "{models}"\n'
         f'[watch]\nsettle_seconds = 0.5\n[status]\ninterval = 0.3\n' + extra)
     return config
+
+
+class Receiver:
+    """A webhook receiver on localhost (on PORT, default a free one): answers
+    CODES in turn (then 200), keeps every request's headers and body."""
+
+    def __init__(self, codes=(), port: int = 0):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.codes = list(codes)
+        self.got: list[tuple[dict, bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.got.append((dict(self.headers), body))
+                self.send_response(receiver.codes.pop(0) if receiver.codes else 200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def free_port() -> int:

@@ -190,3 +190,20 @@ def test_what_is_cacheable():
     assert not cache.cacheable("/v1/completions", {"seed": 1, "temperature": 1, "n": 3})
     assert not cache.cacheable("/v1/completions", {"temperature": 0.7})
     assert not cache.cacheable("/v1/completions", {})
+
+
+def test_a_file_the_cache_answers_whole_loads_no_model(cached):
+    settings, d, engines = cached
+    lines = [prompt(i) for i in range(5)]
+    drop(settings.inbox, "a.jsonl", lines)
+    drain(d)
+    drop(settings.inbox, "b.jsonl", [{"model": "org/other-model", "prompt": "x"}])
+    drain(d)
+    assert [e.profile.name for e in engines] == ["tiny", "other"]
+    drop(settings.inbox, "again.jsonl", lines)
+    drain(d)
+    assert final_state(settings.outbox, "again") == "completed"
+    assert [e.profile.name for e in engines] == ["tiny", "other"]  # no swap back for it
+    record = bench(settings, "again")
+    assert record["cache"] == {"hits": 5, "misses": 0}
+    assert record["timing_s"]["generation"] == 0 and record["timing_s"]["model_load"] == 0

@@ -5,8 +5,6 @@ Real daemon processes, restarts and real vLLM: test_vllm_rerun.py."""
 import base64
 import json
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psutil
 import pytest
@@ -18,39 +16,11 @@ from batchd.engine import FakeEngine
 from batchd.hooks import Hooks
 from batchd.spool import events
 
-from conftest import drain, drop, final_state, wait_for
+from conftest import Receiver, drain, drop, final_state, wait_for
 
 SECRET = "whsec_" + base64.b64encode(b"a secret of thirty-two bytes!!!!").decode()
 HOOK = "import json, os, sys; open(sys.argv[1], 'a').write(json.dumps({k: v for k, v in " \
        "os.environ.items() if k.startswith('BATCHD_')}) + '\\n')"
-
-
-class Receiver:
-    """A webhook receiver on localhost: answers CODES in turn (then 200), keeps
-    every request's headers and body."""
-
-    def __init__(self, codes=()):
-        self.codes = list(codes)
-        self.got: list[tuple[dict, bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["content-length"]))
-                receiver.got.append((dict(self.headers), body))
-                self.send_response(receiver.codes.pop(0) if receiver.codes else 200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

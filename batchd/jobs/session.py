@@ -67,7 +67,7 @@ class Running:
     todo: Iterator[Request] = field(default_factory=lambda: iter(()))
     head: Request | None = None  # the next request to send
     inflight: int = 0
-    since: float = 0.0  # when it joined the current stream
+    since: float | None = None  # when it joined the current stream (None: not yet)
     done_before: int = 0  # lines answered when it joined it
     tokens_at_join: tuple[int, int] = (0, 0)
 
@@ -113,11 +113,17 @@ class Session:
         if now is not None:
             self._start(running, now)
 
-    def _start(self, r: Running, now: float) -> None:
-        """(Re)join the stream: unanswered lines from the checkpoint, in order."""
+    def _prime(self, r: Running) -> None:
+        """Its unanswered lines from the checkpoint, in order, up to the first that
+        needs the engine: those the result cache answers are answered on the way."""
         r.todo = self._tagged(r.job)
         r.head = next(r.todo, None)
         r.inflight = 0
+
+    def _start(self, r: Running, now: float, primed: bool = False) -> None:
+        """(Re)join the stream at NOW."""
+        if not primed:
+            self._prime(r)
         r.since = now
         r.done_before = r.job.answered
         r.tokens_at_join = (self.tokens[0], self.tokens[1])
@@ -133,9 +139,10 @@ class Session:
     def _stopped(self, r: Running, now: float) -> None:
         """Out of the stream, for now or for good: time and tokens counted."""
         job = r.job
-        job.gen_s += now - r.since
-        job.engine_tokens[0] += self.tokens[0] - r.tokens_at_join[0]
-        job.engine_tokens[1] += self.tokens[1] - r.tokens_at_join[1]
+        if r.since is not None:  # it was in a stream
+            job.gen_s += now - r.since
+            job.engine_tokens[0] += self.tokens[0] - r.tokens_at_join[0]
+            job.engine_tokens[1] += self.tokens[1] - r.tokens_at_join[1]
         r.since = now
         r.tokens_at_join = (self.tokens[0], self.tokens[1])
 
@@ -208,6 +215,12 @@ class Session:
         for job in jobs:
             self.add(job)
         while self.running:
+            for r in list(self.running.values()):
+                self._prime(r)
+                if r.answered:  # by the cache, or nothing was left: no engine needed
+                    self._part_done(r)
+            if not self.running:
+                return "done"
             if pool.engine is None or pool.engine.profile != self.profile:
                 for r in self.running.values():
                     r.job.status.write(JobState.IN_PROGRESS, phase="loading_model",
@@ -224,7 +237,7 @@ class Session:
                 self.ready_at = now
             for r in self.running.values():
                 r.job.load_s += spent
-                self._start(r, now)
+                self._start(r, now, primed=True)
             stream = engine.stream(self._source(), {}, runner.settings.engine.window)
             try:
                 how = self._consume(stream)
@@ -286,7 +299,8 @@ class Session:
                 elif now - job.status.written_at >= interval:
                     record = job.status.write(
                         JobState.IN_PROGRESS, phase="generating",
-                        **job.progress(job.answered - r.done_before, now - r.since))
+                        **job.progress(job.answered - r.done_before,
+                                       now - (r.since if r.since is not None else now)))
                     runner.heartbeat(record)
             if runner.stop.is_set():
                 return "stop"
