@@ -27,7 +27,7 @@ def main() -> None:
     run.add_argument("scenario", choices=sorted(SCENARIOS))
     run.add_argument("--repeats", type=int, default=1)
     run.add_argument("--model", help="overhead: tiny-llama (default) or smollm2-135m")
-    run.add_argument("--n", type=int, help="overhead, gpu: requests per run")
+    run.add_argument("--n", type=int, help="overhead, gpu, rerun: requests per run")
     run.add_argument("--max-tokens", type=int, help="overhead: output tokens per request")
     run.add_argument("--budget-s", type=float, help="gpu: seconds for all three parts")
     run.add_argument("--swaps", type=int, help="gpu: profile swaps in part 2 (0: no part 2)")

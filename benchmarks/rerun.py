@@ -44,8 +44,8 @@ def run(repeats: int = 3, n: int = 4000, tokens: int = 64, fake: bool = False,
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        config = make_spool(base, "[engine]\nwindow = 256\n[cache]\nenabled = true\n"
-                            + ("fake = true\n" if fake else ""))
+        config = make_spool(base, "[engine]\nwindow = 256\n" + ("fake = true\n" if fake else "")
+                            + "[cache]\nenabled = true\n")
         inbox, outbox = base / "spool" / "inbox", base / "spool" / "outbox"
         inbox.mkdir(parents=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -57,3 +57,18 @@ def test_gpu_scenario_runs_on_the_cpu_build(smollm2, tmp_path):
     assert fit["profile"] == "llama3.2-1b" and fit["vllm"]["exit_code"] == 0
     assert fit["vllm"]["kv_tokens"] > 0 and fit["estimate"]["weights_gb"] > 2
     assert (tmp_path / f"{record_path.stem}.daemon.log").exists()
+
+
+def test_rerun_scenario_runs_and_records(tmp_path):
+    """The harness on the fake engine (--quick): both runs, the cache's counts."""
+    env = {**os.environ, "BATCHD_BENCH_RESULTS": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "run", "rerun", "--quick"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (record_path,) = tmp_path.glob("rerun-*.json")
+    record = json.loads(record_path.read_text())
+    assert record["settings"]["quick"] is True
+    (run,) = record["runs"]
+    assert run["first_cache"] == {"hits": 0, "misses": 200}
+    assert run["rerun_cache"] == {"hits": 198, "misses": 2}
+    assert record["ratios"]["rerun_over_first"] > 0

@@ -74,8 +74,8 @@ def test_a_record_waits_for_the_final_status_line(spool_config, tmp_path):
 
 def test_a_hook_that_hangs_is_killed_and_the_daemon_goes_on(spool_config, tmp_path):
     pidfile = tmp_path / "pid"
-    script = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); " \
-             "time.sleep(600)"
+    script = f"import os, signal; open({str(pidfile)!r}, 'w').write(str(os.getpid())); " \
+             "signal.pause()"  # hangs until killed
     argv = json.dumps([sys.executable, "-c", script])
     settings, d = make(spool_config, tmp_path, f"on_final = {argv}\non_final_timeout = 0.5\n")
     drop(settings.inbox, "a.jsonl", [{"prompt": "x"}])

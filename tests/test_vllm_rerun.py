@@ -6,6 +6,7 @@ One daemon serves the module until the last test kills it and starts another.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,14 +19,14 @@ from conftest import (BATCHD, DaemonProcess, Receiver, drop, final_state, free_p
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-# The hook: one line per run; for the job "held" it then waits until released,
-# standing for a hook still running when its daemon is killed.
-HOOK = """import json, os, sys, time
+# The hook: one line per run; for the job "held" it then waits until released
+# (opening the FIFO blocks until the test opens its other end), standing for a
+# hook still running when its daemon is killed.
+HOOK = """import json, os, sys
 open(sys.argv[1], "a").write(json.dumps({k: v for k, v in os.environ.items()
                                          if k.startswith("BATCHD_")}) + "\\n")
 if os.environ["BATCHD_JOB"] == "held":
-    while not os.path.exists(sys.argv[2]):
-        time.sleep(0.05)
+    open(sys.argv[2]).read()
 """
 
 
@@ -57,6 +58,7 @@ def spool(tiny_model, tmp_path_factory):
     from conftest import TINY_PROFILE, served_spool
     base = tmp_path_factory.mktemp("rerun")
     (base / "hook.py").write_text(HOOK)
+    os.mkfifo(base / "release")
     (base / "secret").write_text(SECRET + "\n")
     spool = Spool(base, None)
     argv = [sys.executable, str(base / "hook.py"), str(spool.hook_log), str(spool.release)]
@@ -158,11 +160,13 @@ def test_hooks_run_once_and_webhooks_arrive_signed_across_a_restart(spool):
     assert not any(r["BATCHD_JOB"] == "after" for r in spool.hooks_run())  # not yet
     spool.daemon.kill()  # kill -9, right after after's final status line
     receiver = Receiver(port=spool.port)
+    released = False
     try:
         spool.start()
         wait_for(lambda: any(r["BATCHD_JOB"] == "after" for r in spool.hooks_run()), 120,
                  what="the hook of after, in the new daemon")
         spool.release.write_text("")  # the old daemon's hook of held ends now
+        released = True
         ended = ["first", "second", "third", "fourth", "long", "long-retry", "held", "after"]
         wait_for(lambda: {json.loads(b)["data"]["id"] for _, b in receiver.got} >= set(ended),
                  120, what="every job's webhook")
@@ -184,3 +188,8 @@ def test_hooks_run_once_and_webhooks_arrive_signed_across_a_restart(spool):
             **{job: "batch.completed" for job in ended}, "long": "batch.cancelled"}
     finally:
         receiver.close()
+        if not released:  # never leave the hook blocked
+            try:
+                os.close(os.open(spool.release, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass  # no hook is reading it
