@@ -21,10 +21,12 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
 RESPONSES = "/v1/responses"
+MESSAGES = "/v1/messages"  # Anthropic's Messages API, answered by vLLM's own layer for it
 # Score and rerank under every path vLLM's server and batch runner take.
 SCORE_URLS = ("/v1/score", "/score")
 RERANK_URLS = ("/v1/rerank", "/rerank", "/v2/rerank")
-URLS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, *SCORE_URLS, *RERANK_URLS)
+URLS = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, MESSAGES, *SCORE_URLS, *RERANK_URLS)
+ANTHROPIC_KEYS = {"custom_id", "params"}  # a line of Anthropic's Message Batches
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Request:
     # vLLM priority where the profile schedules by priority).
     job: str = ""
     sampling: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    anthropic: bool = False  # an Anthropic batch line: answered in Anthropic's result shape
 
     @property
     def key(self) -> tuple[str, int]:
@@ -63,6 +66,7 @@ class LineError:
     param: str | None = None
     status_code: int = 400
     type: str = "invalid_request_error"
+    anthropic: bool = False  # of an Anthropic batch line
 
 
 @dataclass
@@ -111,6 +115,15 @@ class _ResponsesBody(_Sampling):
     input: str | list[dict[str, Any]]
 
 
+class _MessagesBody(_Lenient):
+    """Anthropic's Messages request; vLLM's own request model checks the rest."""
+
+    model: str | None = None
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    stream: Literal[False] | None = None
+
+
 class _ScoringBody(_Lenient):
     """Score and rerank: vLLM's request models check the rest in the engine process."""
 
@@ -119,7 +132,7 @@ class _ScoringBody(_Lenient):
 
 BODY_MODELS: dict[str, type[BaseModel]] = {
     CHAT: _ChatBody, COMPLETIONS: _CompletionBody, EMBEDDINGS: _EmbeddingBody,
-    RESPONSES: _ResponsesBody,
+    RESPONSES: _ResponsesBody, MESSAGES: _MessagesBody,
     **{url: _ScoringBody for url in (*SCORE_URLS, *RERANK_URLS)}}
 BATCH_KEYS = {"custom_id", "method", "url", "body"}
 
@@ -183,10 +196,23 @@ def parse_line(raw: RawLine, max_line_bytes: int = 1 << 62) -> Request | LineErr
 
 def _to_request(number: int, obj: dict[str, Any]) -> Request | LineError:
     custom_id = obj.get("custom_id", f"line-{number}")
+    anthropic = "params" in obj and "body" not in obj and "url" not in obj
     if not isinstance(custom_id, str) or not custom_id:
         return LineError(number, f"line-{number}", "invalid_request",
-                         "custom_id must be a non-empty string", "custom_id")
-    if "body" in obj or "url" in obj:
+                         "custom_id must be a non-empty string", "custom_id",
+                         anthropic=anthropic)
+    if anthropic:
+        extra = sorted(set(obj) - ANTHROPIC_KEYS)
+        if extra:
+            return LineError(number, custom_id, "invalid_request",
+                             f"unknown field {extra[0]!r} in a batch line", extra[0],
+                             anthropic=True)
+        url: Any = MESSAGES
+        body, prefix = obj["params"], "params."
+        if not isinstance(body, dict):
+            return LineError(number, custom_id, "invalid_request",
+                             "params must be a JSON object", "params", anthropic=True)
+    elif "body" in obj or "url" in obj:
         extra = sorted(set(obj) - BATCH_KEYS)
         if extra:
             return LineError(number, custom_id, "invalid_request",
@@ -219,10 +245,12 @@ def _to_request(number: int, obj: dict[str, Any]) -> Request | LineError:
     except ValidationError as exc:
         key, msg = first_error(exc)
         param = prefix + key
-        return LineError(number, custom_id, "invalid_request", f"{param}: {msg}", param)
+        return LineError(number, custom_id, "invalid_request", f"{param}: {msg}", param,
+                         anthropic=anthropic)
     except RecursionError:
-        return LineError(number, custom_id, "invalid_request", "body is nested too deeply")
-    return Request(number, custom_id, url, body)
+        return LineError(number, custom_id, "invalid_request", "body is nested too deeply",
+                         anthropic=anthropic)
+    return Request(number, custom_id, url, body, anthropic=anthropic)
 
 
 class NotRegularFile(OSError):
@@ -282,6 +310,6 @@ class Dedup:
         if key in self.seen:
             return LineError(item.line, item.custom_id, "duplicate_custom_id",
                              f"custom_id {item.custom_id!r} was used by an earlier line",
-                             "custom_id")
+                             "custom_id", anthropic=item.anthropic)
         self.seen.add(key)
         return item

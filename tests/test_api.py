@@ -185,6 +185,13 @@ def test_keys(stack, tmp_path):
     with pytest.raises(openai.AuthenticationError):
         api.client("secret-one").batches.list()
     assert api.client("secret-three").batches.list().data == []
+    # Anthropic's SDK sends x-api-key; a wrong one gets Anthropic's 401
+    import anthropic
+    assert anthropic.Anthropic(base_url=api.url, api_key="secret-three",
+                               max_retries=0).messages.batches.list().data == []
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=api.url, api_key="secret-one",
+                            max_retries=0).messages.batches.list()
 
 
 def test_refuses_to_listen_beyond_localhost_without_keys(spool_config, tmp_path):

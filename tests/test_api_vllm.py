@@ -99,6 +99,44 @@ def test_cookbook_flow_and_cancel_on_real_vllm(served):
     assert walked == [b.id for b in client.batches.list(limit=100).data]  # same order
 
 
+def test_anthropic_sdk_message_batches_on_real_vllm(served):
+    """Anthropic's SDK, unchanged but for its base URL: create, retrieve until
+    ended, results, cancel of a second batch, list."""
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=served.api.url, api_key="none", max_retries=0)
+    params = {"model": "tiny", "max_tokens": 6, "temperature": 0,
+              "messages": [{"role": "user", "content": "Name a colour."}]}
+    batch = client.messages.batches.create(requests=[
+        {"custom_id": "plain", "params": params},
+        {"custom_id": "system", "params": {**params, "system": "Be brief."}},
+        {"custom_id": "invalid", "params": {**params, "max_tokens": 0}}])
+    assert batch.type == "message_batch" and batch.processing_status == "in_progress"
+    doomed = client.messages.batches.create(requests=[
+        {"custom_id": f"r{i}", "params": {**params, "max_tokens": 16}} for i in range(300)])
+    assert client.messages.batches.cancel(doomed.id).processing_status in ("canceling",
+                                                                            "ended")
+    ended = wait_for(lambda: (b := client.messages.batches.retrieve(batch.id))
+                     .processing_status == "ended" and b, 300, 0.3, what="the batch to end")
+    assert ended.request_counts.succeeded == 2 and ended.request_counts.errored == 1
+    results = {r.custom_id: r.result for r in client.messages.batches.results(batch.id)}
+    assert results["plain"].type == "succeeded"
+    message = results["plain"].message
+    assert message.model == "batchd/tiny-llama" and message.usage.output_tokens >= 1
+    assert results["invalid"].type == "errored"
+    assert results["invalid"].error.error.type == "invalid_request_error"
+    gone = wait_for(lambda: (b := client.messages.batches.retrieve(doomed.id))
+                    .processing_status == "ended" and b, 300, 0.3, what="the cancel")
+    counts = gone.request_counts
+    assert counts.canceled > 0 and counts.succeeded + counts.canceled + counts.errored == 300
+    listed = [b.id for b in client.messages.batches.list(limit=10)]
+    assert listed[:2] == [doomed.id, batch.id]
+    # the same batch on the OpenAI side
+    assert served.api.client().batches.retrieve(batch.id).status == "completed"
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.batches.retrieve("msgbatch_nope")
+
+
 def _dom(url: str) -> str:
     run = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
                           "--virtual-time-budget=3000", "--dump-dom", url],

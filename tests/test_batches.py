@@ -136,3 +136,56 @@ def test_a_retry_batch_names_its_original_and_serves_the_merged_file(http, daemo
     again = http.post(f"/v1/batches/{retry['id']}/retry")
     assert again.status_code == 400 and again.json()["error"]["code"] == "nothing_to_retry"
     assert http.post("/v1/batches/batch_nope/retry").status_code == 404
+
+
+MSG_PARAMS = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_message_batches_over_the_spool(http, daemon, settings):
+    made = http.post("/v1/messages/batches", json={"requests": [
+        {"custom_id": "one", "params": MSG_PARAMS},
+        {"custom_id": "two", "params": {**MSG_PARAMS, "messages": []}}]})
+    assert made.status_code == 200, made.text
+    batch = made.json()
+    assert batch["type"] == "message_batch" and batch["id"].startswith("msgbatch_")
+    assert batch["processing_status"] == "in_progress" and batch["results_url"] is None
+    assert batch["request_counts"]["processing"] == 2
+    assert batch["created_at"].endswith("Z") and batch["expires_at"] > batch["created_at"]
+    early = http.get(f"/v1/messages/batches/{batch['id']}/results")
+    assert early.status_code == 404 and early.json()["error"]["type"] == "not_found_error"
+    drain(daemon)
+    done = http.get(f"/v1/messages/batches/{batch['id']}").json()
+    assert done["processing_status"] == "ended" and done["ended_at"]
+    assert done["request_counts"] == {"processing": 0, "succeeded": 1, "errored": 1,
+                                      "canceled": 0, "expired": 0}
+    assert done["results_url"].endswith(f"/v1/messages/batches/{batch['id']}/results")
+    lines = [json.loads(l) for l in
+             http.get(f"/v1/messages/batches/{batch['id']}/results").text.splitlines()]
+    assert [(l["custom_id"], l["result"]["type"]) for l in lines] == [
+        ("one", "succeeded"), ("two", "errored")]
+    # the same job through the OpenAI side
+    assert http.get(f"/v1/batches/{batch['id']}").json()["status"] == "completed"
+    listed = http.get("/v1/messages/batches").json()
+    assert [b["id"] for b in listed["data"]] == [batch["id"]] and not listed["has_more"]
+    gone = http.delete(f"/v1/messages/batches/{batch['id']}").json()
+    assert gone == {"id": batch["id"], "type": "message_batch_deleted"}
+    missing = http.get(f"/v1/messages/batches/{batch['id']}")
+    assert missing.status_code == 404 and missing.json()["type"] == "error"
+
+
+def test_message_batch_cancel_and_refusals(http, daemon, settings):
+    batch = http.post("/v1/messages/batches", json={"requests": [
+        {"custom_id": "a", "params": MSG_PARAMS}]}).json()
+    cancelled = http.post(f"/v1/messages/batches/{batch['id']}/cancel").json()
+    assert cancelled["processing_status"] == "canceling" and cancelled["cancel_initiated_at"]
+    refused = http.delete(f"/v1/messages/batches/{batch['id']}")
+    assert refused.status_code == 400
+    assert refused.json()["error"]["type"] == "invalid_request_error"
+    drain(daemon)
+    ended = http.get(f"/v1/messages/batches/{batch['id']}").json()
+    assert ended["request_counts"]["canceled"] == 1
+    for bad in ([{"custom_id": "bad id!", "params": MSG_PARAMS}],
+                [{"custom_id": "x", "params": MSG_PARAMS}] * 2, [],
+                [{"custom_id": "x", "params": MSG_PARAMS, "extra": 1}]):
+        got = http.post("/v1/messages/batches", json={"requests": bad})
+        assert got.status_code == 400 and got.json()["type"] == "error", got.text

@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import pytest
@@ -85,8 +86,34 @@ LINES = [
     ("responses", RESP, {"input": "What is the capital of France?", "max_output_tokens": 6,
                          **GREEDY}),
 ]
+# Anthropic's Message Batches lines ({"custom_id", "params"}), answered by vLLM's
+# Anthropic serving layer; the server gets each params on /v1/messages.
+WEATHER_TOOL = {"name": "get_weather", "description": "Weather for a city",
+                "input_schema": WEATHER["function"]["parameters"]}
+ANTHROPIC = [
+    ("a-plain", {"messages": USER, "max_tokens": 6, **GREEDY}),
+    ("a-system", {"system": "Answer in one word.", "messages": USER, "max_tokens": 6,
+                  **GREEDY}),
+    ("a-multi-turn", {"messages": USER + [
+        {"role": "assistant", "content": "Sunny."},
+        {"role": "user", "content": [{"type": "text", "text": "And tomorrow?"}]}],
+        "max_tokens": 6, **GREEDY}),
+    ("a-tool-use", {"messages": USER, "tools": [WEATHER_TOOL], "tool_choice": {"type": "any"},
+                    "max_tokens": 40, **GREEDY}),
+    ("a-stop", {"messages": USER, "max_tokens": 12, "stop_sequences": ["the", "e"],
+                "top_k": 1}),
+]
+ANTHROPIC_BAD = [
+    {"custom_id": "a-unknown-field", "params": {"model": MODEL, "messages": USER,
+                                                "max_tokens": 4, "frobnicate": 1}},
+    {"custom_id": "a-no-max-tokens", "params": {"model": MODEL, "messages": USER}},
+    {"custom_id": "a-bad-role", "params": {"model": MODEL, "max_tokens": 4,
+                                           "messages": [{"role": "robot", "content": "x"}]}},
+]
 # cached_tokens depends on what ran before on each side (the prefix cache)
-VOLATILE = {"id", "created", "created_at", "system_fingerprint", "call_id", "cached_tokens"}
+# (an Anthropic thinking block's signature is random on each answer)
+VOLATILE = {"id", "created", "created_at", "system_fingerprint", "call_id", "cached_tokens",
+            "signature"}
 
 
 def comparable(value):
@@ -125,7 +152,13 @@ def answers(tiny_model, tmp_path_factory):
         daemon.wait_ready()
         spool = base / "spool"
         drop(spool / "inbox", "features.jsonl", [batch_line(*line) for line in LINES] + EXTRA)
+        drop(spool / "inbox", "anthropic.jsonl",
+             [{"custom_id": c, "params": {"model": MODEL, **p}} for c, p in ANTHROPIC]
+             + ANTHROPIC_BAD)
         wait_for(lambda: final_state(spool / "outbox", "features"), 600, what="batchd job")
+        wait_for(lambda: final_state(spool / "outbox", "anthropic"), 600, what="anthropic job")
+        anthropic = {r["custom_id"]: r["result"]
+                     for r in read_jsonl(spool / "outbox" / "anthropic.results.jsonl")}
         ours = {r["custom_id"]: r for r in read_jsonl(spool / "outbox" / "features.results.jsonl")}
         errors = {e["custom_id"]: e for e in read_jsonl(spool / "outbox" / "features.errors.jsonl")}
 
@@ -139,12 +172,15 @@ def answers(tiny_model, tmp_path_factory):
 
         wait_for(ready, 600, interval=1.0, what="vLLM's API server")
         served = {}
-        for custom_id, url, body in LINES:
+        for custom_id, url, body in LINES + [(c, "/v1/messages", p) for c, p in ANTHROPIC]:
             request = urllib.request.Request(
                 f"http://127.0.0.1:{port}{url}", json.dumps({"model": MODEL, **body}).encode(),
                 {"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=300) as reply:
-                served[custom_id] = json.loads(reply.read())
+            try:
+                with urllib.request.urlopen(request, timeout=300) as reply:
+                    served[custom_id] = json.loads(reply.read())
+            except urllib.error.HTTPError as exc:  # the server's refusal, kept to compare
+                served[custom_id] = {"http_status": exc.code, **json.loads(exc.read())}
     finally:
         server.terminate()
         server.wait(120)
@@ -159,7 +195,7 @@ def answers(tiny_model, tmp_path_factory):
                    stdout=subprocess.DEVNULL, stderr=open(base / "runner.log", "wb"))
     runner = {r["custom_id"]: r["response"]["body"] for r in read_jsonl(runner_out)}
     return {"batchd": {k: v["response"]["body"] for k, v in ours.items()}, "errors": errors,
-            "server": served, "run_batch": runner}
+            "server": served, "run_batch": runner, "anthropic": anthropic}
 
 
 # Lines only batchd runs: its per-line refusals, and tool_choice "auto" (answered
@@ -205,6 +241,33 @@ def test_chat_body_equals_vllm_batch_runner(answers, custom_id):
 def vllm_release() -> tuple[int, ...]:
     import vllm
     return tuple(int(p) for p in vllm.__version__.split(".")[:2])
+
+
+@pytest.mark.parametrize("custom_id", [line[0] for line in ANTHROPIC])
+def test_anthropic_line_equals_vllm_server(answers, custom_id):
+    """An Anthropic batch line's message is what vLLM's server answers on /v1/messages."""
+    result, served = answers["anthropic"][custom_id], answers["server"][custom_id]
+    if "http_status" in served:  # vLLM refused it: so does batchd, with its message
+        assert served["http_status"] == 400 and result["type"] == "errored", result
+        # the message is vLLM's; the type is Anthropic's word for a 400
+        assert result["error"]["error"] == {"type": "invalid_request_error",
+                                            "message": served["error"]["message"]}
+        return
+    assert result["type"] == "succeeded", result
+    assert comparable(result["message"]) == comparable(served)
+    assert result["message"]["type"] == "message" and result["message"]["model"] == MODEL
+
+
+def test_anthropic_lines_vllm_refuses_are_errored_results(answers):
+    results = answers["anthropic"]
+    assert set(results) == {c for c, _ in ANTHROPIC} | {b["custom_id"] for b in ANTHROPIC_BAD}
+    for bad in ANTHROPIC_BAD:
+        result = results[bad["custom_id"]]
+        assert result["type"] == "errored", result
+        assert result["error"]["type"] == "error"
+        assert result["error"]["error"]["type"] == "invalid_request_error"
+    assert "frobnicate" in results["a-unknown-field"]["error"]["error"]["message"]
+    assert "max_tokens" in results["a-no-max-tokens"]["error"]["error"]["message"]
 
 
 def test_features_are_in_the_bodies(answers):

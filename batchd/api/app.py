@@ -27,6 +27,7 @@ from ..spool.listing import bench_groups, job_rows
 from ..spool.outbox import read_status
 from .batches import Store
 from .files import ApiError
+from .messages import MessageBatches
 from .upload import receive
 
 
@@ -74,11 +75,16 @@ class Keys:
                      if line.strip() and not line.lstrip().startswith("#")]
         self.stamp = (st.st_mtime_ns, st.st_size)
 
-    def allows(self, header: str | None) -> bool:
-        if not header or not header.startswith("Bearer "):
+    def allows(self, header: str | None, api_key: str | None = None) -> bool:
+        """``Authorization: Bearer KEY`` (OpenAI's clients) or ``x-api-key: KEY``
+        (Anthropic's)."""
+        if header and header.startswith("Bearer "):
+            given = header[len("Bearer "):].strip().encode()
+        elif api_key:
+            given = api_key.strip().encode()
+        else:
             return False
         self.load()
-        given = header[len("Bearer "):].strip().encode()
         # Compare with every key, in constant time for each.
         return any([hmac.compare_digest(given, key) for key in self.keys])
 
@@ -93,6 +99,14 @@ class BatchRetry(BaseModel):
                                                                               max_length=15)
 
 
+class MessageBatchCreate(BaseModel):
+    """Anthropic's POST /v1/messages/batches; each request is checked in messages.py."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[dict[str, Any]]
+
+
 class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -104,33 +118,51 @@ class BatchCreate(BaseModel):
     output_expires_after: dict[str, Any] | None = None  # accepted; outputs stay until deleted
 
 
+# Anthropic's error types by HTTP status
+ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error",
+                    403: "permission_error", 404: "not_found_error", 409: "invalid_request_error",
+                    413: "request_too_large", 429: "rate_limit_error"}
+
+
 def _error(status: int, message: str, code: str | None = None, param: str | None = None,
-           kind: str = "invalid_request_error") -> JSONResponse:
+           kind: str = "invalid_request_error", anthropic: bool = False) -> JSONResponse:
+    if anthropic:  # under /v1/messages: Anthropic's error shape
+        return JSONResponse({"type": "error", "error": {
+            "type": ANTHROPIC_ERRORS.get(status, "api_error"), "message": message}},
+            status_code=status)
     return JSONResponse({"error": {"message": message, "type": kind, "param": param,
                                    "code": code}}, status_code=status)
+
+
+def _anthropic(request: Request) -> bool:
+    return request.url.path.startswith("/v1/messages")
 
 
 def create_app(settings: Settings, keys: Keys | None = None) -> FastAPI:
     store = Store(settings)
     store.ensure_dirs()
+    messages = MessageBatches(store)
     app = FastAPI(title="batchd", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
-    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.code, exc.param)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.code, exc.param,
+                      anthropic=_anthropic(request))
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "path"))
-        return _error(400, f"{param}: {err['msg']}", "invalid_value", param or None)
+        return _error(400, f"{param}: {err['msg']}", "invalid_value", param or None,
+                      anthropic=_anthropic(request))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), anthropic=_anthropic(request))
 
     def authorized(request: Request) -> None:
-        if keys is not None and not keys.allows(request.headers.get("authorization")):
+        if keys is not None and not keys.allows(request.headers.get("authorization"),
+                                                request.headers.get("x-api-key")):
             raise ApiError(401, "Incorrect API key provided.", "invalid_api_key")
 
     v1 = [Depends(authorized)]
@@ -191,6 +223,37 @@ def create_app(settings: Settings, keys: Keys | None = None) -> FastAPI:
     @app.post("/v1/batches/{batch_id}/cancel", dependencies=v1)
     def cancel_batch(batch_id: str) -> dict[str, Any]:
         return store.cancel(batch_id)
+
+    # -- Anthropic's Message Batches ---------------------------------------------
+
+    def base(request: Request) -> str:
+        return str(request.base_url)
+
+    @app.post("/v1/messages/batches", dependencies=v1)
+    def create_message_batch(body: MessageBatchCreate, request: Request) -> dict[str, Any]:
+        return messages.create(body.requests, base(request))
+
+    @app.get("/v1/messages/batches", dependencies=v1)
+    def list_message_batches(request: Request, before_id: str | None = None,
+                             after_id: str | None = None,
+                             limit: int = Query(20, ge=1, le=1000)) -> dict[str, Any]:
+        return messages.list(base(request), before_id, after_id, limit)
+
+    @app.get("/v1/messages/batches/{batch_id}", dependencies=v1)
+    def get_message_batch(batch_id: str, request: Request) -> dict[str, Any]:
+        return messages.get(batch_id, base(request))
+
+    @app.post("/v1/messages/batches/{batch_id}/cancel", dependencies=v1)
+    def cancel_message_batch(batch_id: str, request: Request) -> dict[str, Any]:
+        return messages.cancel(batch_id, base(request))
+
+    @app.get("/v1/messages/batches/{batch_id}/results", dependencies=v1)
+    def message_batch_results(batch_id: str) -> FileResponse:
+        return FileResponse(messages.results(batch_id), media_type="application/x-jsonl")
+
+    @app.delete("/v1/messages/batches/{batch_id}", dependencies=v1)
+    def delete_message_batch(batch_id: str) -> dict[str, Any]:
+        return messages.delete(batch_id)
 
     # -- dashboard -------------------------------------------------------------
 

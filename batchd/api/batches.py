@@ -28,7 +28,8 @@ import tomli_w
 from ..config import Settings
 from ..jobs.retry import RETRYABLE, RetryError, drop_retry
 from ..jobs.router import parse_window
-from ..layout import ERRORS, INPUT, JOB_TOML, PUBLISHED_INPUT, is_final
+from ..layout import BENCH, ERRORS, INPUT, JOB_TOML, MERGED, PUBLISHED_INPUT, RESULTS, is_final
+from ..layout import STATUS as STATUS_FILE
 from ..lines import URLS
 from ..spool import inbox
 from ..spool.outbox import read_status, write_atomic
@@ -136,6 +137,14 @@ class Store:
         write_atomic(self.layout.batch_request(batch_id), [json.dumps(record).encode()])
         write_atomic(self.layout.cancel(batch_id), [b""])
         return self.batch(batch_id)
+
+    def delete_job(self, job: str) -> None:
+        """An ended job's files gone from the outbox (its status file last) and
+        the API's record of it: it is no batch any more."""
+        for kind in (RESULTS, ERRORS, BENCH, PUBLISHED_INPUT, JOB_TOML, MERGED, STATUS_FILE):
+            self.layout.out(job, kind).unlink(missing_ok=True)
+        self.layout.batch_request(job).unlink(missing_ok=True)
+        self._forget(job)
 
     def _forget(self, job: str) -> None:
         with self._lock:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Generator, Iterable, Iterator, Protocol
 
 import structlog
 
-from ..lines import CHAT, COMPLETIONS, EMBEDDINGS, LineError, Request
+from ..lines import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, LineError, Request
 from ..profiles import Profile
 
 log = structlog.get_logger()
@@ -138,6 +138,12 @@ class FakeEngine:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
                  "total_tokens": prompt_tokens + len(words)}
         rid = f"fake-{request.line}"
+        if request.url == MESSAGES:  # Anthropic's message shape
+            return Answer(request, body={
+                "id": f"msg_{rid}", "type": "message", "role": "assistant",
+                "content": [{"type": "text", "text": text}], "model": self.profile.model,
+                "stop_reason": "max_tokens",
+                "usage": {"input_tokens": prompt_tokens, "output_tokens": len(words)}})
         if request.url == CHAT:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "finish_reason": "length", "logprobs": None}

@@ -8,7 +8,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..lines import CHAT, COMPLETIONS, EMBEDDINGS, RERANK_URLS, RESPONSES, SCORE_URLS
+from ..lines import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RERANK_URLS, RESPONSES, SCORE_URLS
 
 
 def _first(modules: tuple[str, ...], name: str) -> Any:
@@ -40,6 +40,7 @@ class Endpoint:
     fields: frozenset[str]  # every top-level body key the request model takes
     call: Callable[[Any], Any]  # async: request -> response model, ErrorResponse or Response
     sampling: bool  # whether profile and sidecar sampling defaults apply
+    exclude_none: bool = False  # dumped without null fields, as the server's router does
 
 
 def vllm_release() -> str:
@@ -66,6 +67,7 @@ SERVING_ATTRS: dict[str, tuple[tuple[str, str | None], ...]] = {
     CHAT: (("openai_serving_chat", "create_chat_completion"),),
     COMPLETIONS: (("openai_serving_completion", "create_completion"),),
     RESPONSES: (("openai_serving_responses", "create_responses"),),
+    MESSAGES: (("anthropic_serving_messages", "create_messages"),),
     EMBEDDINGS: (("serving_embedding", None), ("openai_serving_embedding", "create_embedding")),
     **{url: (("serving_scores", None), ("openai_serving_scores", "create_score"))
        for url in SCORE_URLS},
@@ -125,6 +127,7 @@ def endpoints(state: Any, tasks: Any) -> dict[str, Endpoint]:
                       "CompletionRequest", True),
         RESPONSES: (("vllm.entrypoints.openai.responses.protocol", old),
                     "ResponsesRequest", True),
+        MESSAGES: (("vllm.entrypoints.anthropic.protocol",), "AnthropicMessagesRequest", True),
         EMBEDDINGS: (("vllm.entrypoints.pooling.embed.protocol", old), "EmbeddingRequest",
                      False),
         **{url: (scoring, "ScoreRequest", False) for url in SCORE_URLS},
@@ -134,7 +137,9 @@ def endpoints(state: Any, tasks: Any) -> dict[str, Endpoint]:
     for url, call in calls.items():
         modules, name, sampling = table[url]
         parse, fields = model(modules, name)
-        endpoints[url] = Endpoint(parse, fields, _caller(call), sampling)
+        # vLLM's Anthropic router returns model_dump(exclude_none=True)
+        endpoints[url] = Endpoint(parse, fields, _caller(call), sampling,
+                                  exclude_none=url == MESSAGES)
     return endpoints
 
 

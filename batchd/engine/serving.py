@@ -152,7 +152,7 @@ class Serving:
             response = await endpoint.call(parsed)
         except Exception as exc:  # the server turns these into its ErrorResponse too
             response = self._error_response(exc)
-        return _outcome(request, response)
+        return _outcome(request, response, endpoint.exclude_none)
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -160,7 +160,8 @@ class Serving:
 
 # -- responses and errors --------------------------------------------------------
 
-def _outcome(request: Request, response: Any) -> tuple[dict[str, Any] | None, LineError | None]:
+def _outcome(request: Request, response: Any, exclude_none: bool = False
+             ) -> tuple[dict[str, Any] | None, LineError | None]:
     """The server's answer as a body or a line error."""
     if hasattr(response, "body") and hasattr(response, "status_code"):  # a starlette Response
         payload = json.loads(bytes(response.body))
@@ -168,7 +169,7 @@ def _outcome(request: Request, response: Any) -> tuple[dict[str, Any] | None, Li
             return None, _server_error(request, payload.get("error") or {}, response.status_code)
         return payload, None
     if hasattr(response, "model_dump"):
-        payload = response.model_dump(mode="json")
+        payload = response.model_dump(mode="json", exclude_none=exclude_none)
         if set(payload) == {"error"}:  # ErrorResponse
             error = payload["error"]
             return None, _server_error(request, error, int(error.get("code") or 400))

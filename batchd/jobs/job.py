@@ -14,8 +14,8 @@ from ..config import Settings
 from ..layout import Layout
 from ..profiles import Profile
 from ..spool.cache import ResultCache
-from ..spool.checkpoint import Checkpoint, Tally
-from ..spool.outbox import StatusFile, utc_now
+from ..spool.checkpoint import Checkpoint, LineSet, Tally
+from ..spool.outbox import StatusFile, anthropic_line, utc_now
 from .order import PrefixOrder
 from .router import Routes
 
@@ -58,6 +58,7 @@ class Job:
     engine_tokens: list[int] = field(default_factory=lambda: [0, 0])  # prompt, completion
     # the result cache, unless off (config or sidecar); lines sent to the engine
     # whose answers are to be stored: line -> key
+    anthropic: LineSet = field(default_factory=LineSet)  # lines in Anthropic's batch format
     retry_of: str | None = None  # a retry publishes a merged file (jobs/retry.py)
     retry_codes: list[str] = field(default_factory=list)
     cache: ResultCache | None = None
@@ -121,6 +122,13 @@ class Job:
             "eta_s": round(remaining / rate, 1) if rate > 0 else None,
             **({"cache": self.cache_counts()} if self.cache is not None else {}),
         }
+
+    def record(self, line: int, kind: str, out: dict[str, Any]) -> None:
+        """LINE's answer into the checkpoint ("result" or "error"), in its line's
+        format: an Anthropic line's in Anthropic's result shape."""
+        if line in self.anthropic:
+            kind, out = anthropic_line(kind, out)
+        self.ckpt.add(line, kind, out)
 
     def remember(self, line: int, body: dict[str, Any] | None) -> None:
         """An answer came for LINE: store it when the line was a cache miss."""

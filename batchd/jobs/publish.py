@@ -87,7 +87,8 @@ def finish(job: Job, final: JobState, models_dir: Path,
 def outputs(job: Job, final: JobState, models_dir: Path) -> dict[str, Any]:
     """JOB.results.jsonl, JOB.errors.jsonl and JOB.bench.json; returns the record."""
     with atomic_files(job.out(RESULTS), job.out(ERRORS)) as (results, errors):
-        streams = {"result": results, "error": errors}
+        # an Anthropic line's failures go with its results, as Anthropic's do
+        streams = {"result": results, "error": errors, "errored": results}
         for _line, kind, out in job.ckpt.ordered():  # already as dumps_line writes it
             streams[kind].write(out)
     tally = job.ckpt.tally

@@ -148,7 +148,7 @@ class Runner:
         for item in self._pending(job):
             target = job.profile_of(item)
             if target is None:
-                job.ckpt.add(item.line, "error", error_line(LineError(
+                job.record(item.line, "error", error_line(LineError(
                     item.line, item.custom_id, "model_not_found",
                     f"The model `{item.model}` does not exist: no profile serves it "
                     f"(known profiles: {', '.join(p.name for p in job.parts)} and the "
@@ -159,7 +159,7 @@ class Runner:
             over = job.profile.limits.violation({**sampling, **item.body}) \
                 or job.profile.media.violation(item.body)
             if over:
-                job.ckpt.add(item.line, "error", error_line(LineError(
+                job.record(item.line, "error", error_line(LineError(
                     item.line, item.custom_id, "invalid_request", over[1], over[0])))
                 continue
             if job.cache is not None and self._cached(job, item, sampling):
@@ -180,7 +180,7 @@ class Runner:
         key = cache.key(self.identities[profile.name], item.url, request)
         body = job.cache.get(key)
         if body is not None:
-            job.ckpt.add(item.line, "result", result_line(item, cache.fresh(body)))
+            job.record(item.line, "result", result_line(item, cache.fresh(body)))
             job.cache_hits += 1
             return True
         if item.line not in job.cache_pending:
@@ -222,7 +222,7 @@ class Runner:
         kind = "invalid_request_error" if status < 500 else "server_error"
         for item in self._classified(job):
             if item.line not in job.ckpt.done:
-                job.ckpt.add(item.line, "error", error_line(LineError(
+                job.record(item.line, "error", error_line(LineError(
                     item.line, item.custom_id, code, message, None, status, kind)))
 
     def _finish_cancelled(self, job: Job) -> Outcome:

@@ -329,15 +329,15 @@ class Session:
             job, request = r.job, answer.request
             job.remember(request.line, answer.body)
             if answer.error is not None:
-                job.ckpt.add(request.line, "error", error_line(answer.error))
+                job.record(request.line, "error", error_line(answer.error))
                 continue
             assert answer.body is not None  # an answer is one or the other
-            job.ckpt.add(request.line, "result", result_line(request, answer.body))
+            job.record(request.line, "result", result_line(request, answer.body))
             if job.first_result_s is None:
                 job.first_result_s = time.monotonic() - job.started
-            usage = answer.body.get("usage") or {}
-            self.tokens[0] += usage.get("prompt_tokens") or 0
-            self.tokens[1] += usage.get("completion_tokens") or 0
+            usage = answer.body.get("usage") or {}  # OpenAI's names, or Anthropic's
+            self.tokens[0] += usage.get("prompt_tokens") or usage.get("input_tokens") or 0
+            self.tokens[1] += usage.get("completion_tokens") or usage.get("output_tokens") or 0
 
     def _end_all(self, how: str) -> None:
         """Every running job out of the stream with its checkpoint synced: for a

@@ -75,8 +75,15 @@ def validate_job(job: Job) -> tuple[Sidecar, ModelVote]:
         else None
 
     def on_request(item: Request, offset: int) -> None:
+        if item.anthropic:
+            job.anthropic.add(item.line)
         if order is not None and item.line not in job.ckpt.done:
             order.add(item, offset)
+
+    def on_error(item: LineError) -> None:
+        if item.anthropic:
+            job.anthropic.add(item.line)
+        job.record(item.line, "error", error_line(item))
 
     def every_8192(lines: int) -> None:
         job.total = lines
@@ -86,8 +93,7 @@ def validate_job(job: Job) -> tuple[Sidecar, ModelVote]:
                              **job.progress())
 
     job.total, votes = validate(
-        job.input, limits, lambda item: job.ckpt.add(item.line, "error", error_line(item)),
-        on_request, every_8192)
+        job.input, limits, on_error, on_request, every_8192)
     job.order = order if order is not None and not order.overflow else None
     return sidecar, votes
 

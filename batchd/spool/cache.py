@@ -103,9 +103,9 @@ def fresh(body: dict[str, Any]) -> dict[str, Any]:
     """A stored body as a new server answer would have it: a fresh id and time."""
     body = dict(body)
     old = body.get("id")
-    if isinstance(old, str):
-        prefix = old.split("-", 1)[0] + "-" if "-" in old else ""
-        body["id"] = f"{prefix}{uuid.uuid4().hex}"
+    if isinstance(old, str):  # chatcmpl-..., cmpl-..., msg_...: the same kind of id
+        cut = min((i for i in (old.find("-"), old.find("_")) if i >= 0), default=-1)
+        body["id"] = f"{old[:cut + 1]}{uuid.uuid4().hex}"
     if "created" in body:
         body["created"] = int(time.time())
     if "created_at" in body:

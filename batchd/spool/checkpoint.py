@@ -52,12 +52,18 @@ class Tally:
     def count(self, kind: str, out: dict[str, Any]) -> None:
         if kind == "result":
             self.completed += 1
+            if "result" in out:  # an Anthropic line: its message's usage
+                usage = (out["result"].get("message") or {}).get("usage") or {}
+                self.prompt_tokens += usage.get("input_tokens") or 0
+                self.completion_tokens += usage.get("output_tokens") or 0
+                self.cached_tokens += usage.get("cache_read_input_tokens") or 0
+                return
             usage = (out.get("response") or {}).get("body", {}).get("usage") or {}
             self.prompt_tokens += usage.get("prompt_tokens") or 0
             self.completion_tokens += usage.get("completion_tokens") or 0
             details = usage.get("prompt_tokens_details") or {}
             self.cached_tokens += details.get("cached_tokens") or 0
-        else:
+        else:  # "error", or "errored": an Anthropic line's failure, kept in results
             self.failed += 1
 
 
@@ -155,7 +161,7 @@ def _record(line: int, kind: str, out: dict[str, Any]) -> bytes:
                                                         dumps_line(out)[:-1])
 
 
-_HEAD = re.compile(rb'\{"line": (\d+), "kind": "(result|error)", "out": ')
+_HEAD = re.compile(rb'\{"line": (\d+), "kind": "(result|errored|error)", "out": ')
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -94,6 +94,35 @@ def error_line(error: LineError) -> dict[str, Any]:
             "error": None, "line": error.line}
 
 
+# An Anthropic line's outcome by batchd's error code (the rest are "errored").
+ANTHROPIC_ENDED = {"cancelled": "canceled", "batch_cancelled": "canceled",
+                   "batch_expired": "expired"}
+
+
+def anthropic_line(kind: str, out: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """An output line in Anthropic's Message Batches result shape: ("result",
+    succeeded) or ("errored", errored | canceled | expired). Every outcome of an
+    Anthropic line goes to the results file, as Anthropic's results hold all."""
+    response = out.get("response") or {}
+    body = response.get("body") or {}
+    if kind == "result":
+        return "result", {"custom_id": out["custom_id"],
+                          "result": {"type": "succeeded", "message": body}}
+    error = body.get("error") or {}
+    code = error.get("code")
+    status = response.get("status_code") or 400
+    line: dict[str, Any] = {"custom_id": out["custom_id"]}
+    if code in ANTHROPIC_ENDED:
+        line["result"] = {"type": ANTHROPIC_ENDED[code]}
+    else:
+        kind_of = "api_error" if status >= 500 else \
+            "not_found_error" if status == 404 else "invalid_request_error"
+        line["result"] = {"type": "errored", "error": {
+            "type": "error", "error": {"type": kind_of, "message": error.get("message", "")}}}
+    line.update(line=out.get("line"), code=code)  # batchd's own, as on its error lines
+    return "errored", line
+
+
 def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
     """Write PATH so that readers see the old file or the whole new one (see
     ``atomic_files``). Every file batchd publishes goes through here."""
