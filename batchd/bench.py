@@ -71,7 +71,8 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
            order: str = "input", cached_tokens: int = 0,
            concurrency: dict[str, Any] | None = None,
            parts: list[str] | None = None,
-           cache: dict[str, int] | None = None) -> dict[str, Any]:
+           cache: dict[str, int] | None = None,
+           by_model: dict[str, int] | None = None) -> dict[str, Any]:
     """The contract's bench record (section 6)."""
     gen = generation_s if generation_s > 0 else None
     return {
@@ -102,6 +103,9 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
                                        "share_of_completion_tokens": None},
         # the profiles a file whose lines name several ran on (``profile`` is the first)
         "parts": parts or [profile],
+        # succeeded requests by the model their answer names: a LoRA adapter's
+        # name for lines that ran with it, the base model for the rest
+        "requests_by_model": by_model or {},
         # answers the result cache gave (hits) and lines it could not (misses,
         # cacheable lines sent to the engine); null when the cache is off
         "cache": cache,

@@ -141,6 +141,26 @@ def _media_urls(value: Any, path: str) -> Iterator[tuple[str, str]]:
             yield from _media_urls(item, f"{path}.{i}")
 
 
+class LoraOptions(BaseModel):
+    """LoRA adapters served on this profile's base model (vLLM's --enable-lora and
+    --lora-modules). A line whose ``model`` names an adapter runs with it."""
+
+    model_config = ConfigDict(extra="forbid")
+    adapters: dict[str, str] = Field(default_factory=dict)  # name -> folder (PEFT format)
+    max_lora_rank: int = Field(16, ge=1)  # the largest rank among the adapters
+    max_loras: int = Field(1, ge=1)  # adapters in one batch at once
+
+    def paths(self, source: Path | None) -> dict[str, str]:
+        """Adapter name -> absolute folder (relative ones are beside the profile file)."""
+        found = {}
+        for name, folder in self.adapters.items():
+            path = Path(folder).expanduser()
+            if not path.is_absolute() and source is not None:
+                path = source.parent / path
+            found[name] = str(path)
+        return found
+
+
 class RequestLimits(BaseModel):
     """Caps on what one request may ask of the engine; over a cap is a line error."""
 
@@ -181,11 +201,12 @@ class Profile(BaseModel):
     media: MediaOptions = Field(default_factory=MediaOptions)
     fit: FitFacts = Field(default_factory=dict)  # model shape for `batchd profiles check`
     limits: RequestLimits = Field(default_factory=RequestLimits)
+    lora: LoraOptions = Field(default_factory=LoraOptions)
     source: Path | None = None
 
     def names(self) -> set[str]:
-        """Every name a job may use to ask for this profile."""
-        return {self.name, self.model, *self.aliases}
+        """Every name a job may use to ask for this profile (its adapters' too)."""
+        return {self.name, self.model, *self.aliases, *self.lora.adapters}
 
     def model_location(self, models_dir: Path) -> str:
         """What vLLM loads: a local folder when the profile has one, else the hub id."""

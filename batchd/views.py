@@ -151,9 +151,10 @@ def print_fit(profiles: list[Profile], models_dir: Path, vram: int) -> int:
             ok = False
             continue
         ok = ok and r["fits"]
+        lora = f"  (LoRA slots {r['lora_gb']:.2f}G)" if r["lora_gb"] else ""
         print(f"{r['profile']:14} {r['weights_gb']:7.1f}G {r['budget_gb']:6.1f}G "
               f"{r['kv_cache_gb']:8.1f}G {r['kv_kib_per_token']:7.0f}Ki {r['max_model_len']:8d} "
-              f"{r['full_length_sequences']:9.1f}  {'yes' if r['fits'] else 'NO'}")
+              f"{r['full_length_sequences']:9.1f}  {'yes' if r['fits'] else 'NO'}{lora}")
     return 0 if ok else 1
 
 

@@ -142,7 +142,7 @@ def create_app(settings: Settings, keys: Keys | None = None) -> FastAPI:
     store = Store(settings)
     store.ensure_dirs()
     messages = MessageBatches(store)
-    app = FastAPI(title="batchd", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="batchd", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:

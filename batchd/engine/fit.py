@@ -66,6 +66,18 @@ def shape(profile: Profile, models_dir: Path) -> Shape:
                  int(fit["head_size"]))
 
 
+def lora_bytes(profile: Profile) -> int:
+    """GPU memory for the profile's LoRA slots: vLLM keeps max_loras adapters in
+    the GPU at once, each as large as the largest one (its weight files)."""
+    sizes = []
+    for path in profile.lora.paths(profile.source).values():
+        try:
+            sizes.append(sum(p.stat().st_size for p in Path(path).glob("*.safetensors")))
+        except OSError:
+            continue
+    return profile.lora.max_loras * max(sizes, default=0)
+
+
 def check(profile: Profile, models_dir: Path, vram: int) -> dict:
     s = shape(profile, models_dir)
     utilization = float(profile.engine.get("gpu_memory_utilization", 0.9))
@@ -75,9 +87,10 @@ def check(profile: Profile, models_dir: Path, vram: int) -> dict:
     cache_bytes = dtype_bytes if kv_dtype == "auto" else BYTES.get(kv_dtype, dtype_bytes)
     per_token = 2 * s.layers * s.kv_heads * s.head_size * cache_bytes
     budget = utilization * vram
-    kv = budget - s.weight_bytes - OVERHEAD_BYTES
+    lora = lora_bytes(profile)
+    kv = budget - s.weight_bytes - lora - OVERHEAD_BYTES
     sequences = kv / (per_token * max_len) if kv > 0 else 0.0
-    return {"profile": profile.name, "weights_gb": s.weight_bytes / 1e9,
+    return {"profile": profile.name, "weights_gb": s.weight_bytes / 1e9, "lora_gb": lora / 1e9,
             "budget_gb": budget / 1e9, "kv_cache_gb": max(kv, 0) / 1e9,
             "kv_kib_per_token": per_token / 1024, "max_model_len": max_len,
             "full_length_sequences": sequences, "fits": sequences >= 1.0}

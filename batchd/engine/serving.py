@@ -66,6 +66,16 @@ def server_args(profile: Profile, models_dir: Path) -> Any:
         argv += ["--allowed-local-media-path", str(Path(media.local_folder).expanduser())]
     if media.allow_remote and media.allowed_domains:
         argv += ["--allowed-media-domains", *media.allowed_domains]
+    lora = profile.lora
+    if lora.adapters:
+        adapters = lora.paths(profile.source)
+        for name, path in adapters.items():
+            if not (Path(path) / "adapter_config.json").is_file():
+                raise ValueError(f"profile {profile.name}: LoRA adapter {name!r}: {path} has "
+                                 "no adapter_config.json (a PEFT adapter folder)")
+        argv += ["--enable-lora", "--max-lora-rank", str(lora.max_lora_rank),
+                 "--max-loras", str(lora.max_loras), "--lora-modules",
+                 *(f"{name}={path}" for name, path in adapters.items())]
     args = make_parser(parser_cls()).parse_args(argv)
     known = {f.name for f in dataclasses.fields(engine_args_cls)}
     for key, value in profile.engine.items():
@@ -143,7 +153,9 @@ class Serving:
                                 unknown[0])
         if endpoint.sampling:
             body = {**{k: v for k, v in sampling.items() if k in endpoint.fields}, **body}
-        body["model"] = self.profile.model  # routing already chose the model
+        # routing already chose the model; an adapter's name selects the adapter
+        body["model"] = request.model if request.model in self.profile.lora.adapters \
+            else self.profile.model
         try:
             parsed = endpoint.parse(body)
         except Exception as exc:  # a pydantic ValidationError, or vLLM's own checks

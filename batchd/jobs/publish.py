@@ -106,7 +106,7 @@ def outputs(job: Job, final: JobState, models_dir: Path) -> dict[str, Any]:
         resumed=job.ckpt.resumed_lines > 0, order=job.order_name,
         cached_tokens=tally.cached_tokens, concurrency=job.concurrency(),
         parts=[p.name for p in job.routes.parts] if job.routes else None,
-        cache=job.cache_counts())
+        cache=job.cache_counts(), by_model=tally.by_model)
     write_atomic(job.out(BENCH), [json.dumps(record, indent=2).encode() + b"\n"])
     return record
 

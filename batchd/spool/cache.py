@@ -90,6 +90,8 @@ def identity(profile: Profile, models_dir: Path) -> str:
     doc = {"model": location, "files": _files_fingerprint(location),
            "engine": {k: v for k, v in args.items() if k not in NEUTRAL_ENGINE_KEYS},
            "chat": chat, "sampling_defaults": profile.sampling,
+           "lora": {name: [path, _files_fingerprint(path)]  # an adapter is part of the model
+                    for name, path in profile.lora.paths(profile.source).items()},
            "vllm": versions().get("vllm")}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 

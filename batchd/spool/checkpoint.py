@@ -48,10 +48,15 @@ class Tally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens vLLM's prefix cache already held
+    by_model: dict[str, int] = field(default_factory=dict)  # answers by body model (adapter)
 
     def count(self, kind: str, out: dict[str, Any]) -> None:
         if kind == "result":
             self.completed += 1
+            body = (out["result"].get("message") if "result" in out
+                    else (out.get("response") or {}).get("body")) or {}
+            model = str(body.get("model"))
+            self.by_model[model] = self.by_model.get(model, 0) + 1
             if "result" in out:  # an Anthropic line: its message's usage
                 usage = (out["result"].get("message") or {}).get("usage") or {}
                 self.prompt_tokens += usage.get("input_tokens") or 0
