@@ -136,7 +136,13 @@ def endpoints(state: Any, tasks: Any) -> dict[str, Endpoint]:
     endpoints = {}
     for url, call in calls.items():
         modules, name, sampling = table[url]
-        parse, fields = model(modules, name)
+        try:
+            parse, fields = model(modules, name)
+        except ImportError:
+            if url in REQUIRED.get("generate", ()) or url in REQUIRED.get("embed", ()):
+                raise
+            continue  # an optional API this release lays out otherwise: its lines are
+            # unsupported_url, the rest is served
         # vLLM's Anthropic router returns model_dump(exclude_none=True)
         endpoints[url] = Endpoint(parse, fields, _caller(call), sampling,
                                   exclude_none=url == MESSAGES)

@@ -48,8 +48,9 @@ INDEX_BITS = 24  # the line's index in the file: at most 16.7 million lines
 
 def prefix_text(body: dict[str, Any]) -> str:
     """What a prompt template renders first, as one comparable string."""
-    parts: list[str] = [str(body.get("model") or "")]  # a prefix cached under one
-    # LoRA adapter does not serve another: lines group by model (adapter) first
+    # a prefix cached under one LoRA adapter does not serve another: lines that
+    # name a model (an adapter) group by it first
+    parts: list[str] = [str(body["model"])] if body.get("model") else []
     for key in ("tools", "instructions"):
         if body.get(key):
             parts.append(json.dumps(body[key], sort_keys=True))
