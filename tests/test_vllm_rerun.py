@@ -122,7 +122,8 @@ def test_a_rerun_is_answered_from_the_cache(spool):
 
 
 def test_retry_after_a_cancel_mid_job_gives_one_complete_file(spool):
-    lines = [chat(i, temperature=0.7, max_tokens=24) for i in range(400)]
+    # long enough (about 15 s here) that the cancel lands mid-job
+    lines = [chat(i, temperature=0.7, max_tokens=48, ignore_eos=True) for i in range(2500)]
     drop(spool.inbox, "long.jsonl", lines)
     wait_for(lambda: any((r.get("request_counts") or {}).get("completed", 0) >= 40
                          for r in read_jsonl(spool.outbox / "long.status.jsonl")),
@@ -132,7 +133,7 @@ def test_retry_after_a_cancel_mid_job_gives_one_complete_file(spool):
     assert spool.wait("long") == "cancelled"
     results, errors = outputs(spool.outbox, "long")
     cancelled = [e for e in errors if e["response"]["body"]["error"]["code"] == "cancelled"]
-    assert results and cancelled and len(results) + len(errors) == 400
+    assert results and cancelled and len(results) + len(errors) == 2500
 
     done = subprocess.run([BATCHD, "retry", "long", "--config", str(spool.config)],
                           check=True, capture_output=True, text=True)
@@ -140,7 +141,7 @@ def test_retry_after_a_cancel_mid_job_gives_one_complete_file(spool):
     assert name == "long-retry"
     assert spool.wait(name) == "completed"
     merged = read_jsonl(spool.outbox / f"{name}.merged.jsonl")
-    assert [m["custom_id"] for m in merged] == [f"q{i}" for i in range(400)]
+    assert [m["custom_id"] for m in merged] == [f"q{i}" for i in range(2500)]
     assert all(m["response"]["status_code"] == 200 for m in merged)
     assert merged[:1] and all("choices" in m["response"]["body"] for m in merged)
     retried = read_jsonl(spool.outbox / f"{name}.results.jsonl")
@@ -175,7 +176,7 @@ def test_hooks_run_once_and_webhooks_arrive_signed_across_a_restart(spool):
         runs = [r["BATCHD_JOB"] for r in spool.hooks_run()]
         assert sorted(runs) == sorted(ended)  # each job's hook exactly once
         long_run = next(r for r in spool.hooks_run() if r["BATCHD_JOB"] == "long")
-        assert long_run["BATCHD_STATE"] == "cancelled" and long_run["BATCHD_TOTAL"] == "400"
+        assert long_run["BATCHD_STATE"] == "cancelled" and long_run["BATCHD_TOTAL"] == "2500"
         retry_run = next(r for r in spool.hooks_run() if r["BATCHD_JOB"] == "long-retry")
         assert retry_run["BATCHD_MERGED_FILE"].endswith("long-retry.merged.jsonl")
         by_job: dict[str, set] = {}
