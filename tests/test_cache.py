@@ -207,3 +207,19 @@ def test_a_file_the_cache_answers_whole_loads_no_model(cached):
     record = bench(settings, "again")
     assert record["cache"] == {"hits": 5, "misses": 0}
     assert record["timing_s"]["generation"] == 0 and record["timing_s"]["model_load"] == 0
+
+
+def test_a_profile_changed_and_reloaded_is_another_key(cached):
+    """An operator edits a profile's engine settings and sends SIGHUP: the old
+    answers are not served for the new settings."""
+    settings, d, engines = cached
+    lines = [prompt(i) for i in range(3)]
+    drop(settings.inbox, "before.jsonl", lines)
+    drain(d)
+    profile = settings.routing.profiles_dir / "tiny.toml"
+    profile.write_text(profile.read_text().replace("[engine]\n", "[engine]\nseed = 7\n"))
+    d.reload.set()
+    d._reload()
+    drop(settings.inbox, "after.jsonl", lines)
+    drain(d)
+    assert bench(settings, "after")["cache"] == {"hits": 0, "misses": 3}

@@ -59,7 +59,6 @@ class Runner:
         config = settings.cache
         self.cache = cache.ResultCache(config.folder or settings.layout.cache,
                                        int(config.size_limit)) if config.enabled else None
-        self.identities: dict[str, str] = {}  # profile name -> cache.identity
 
     def cancel_requested(self, job: str) -> bool:
         return self.settings.layout.cancel(job).exists()
@@ -145,6 +144,10 @@ class Runner:
         line here and never reaches the engine."""
         assert job.profile is not None
         sampling = job.sampling
+        # what answers depend on besides the request, read once per pass over the
+        # job: a profile reloaded (SIGHUP) or a model rebuilt since is another key
+        identity = cache.identity(job.profile, self.settings.routing.models_dir) \
+            if job.cache is not None else ""
         for item in self._pending(job):
             target = job.profile_of(item)
             if target is None:
@@ -162,22 +165,19 @@ class Runner:
                 job.record(item.line, "error", error_line(LineError(
                     item.line, item.custom_id, "invalid_request", over[1], over[0])))
                 continue
-            if job.cache is not None and self._cached(job, item, sampling):
+            if job.cache is not None and self._cached(job, item, sampling, identity):
                 continue
             yield item
 
-    def _cached(self, job: Job, item: Request, sampling: dict[str, Any]) -> bool:
+    def _cached(self, job: Job, item: Request, sampling: dict[str, Any], identity: str
+                ) -> bool:
         """Answer ITEM from the result cache when it holds its answer (True); a
         cacheable miss is noted so its answer is stored when it comes."""
         assert job.cache is not None and job.profile is not None
         request = {**sampling, **item.body}
         if not cache.cacheable(item.url, request):
             return False
-        profile = job.profile
-        if profile.name not in self.identities:
-            self.identities[profile.name] = cache.identity(
-                profile, self.settings.routing.models_dir)
-        key = cache.key(self.identities[profile.name], item.url, request)
+        key = cache.key(identity, item.url, request)
         body = job.cache.get(key)
         if body is not None:
             job.record(item.line, "result", result_line(item, cache.fresh(body)))
