@@ -189,6 +189,9 @@ def exactly_once(outbox, job, n, codes=()):
     return results, errors
 
 
+BULK = 2000
+
+
 def test_small_files_cancel_and_another_profile_during_a_long_job(served):
     """Many jobs at once on one engine (CONTRACT 14). A long job runs; an urgent
     file, two small ones, a doomed one (cancelled) and a file for another
@@ -198,7 +201,9 @@ def test_small_files_cancel_and_another_profile_during_a_long_job(served):
     config, root = served.config, served.spool
     inbox, outbox = root / "inbox", root / "outbox"
     daemon = served
-    drop(inbox, "bulk.jsonl", lines("bulk", 1000, 128))
+    # long enough that it is still running when other__x has come and gone,
+    # on a fast hour of the machine too (1,000 lines once ended first there)
+    drop(inbox, "bulk.jsonl", lines("bulk", BULK, 128))
     wait_for(lambda: answered(outbox, "bulk") > 0, 300, what="bulk's first answers")
 
     # an urgent file (priority 100) and two small ones: all run beside bulk
@@ -257,8 +262,8 @@ def test_small_files_cancel_and_another_profile_during_a_long_job(served):
     assert wait_for(lambda: final_state(outbox, "bulk"), 600, what="bulk") == "completed"
     phases = [s.get("phase") for s in status(outbox, "bulk")]
     assert phases.count("yielded") == 1 and phases[-1] == "done"
-    results, _ = exactly_once(outbox, "bulk", 1000)
-    assert [r["custom_id"] for r in results] == [f"bulk{i}" for i in range(1000)]
+    results, _ = exactly_once(outbox, "bulk", BULK)
+    assert [r["custom_id"] for r in results] == [f"bulk{i}" for i in range(BULK)]
     bench = json.loads((outbox / "bulk.bench.json").read_text())
     assert bench["timing_s"]["model_load"] > 0  # loaded again after the other profile
     assert {"urgent", "a", "b", "doomed"} <= set(bench["concurrency"]["overlapped_jobs"])
