@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import tomli_w
 
@@ -18,14 +19,22 @@ from .lines import LineError
 from .profiles import ProfileSet, shipped_profiles
 from .spool import inbox
 
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .profiles import Profile
+
 
 class UsageError(Exception):
     pass
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None,
+         factory: Callable[[Profile], Engine] | None = None) -> int:
+    """The command line; FACTORY, if given, loads the daemon's engines (tests
+    inject the fake one: batchd/testing.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.factory = factory
     try:
         return args.func(args)
     except (ConfigError, UsageError) as exc:
@@ -104,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot use the spool at {settings.spool.root}: "
                           f"{exc.strerror or exc}") from None
-    code = Daemon(settings).run(once=args.once)
+    code = Daemon(settings, factory=args.factory).run(once=args.once)
     # Everything is published and fsynced and the engine is shut down. Skip the
     # interpreter's teardown: native threads of torch and vLLM can abort it
     # ("terminate called without an active exception", seen with an embedding
@@ -151,13 +160,21 @@ def _copy_in(data, target: Path) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .spool.listing import job_rows
-    from .views import follow, follow_spool, print_job, print_table
+    from .spool.listing import claim_in_flight, job_rows, waiting_file
+    from .views import follow, follow_spool, follow_waiting, print_job, print_table, \
+        print_waiting
 
     settings = _settings(args)
     if args.job:
         path = settings.layout.status(args.job)
-        if not path.exists():
+        # A file still in the inbox is a job waiting to be claimed. Looked for in
+        # the claim's order (inbox, claim in flight, status file): one answers.
+        waiting = None if path.exists() else waiting_file(settings, args.job)
+        if waiting is not None:
+            if args.follow:
+                return follow_waiting(settings, waiting, as_json=args.json)
+            return print_waiting(waiting, as_json=args.json)
+        if not claim_in_flight(settings, args.job) and not path.exists():
             raise UsageError(f"no such job: {args.job}")
         if args.follow:
             return follow(path, as_json=args.json)

@@ -56,16 +56,19 @@ class LimitsConfig(_Section):
 
 
 class EngineConfig(_Section):
-    # Requests in flight inside vLLM at once: above its max_num_seqs (256 to 1024
-    # by GPU) so its scheduler is always full, yet never the whole file.
-    window: int = Field(1024, ge=1)
+    # Requests in flight inside vLLM at once. 0 (auto): vLLM's max_num_seqs and a
+    # quarter more, so its batch stays full while its own queue stays short (a job
+    # that joins waits behind few requests); a number fixes it.
+    window: int = Field(0, ge=0)
     checkpoint_every: int = Field(64, ge=1)  # fsync the checkpoint after this many answers ...
     checkpoint_seconds: float = Field(1.0, gt=0)  # ... or after this long, whichever first
     max_engine_failures: int = Field(2, ge=1)
+    # After an engine death (while loading too) the next load waits this long,
+    # doubled with each death of the same jobs, up to a minute.
+    restart_backoff_seconds: float = Field(2.0, ge=0)
     # Free the model after this many seconds without work (0: keep it loaded), so
     # a GPU shared with other users is given back; the next job loads it again.
     idle_unload_seconds: float = Field(0.0, ge=0)
-    fake: bool = False  # deterministic fake engine, for plumbing tests and dry runs
     # The order a file's requests reach the engine: "prefix" groups those sharing a
     # prompt prefix for vLLM's prefix cache (batchd/jobs/order.py); "input" is file order.
     # Results are published in input order either way; a sidecar may choose.

@@ -14,50 +14,57 @@ import os
 import signal
 import stat
 import threading
-import time
 from typing import Callable, Iterator
 
 import structlog
 
 from .admission import Admission
+from .clock import Clock, monotonic
 from .config import Settings
 from .engine import Engine, EnginePool
 from .engine.hosted import engine_factory, reap_engines
-from .jobs.job import Job
-from .jobs.runner import Outcome, Runner
-from .jobs.session import YIELD, Session
 from .hooks import Hooks
+from .jobs.prepare import cancel_requested, expired
+from .jobs.publish import Outcome
+from .jobs.session import Drain, Left, Session
+from .layout import CANCELLED, EXPIRED
 from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
 from .profiles import Profile, ProfileSet
 from .spool import inbox
+from .spool.cache import ResultCache
 from .spool.lease import Leases
-from .spool.watcher import Watcher
+from .spool.watcher import Wakeup, Watcher
 
 log = structlog.get_logger()
+
+REAP_SECONDS = 60.0  # how often an idle daemon ends engines left by daemons killed since
 
 
 class Daemon:
     def __init__(self, settings: Settings, profiles: ProfileSet | None = None,
-                 factory: Callable[[Profile], Engine] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 factory: Callable[[Profile], Engine] | None = None, clock: Clock = monotonic):
         self.settings = settings
         self.profiles = profiles or ProfileSet.load(settings.routing.profiles_dir)
-        self.clock = clock
+        self.clock = clock  # the loop's one clock; run_once(now) takes a test's
         self.stop = threading.Event()
         self.reload = threading.Event()
+        self.wake = Wakeup()  # the watcher's "look again", also heard inside a stream
         self.notifier = Notifier()
         self.beat = watchdog_interval()
-        self.pool = EnginePool(self._keepalive(factory or engine_factory(settings)))
-        self.runner = Runner(settings, self.pool, self.stop, self._progress)
+        self.pool = EnginePool(self._keepalive(factory or engine_factory(settings, self.wake)))
         self.leases = Leases(settings.layout, settings.scheduling.lease_seconds)
         self.metrics = Metrics(settings.metrics.textfile)
-        self.admission = Admission(settings, self.runner, self.leases, self.metrics,
-                                   self.notifier, lambda: self.profiles, self._ended)
+        cache = settings.cache
+        results = ResultCache(cache.folder or settings.layout.cache, int(cache.size_limit)) \
+            if cache.enabled else None
+        self.admission = Admission(settings, self.leases, self.metrics, self.profiles,
+                                   results, self.wake)
         self.hooks = Hooks(settings, self.metrics.webhook)
         self.watcher: Watcher | None = None
         self.unloaded: str | None = None  # the idle status after an idle unload
         self.session: Session | None = None  # the jobs running now
+        self.pinged = self.reaped = float("-inf")
 
     def setup(self) -> None:
         os.umask(self.settings.spool.umask)
@@ -76,57 +83,102 @@ class Daemon:
             os.rename(path, self.settings.inbox / name)
             log.warning("claim_returned", file=name)
 
-    # -- one pass --------------------------------------------------------------
+    # -- one turn --------------------------------------------------------------
 
     def run_once(self, now: float | None = None) -> bool:
-        """Resume or claim a job and run it, with every job that joins it on the
-        way (batchd/jobs/session.py); True when something was done."""
+        """One turn of the loop: reload profiles on SIGHUP, tell systemd the loop
+        lives, let admission claim what has settled (a session starts with the
+        first job, later ones join it), end cancelled and expired jobs, then one
+        step of the session. True when something was done."""
         now = self.clock() if now is None else now
         if self.stop.is_set():
             return False
-        loaded = self.pool.engine.profile.name if self.pool.engine is not None else None
-        worked, job = self.admission.first(now, loaded)
-        if job is not None:
-            self._session(job)
-        return worked
-
-    def _session(self, job: Job) -> None:
-        """Run JOB's profile's session: JOB and those that join it on the way."""
-        assert job.profile is not None
-        if self.pool.engine is not None:
-            job.prefer(self.pool.engine.profile)  # a part for the loaded model goes first
-        session = self.session = Session(self.runner, job.profile, self._admit,
-                                         lambda job, outcome: self._ended(job.name, outcome),
-                                         self.admission.job_stalled, self.admission.hold)
-        self.metrics.running_jobs(1)
-        try:
-            session.run([job])
-        except OSError as exc:  # a checkpoint failed (disk full): all wait, retried later
-            for name in session.abandon():
-                self.admission.job_stalled(name, exc)
-        finally:
-            self.session = None
-            self.metrics.running_jobs(0)
-
-    def _admit(self, session: Session) -> list[Job] | str:
-        """Between engine steps: reload profiles on SIGHUP, then ask admission."""
-        self.metrics.running_jobs(len(session.running))
-        if self.stop.is_set():
-            return []
         if self.reload.is_set():
             self._reload()
-        joining = self.admission.admit(session)
-        if joining and joining != YIELD:
-            self.metrics.running_jobs(len(session.running) + len(joining))
-        return joining
+        self._ping(now)
+        try:
+            worked = self._admit(now)
+            if self.session is not None:
+                worked = self._step(now) or worked
+        except OSError as exc:  # a checkpoint failed (disk full): all wait, retried later
+            if self.session is not None:
+                for name in self.session.abandon():
+                    self.admission.job_stalled(name, now, exc)
+                self._end_session()
+            worked = True
+        return worked
 
-    def _ended(self, name: str, outcome: Outcome | None) -> None:
-        self.admission.retry_at.pop(name, None)
-        self.leases.release(name)  # finished: nothing left in work/ to own
-        if outcome is not None:
+    def _admit(self, now: float) -> bool:
+        session = self.session
+        if session is None:
+            engine = self.pool.engine
+            found = self.admission.first(now, engine.profile.name if engine else None)
+            self._ended(found.ended)
+            if found.jobs:
+                job = found.jobs[0]
+                if engine is not None:
+                    job.prefer(engine.profile)  # a part for the loaded model goes first
+                assert job.profile is not None
+                self.session = Session(self.settings, self.pool, job.profile)
+                self.session.add(job)
+            return found.worked
+        found = self.admission.admit(session, now)
+        self._ended(found.ended)
+        if found.overdue:
+            self._left(session.drain(Drain.YIELD), now)
+            self._end_session()
+            return True
+        for job in found.jobs:
+            session.add(job)
+        return found.worked
+
+    def _step(self, now: float) -> bool:
+        session = self.session
+        assert session is not None
+        for name, r in list(session.running.items()):
+            ending = CANCELLED if cancel_requested(r.job) else EXPIRED if expired(r.job) else None
+            if ending is not None:
+                self._left(session.leave(name, ending), now)
+        turn = session.step(now)
+        self._left(turn.left, now)
+        for record in turn.progress:
+            self._progress(record)
+        if not session.running:
+            self._admit(now)  # what waits for this profile joins before the stream ends
+        self.metrics.running_jobs(len(session.running))
+        if not session.running and self.session is session:
+            self._end_session()
+        return turn.worked
+
+    def _left(self, left: list[Left], now: float) -> None:
+        """Jobs out of the session: ended, stalled, or waiting their turn here."""
+        for item in left:
+            if item.outcome is not None:
+                self._ended([(item.job.name, item.outcome)])
+            elif item.error is not None:
+                self.admission.job_stalled(item.job.name, now, item.error)
+            else:
+                self.admission.hold(item.job, now)
+
+    def _ended(self, ended: list[tuple[str, Outcome]]) -> None:
+        for name, outcome in ended:
+            self.admission.retry_at.pop(name, None)
+            self.leases.release(name)  # finished: nothing left in work/ to own
             self.notifier.status(f"finished {name}: {outcome.state.value}")
             self.metrics.finished(outcome.bench, outcome.state.value)
-        self.hooks.wake()
+            self.hooks.wake()
+
+    def _end_session(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        self.metrics.running_jobs(0)
+
+    def _ping(self, now: float) -> None:
+        """The watchdog: at most every second, from the loop itself."""
+        if self.beat and now - self.pinged >= min(1.0, self.beat / 4):
+            self.notifier.send(WATCHDOG=1)
+            self.pinged = now
 
     def _keepalive(self, factory: Callable[[Profile], Engine]) -> Callable[[Profile], Engine]:
         """Wrap model loading: it blocks the loop for a minute or more, so a helper
@@ -155,10 +207,8 @@ class Daemon:
         return load
 
     def _progress(self, record: dict) -> None:
-        """After an engine step: the loop is healthy; say what it does."""
+        """A progress line was written: say what the loop does."""
         self.metrics.progress(record)
-        if self.beat:
-            self.notifier.send(WATCHDOG=1)
         counts = record.get("request_counts") or {}
         rate = (record.get("throughput") or {}).get("requests_per_s") or 0
         done = counts.get("completed", 0) + counts.get("failed", 0)
@@ -172,7 +222,7 @@ class Daemon:
     def run(self, once: bool = False) -> int:
         self.setup()
         self.watcher = Watcher(self.settings.inbox, self.settings.watch.mode,
-                               self.settings.watch.poll_interval)
+                               self.settings.watch.poll_interval, self.wake)
         self.watcher.start()
         self.admission.watcher = self.watcher
         self.leases.start()
@@ -180,39 +230,55 @@ class Daemon:
         idle = f"idle, watching {self.settings.inbox}"
         self.notifier.send(READY=1, STATUS=idle)
         log.info("daemon_ready", inbox=str(self.settings.inbox), once=once)
-        beat = self.beat
-        timeout = min(self.settings.watch.poll_interval, self.settings.watch.settle_seconds
-                      or self.settings.watch.poll_interval, beat or 3600)
         last_work = self.clock()
         # The handlers stay in place through the shutdown below, so a second
         # SIGTERM while the engine closes still exits at once (status 143).
         with handle_signals(self.stop, self.reload):
             try:
                 while not self.stop.is_set():
-                    if beat:
-                        self.notifier.send(WATCHDOG=1)
-                    if self.reload.is_set():
-                        self._reload()
                     if self.run_once():
                         last_work = self.clock()
                         continue
-                    if once and not self.admission.waiting():
+                    if self.session is not None and self.session.stream is not None:
+                        continue  # the stream itself waits for the engine's next answers
+                    if once and self.session is None and not self.admission.waiting():
                         break
-                    self.notifier.status(self._unload_if_idle(last_work) or idle)
-                    self.watcher.wake.wait(timeout)
-                    self.watcher.wake.clear()
+                    now = self.clock()
+                    if self.session is None:
+                        self.notifier.status(self._unload_if_idle(last_work) or idle)
+                        self._reap(now)
+                    self.wake.wait(self._wait(now))
             finally:
                 # Releasing the engine can take a while on a large model: ask systemd
                 # for time beyond TimeoutStopSec rather than be killed mid-shutdown.
                 self.notifier.send(STOPPING=1, STATUS="stopping",
                                    EXTEND_TIMEOUT_USEC=60_000_000)
                 log.info("daemon_stopping")
+                if self.session is not None:
+                    self.session.drain(Drain.STOP)
+                    self._end_session()
                 self.admission.release_held()
                 self.watcher.stop()
                 self.leases.stop()
                 self.pool.close()
                 self.hooks.stop()
         return 0
+
+    def _wait(self, now: float) -> float:
+        """How long the loop may sleep: until the spool is due a look, a reload
+        after an engine death is due, or the watchdog wants a ping."""
+        until = self.admission.next_look
+        if self.session is not None:
+            until = min(until, self.session.load_at)
+        if self.beat:
+            until = min(until, self.pinged + min(1.0, self.beat / 4))
+        return min(max(until - now, 0.0), self.settings.watch.poll_interval)
+
+    def _reap(self, now: float) -> None:
+        """Idle: end engines left by daemons of this host killed since we started."""
+        if now - self.reaped >= REAP_SECONDS:
+            self.reaped = now
+            reap_engines(self.settings)
 
     def _unload_if_idle(self, last_work: float) -> str | None:
         """After engine.idle_unload_seconds without work, free the model (its
@@ -231,8 +297,8 @@ class Daemon:
 
     def _reload(self) -> None:
         self.reload.clear()
-        self.admission.backlog.reloaded()
         self.profiles = ProfileSet.load(self.settings.routing.profiles_dir)
+        self.admission.reloaded(self.profiles)
         for error in self.profiles.errors:
             log.error("profile_invalid", error=error)
         log.info("profiles_reloaded", profiles=sorted(self.profiles.profiles))

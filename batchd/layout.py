@@ -17,6 +17,7 @@ typed in two modules drifts apart the first time one changes.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Iterator
@@ -33,10 +34,46 @@ class JobState(str, Enum):
     FAILED = "failed"  # final: rejected as a whole, or the engine gave up
     CANCELLED = "cancelled"  # final: stopped on request; the rest are `cancelled` errors
     EXPIRED = "expired"  # final: its completion window passed; the rest are `batch_expired`
+    # Never in a status file: what the views (`batchd status`, metrics, the API)
+    # call a file still in the inbox (phase settling or in_inbox).
+    WAITING = "waiting"
 
     @property
     def final(self) -> bool:
         return self in FINAL_STATES
+
+
+class Phase(str, Enum):
+    """What a job is doing within its state: a status line's ``phase``. Persisted
+    by value; docs/FORMATS.md lists them. No other value appears in a status file."""
+
+    SETTLING = "settling"  #: waiting: in the inbox, still being written (never persisted)
+    IN_INBOX = "in_inbox"  #: waiting: settled in the inbox, not claimed yet (never persisted)
+    VALIDATING = "validating"  #: validating: reading its lines, routing
+    WAITING_FOR_MODEL = "waiting_for_model"  #: in_progress: its profile is not the loaded one
+    LOADING_MODEL = "loading_model"  #: in_progress: its profile's model is loading
+    GENERATING = "generating"  #: in_progress: its requests are in the engine
+    ENGINE_DIED = "engine_died"  #: in_progress: the engine died; it waits for the next load
+    WAITING_TO_RUN_ALONE = "waiting_to_run_alone"  #: in_progress: after a death it shared
+    YIELDED = "yielded"  #: in_progress: made way for an overdue file of another profile
+    INTERRUPTED = "interrupted"  #: queued: the daemon stopped; it resumes at the next start
+    STALLED = "stalled"  #: queued: a write failed (disk full); retried later
+    PUBLISHING = "publishing"  #: finalizing: writing results, errors and bench
+    DONE = "done"  #: a final state
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a job ends: a final state, and for a failure the code every unanswered
+    line gets and the message that says why."""
+
+    state: JobState
+    code: str | None = None
+    message: str = ""
+
+    @classmethod
+    def failed(cls, code: str, message: str) -> Ending:
+        return cls(JobState.FAILED, code, message)
 
 
 FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED,
@@ -185,3 +222,8 @@ class Layout:
             if entry.name.endswith(suffix) and not entry.name.startswith("."):
                 yield entry.name[: -len(suffix)], Path(entry.path)
 
+
+
+COMPLETED = Ending(JobState.COMPLETED)
+CANCELLED = Ending(JobState.CANCELLED)
+EXPIRED = Ending(JobState.EXPIRED)

@@ -46,11 +46,28 @@ class Metrics:
                              "deterministic lines, by outcome.", ["outcome"], registry=r)
         self.webhooks = Counter("batchd_webhooks", "Webhook events, by outcome (delivered; "
                                 "failed: the deadline passed).", ["outcome"], registry=r)
+        self.inbox = Gauge("batchd_jobs_waiting", "Files waiting in the inbox, not claimed "
+                           "yet (state waiting: phase settling or in_inbox).", registry=r)
+        self.settling = Gauge("batchd_jobs_settling", "Of the files waiting in the inbox, "
+                              "those still being written (phase settling).", registry=r)
+        self._waiting: tuple[int, int | None] | None = None
         self.last_claim = Gauge("batchd_last_claim_timestamp_seconds",
                                 "Unix time of the last claim.", registry=r)
 
     def claimed(self) -> None:
         self.last_claim.set(time.time())
+        self.write()
+
+    def waiting(self, files: int, settling: int | None = None) -> None:
+        """FILES waiting in the inbox (every phase) as the loop's last look saw them;
+        SETTLING: how many of them are still being written, when the caller knows.
+        Cheap on every pass of the loop: the file is rewritten only on a change."""
+        if self._waiting == (files, settling):
+            return
+        self._waiting = (files, settling)
+        self.inbox.set(files)
+        if settling is not None:
+            self.settling.set(settling)
         self.write()
 
     def running_jobs(self, count: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,17 +12,19 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .layout import STATUS, is_final
+from .clock import parse_iso, utc_now
+from .config import Settings
+from .layout import STATUS, JobState, is_final
 from .profiles import Profile
-from .spool.listing import bench_groups
+from .spool.listing import WaitingFile, bench_groups
 from .spool.outbox import read_status
 
 
 def _age(ts: str | None) -> str:
-    if not ts:
+    then = parse_iso(ts) if ts else None
+    if then is None:
         return "-"
-    then = datetime.fromisoformat(ts.replace("Z", "+00:00"))
-    seconds = (datetime.now(timezone.utc) - then).total_seconds()
+    seconds = time.time() - then.timestamp()
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds / size:.0f}{unit}"
@@ -39,8 +40,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         tps = r["output_tokens_per_s"]
         eta = r["eta_s"]
         state = r["state"]
-        if r.get("phase") and not is_final(state) and state != "waiting":
-            state += f" ({r['phase']})"  # generating side by side, yielded, ...
+        if r.get("phase") and not is_final(state):
+            state += f" ({r['phase']})"  # generating side by side, yielded, settling, ...
         table.add_row(r["job"], state, r["profile"] or "-", f"{done}/{r['total']}",
                       f"{tps:.1f}" if tps else "-", f"{eta:.0f}s" if eta else "-",
                       _age(r["started"]))
@@ -57,8 +58,7 @@ def follow_spool(rows: Callable[[], list[dict[str, Any]]], as_json: bool = False
     if as_json:
         while True:
             frame = active()
-            print(json.dumps({"ts": datetime.now(timezone.utc).isoformat(),
-                              "jobs": frame}), flush=True)
+            print(json.dumps({"ts": utc_now(), "jobs": frame}), flush=True)
             if not frame:
                 return 0
             time.sleep(poll)
@@ -88,7 +88,9 @@ def follow_spool(rows: Callable[[], list[dict[str, Any]]], as_json: bool = False
 
 def print_job(path: Path, as_json: bool = False) -> int:
     history = read_status(path)
-    last = history[-1] if history else {}
+    last: dict[str, Any] = history[-1] if history else {
+        "job": path.name.removesuffix(f".{STATUS}"), "state": JobState.QUEUED.value,
+        "message": "being claimed, no status line yet"}
     if as_json:
         print(json.dumps(last))
     else:
@@ -98,6 +100,51 @@ def print_job(path: Path, as_json: bool = False) -> int:
               f"{counts.get('completed', 0) + counts.get('failed', 0)}/{counts.get('total', 0)}"
               f" failed={counts.get('failed', 0)} {last.get('message', '')}")
     return 0
+
+
+def _waiting_line(record: dict[str, Any]) -> str:
+    total = record["request_counts"]["total"]
+    size = f"{record['bytes']} bytes" + (f", {total} lines" if total else "")
+    return (f"{record['job']}: {record['state']} ({record['phase']}) "
+            f"profile={record['profile']} {record['file']} ({size}): {record['message']}")
+
+
+def print_waiting(waiting: WaitingFile, as_json: bool = False) -> int:
+    """`batchd status JOB` of a file still in the inbox: state waiting, its phase."""
+    record = waiting.record()
+    print(json.dumps(record) if as_json else _waiting_line(record))
+    return 0
+
+
+def follow_waiting(settings: Settings, waiting: WaitingFile, as_json: bool = False,
+                   poll: float = 0.5) -> int:
+    """`batchd status JOB --follow` of a file still in the inbox: its waiting line
+    (again when its phase changes), then, once its claim has made the job's status
+    file, the job as follow() shows it, to its final line. 1 when the file leaves
+    the inbox without becoming JOB (removed, or claimed under another name)."""
+    from .spool.listing import claim_in_flight, waiting_file
+
+    path = settings.layout.status(waiting.job)
+    current: WaitingFile | None = waiting
+    shown = None
+    while True:
+        if current is not None and current.phase != shown:
+            record = current.record()
+            print(json.dumps(record) if as_json else _waiting_line(record), flush=True)
+            shown = current.phase
+        if path.exists():
+            break
+        if current is None:
+            # The inbox, then a claim in flight, then the status file: a file on
+            # its way through the claim is always found by one of them.
+            if not claim_in_flight(settings, waiting.job) and not path.exists():
+                print(f"{waiting.job}: {waiting.name} left the inbox and no job "
+                      f"{waiting.job} was made (removed, or claimed under another name: "
+                      "see `batchd status`)", file=sys.stderr)
+                return 1
+        time.sleep(poll)
+        current = waiting_file(settings, waiting.job)
+    return follow(path, as_json=as_json, poll=poll)
 
 
 def follow(path: Path, as_json: bool = False, poll: float = 0.5) -> int:

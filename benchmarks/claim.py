@@ -17,7 +17,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .common import BATCHD, make_spool, summary, write_record
+from .common import FAKE_BATCHD, make_spool, summary, write_record
 
 QUICK = {"files": 10}
 POLL_INTERVAL = 0.5
@@ -25,13 +25,13 @@ POLL_INTERVAL = 0.5
 
 def latencies(mode: str, files: int) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
-        config = make_spool(Path(tmp), "[engine]\nfake = true\n")
+        config = make_spool(Path(tmp))
         text = config.read_text().replace(
             "[watch]\n", f'[watch]\nmode = "{mode}"\npoll_interval = {POLL_INTERVAL}\n')
         config.write_text(text)
         inbox, outbox = Path(tmp) / "spool" / "inbox", Path(tmp) / "spool" / "outbox"
         inbox.mkdir(parents=True)
-        daemon = subprocess.Popen([BATCHD, "run", "--config", str(config)],
+        daemon = subprocess.Popen([*FAKE_BATCHD, "run", "--config", str(config)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out = []
         try:

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("BATCHD_BENCH_RESULTS",
                               Path(__file__).resolve().parent / "results"))
 BATCHD = str(Path(sys.executable).parent / "batchd")
+# The same command line with every model loaded as the fake engine (batchd/testing.py).
+FAKE_BATCHD = [sys.executable, "-m", "batchd.testing"]
 MODELS = ROOT / "models"
 
 TINY_PROFILE = """

@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import BATCHD, TINY_PROFILE, ensure_tiny, make_spool, summary, write_record
+from .common import (BATCHD, FAKE_BATCHD, TINY_PROFILE, ensure_tiny, make_spool, summary,
+                     write_record)
 
 QUICK = {"bulk": 200, "small": 4, "many": 3, "fake": True}
 POLICIES = ("fcfs", "priority")
@@ -49,15 +50,15 @@ class Spool:
     def __init__(self, base: Path, policy: str, fake: bool):
         profile = TINY_PROFILE.replace("[engine]\n",
                                        f'[engine]\nscheduling_policy = "{policy}"\n')
-        config = make_spool(base, "[status]\ninterval = 0.2\n[engine]\nwindow = 256\n"
-                            + ("fake = true\n" if fake else ""))
+        config = make_spool(base, "[status]\ninterval = 0.2\n[engine]\nwindow = 256\n")
         (base / "profiles" / "tiny.toml").write_text(profile)
         self.inbox, self.outbox = base / "spool" / "inbox", base / "spool" / "outbox"
         self.inbox.mkdir(parents=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if fake:
             env["BATCHD_FAKE_STEP_SECONDS"] = "0.05"
-        self.daemon = subprocess.Popen([BATCHD, "run", "--config", str(config)],
+        command = FAKE_BATCHD if fake else [BATCHD]
+        self.daemon = subprocess.Popen([*command, "run", "--config", str(config)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                        env=env)
         self.count = 0

@@ -14,7 +14,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from .common import BATCHD, ensure_tiny, make_spool, peak_rss, summary, write_record
+from .common import (BATCHD, FAKE_BATCHD, ensure_tiny, make_spool, peak_rss, summary,
+                     write_record)
 
 
 def write_lines(path: Path, n: int, max_tokens: int = 1) -> None:
@@ -26,11 +27,12 @@ def write_lines(path: Path, n: int, max_tokens: int = 1) -> None:
 
 
 def daemon_peak(n: int, fake: bool, base: Path) -> dict:
-    config = make_spool(base, "[engine]\nfake = true\n" if fake else "")
+    config = make_spool(base)
     inbox = base / "spool" / "inbox"
     inbox.mkdir(parents=True)
     write_lines(inbox / "job.jsonl", n)
-    code, seconds, peak, engine_peak = peak_rss([BATCHD, "run", "--once", "--config",
+    command = FAKE_BATCHD if fake else [BATCHD]
+    code, seconds, peak, engine_peak = peak_rss([*command, "run", "--once", "--config",
                                                  str(config)])
     bench = json.loads((base / "spool" / "outbox" / "job.bench.json").read_text())
     assert code == 0 and bench["requests"]["total"] == n, (code, bench["requests"])

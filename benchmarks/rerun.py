@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import BATCHD, ensure_tiny, make_spool, summary, wait_final, write_record
+from .common import (BATCHD, FAKE_BATCHD, ensure_tiny, make_spool, summary, wait_final,
+                     write_record)
 
 QUICK = {"n": 200, "fake": True}
 
@@ -44,14 +45,14 @@ def run(repeats: int = 3, n: int = 4000, tokens: int = 64, fake: bool = False,
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        config = make_spool(base, "[engine]\nwindow = 256\n" + ("fake = true\n" if fake else "")
-                            + "[cache]\nenabled = true\n")
+        config = make_spool(base, "[engine]\nwindow = 256\n[cache]\nenabled = true\n")
         inbox, outbox = base / "spool" / "inbox", base / "spool" / "outbox"
         inbox.mkdir(parents=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         if fake:
             env["BATCHD_FAKE_STEP_SECONDS"] = "0.02"
-        daemon = subprocess.Popen([BATCHD, "run", "--config", str(config)],
+        command = FAKE_BATCHD if fake else [BATCHD]
+        daemon = subprocess.Popen([*command, "run", "--config", str(config)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
         def timed(job: str, text: str) -> tuple[float, dict]:

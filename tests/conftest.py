@@ -17,6 +17,8 @@ from batchd.config import load_settings
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 BATCHD = str(VENV_BIN / "batchd")
+# The same command line with every model loaded as the fake engine (tests only).
+FAKE_BATCHD = [sys.executable, "-m", "batchd.testing"]
 # Models built once and kept between runs (CI builds them on first use).
 MODELS = ROOT / "models"
 
@@ -109,7 +111,7 @@ def settings(spool_config):
 def daemon(settings):
     """An in-process daemon on the fake engine, on a fixed clock; see drain()."""
     from batchd.daemon import Daemon
-    from batchd.engine import FakeEngine
+    from batchd.testing import FakeEngine
 
     engines = []
 
@@ -123,11 +125,23 @@ def daemon(settings):
     return d
 
 
+def one_pass(d, now=None):
+    """Turns of the loop until the session the first one starts (or the one
+    running) has ended: a job claimed or resumed and run with every job that
+    joins it. Whether it did work."""
+    worked = d.run_once(now=now)
+    for _ in range(1_000_000):
+        if d.session is None:
+            return worked
+        worked = d.run_once(now=now) or worked
+    raise AssertionError("the session never ended")
+
+
 def drain(d):
     """Run passes on an advancing clock until nothing is left to claim."""
     done = 0
     for tick in range(1000):
-        if d.run_once(now=10_000.0 + tick):
+        if one_pass(d, now=10_000.0 + tick):
             done += 1
         elif not d.admission.waiting():
             return done
@@ -168,13 +182,16 @@ def daemons():
 
 
 class DaemonProcess:
-    """A real `batchd run` subprocess on a temp spool."""
+    """A real `batchd run` subprocess on a temp spool; FAKE: on the fake engine
+    (`python -m batchd.testing run`), its step time BATCHD_FAKE_STEP_SECONDS."""
 
-    def __init__(self, config: Path, env: dict | None = None, args: tuple = ()):
+    def __init__(self, config: Path, env: dict | None = None, args: tuple = (),
+                 fake: bool = False):
         self.config = config
         self.log = config.parent / f"daemon-{time.monotonic_ns()}.log"
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-        self.proc = subprocess.Popen([BATCHD, "run", "--config", str(config), *args],
+        command = FAKE_BATCHD if fake else [BATCHD]
+        self.proc = subprocess.Popen([*command, "run", "--config", str(config), *args],
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"),
                                      env=full_env)
 

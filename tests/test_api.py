@@ -1,5 +1,5 @@
 """`batchd api` with the real `openai` SDK against real `batchd api` and
-`batchd run` processes on the fake engine (fast); test_api_vllm.py runs the
+`python -m batchd.testing run` processes (the fake engine) (fast); test_api_vllm.py runs the
 same flow on real vLLM and drives the dashboard in Chromium."""
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def stack(spool_config, daemons, apis):
     """A fake-engine daemon and the API on one spool; STEP slows the engine."""
 
     def start(extra: str = "", step: float = 0.0, api_args: tuple = ()):
-        config = spool_config("[engine]\nfake = true\n" + extra)
-        daemon = daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": str(step)})
+        config = spool_config(extra)
+        daemon = daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": str(step)}, fake=True)
         daemon.wait_ready()
         api = apis(config, args=api_args)
         return config, daemon, api
@@ -218,7 +218,7 @@ def test_restart_of_both_processes_mid_batch_loses_nothing(stack, daemons, apis)
     daemon.kill_tree()  # kill -9, as a crash
     api.proc.kill()
     api.proc.wait(10)  # both gone: restart at once, on the same port
-    daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.02"}).wait_ready()
+    daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.02"}, fake=True).wait_ready()
     api2 = apis(config, port=api.port)
     client2 = api2.client()
     assert client2.batches.retrieve(batch.id).id == batch.id  # same id after the restart

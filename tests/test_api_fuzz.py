@@ -18,7 +18,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from batchd.api.app import Keys, create_app
 from batchd.config import load_settings
 from batchd.daemon import Daemon
-from batchd.engine import FakeEngine
+from batchd.testing import FakeEngine
 
 from conftest import drain, drop
 

@@ -8,7 +8,7 @@ import pytest
 
 from batchd.config import load_settings
 from batchd.daemon import Daemon
-from batchd.engine import FakeEngine
+from batchd.testing import FakeEngine
 from batchd.spool import cache
 
 from conftest import drain, drop, final_state, outputs, read_jsonl
@@ -141,20 +141,20 @@ def test_a_store_that_fails_is_bypassed_and_every_job_publishes(cached, tmp_path
     drain(d)
     assert final_state(settings.outbox, "a") == "completed"
     assert list(outside.iterdir()) == []
-    assert d.runner.cache.broken and "symlink" in d.runner.cache.broken
+    assert d.admission.results.broken and "symlink" in d.admission.results.broken
 
 
 def test_a_corrupt_store_is_bypassed(cached):
     settings, d, engines = cached
     drop(settings.inbox, "a.jsonl", [prompt(i) for i in range(3)])
     drain(d)
-    d.runner.cache.close()
+    d.admission.results.close()
     (settings.layout.cache / "cache.db").write_bytes(b"this is not sqlite" * 100)
     drop(settings.inbox, "b.jsonl", [prompt(i) for i in range(3)])
     drain(d)
     assert final_state(settings.outbox, "b") == "completed"
     assert len(outputs(settings.outbox, "b")[0]) == 3
-    assert d.runner.cache.broken
+    assert d.admission.results.broken
 
 
 def test_a_full_disk_on_write_is_bypassed(cached, monkeypatch):
@@ -168,7 +168,7 @@ def test_a_full_disk_on_write_is_bypassed(cached, monkeypatch):
     drop(settings.inbox, "a.jsonl", [prompt(i) for i in range(3)])
     drain(d)
     assert final_state(settings.outbox, "a") == "completed"
-    assert "full" in d.runner.cache.broken
+    assert "full" in d.admission.results.broken
 
 
 def test_the_store_stays_under_its_size_limit(tmp_path):

@@ -3,11 +3,12 @@
 import json
 import subprocess
 
-from conftest import BATCHD, read_jsonl
+from conftest import BATCHD, FAKE_BATCHD, read_jsonl
 
 
-def batchd(*args, config=None, env=None):
-    cmd = [BATCHD, *args] + (["--config", str(config)] if config else [])
+def batchd(*args, config=None, env=None, fake=False):
+    cmd = [*(FAKE_BATCHD if fake else [BATCHD]), *args]
+    cmd += ["--config", str(config)] if config else []
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -93,11 +94,11 @@ def test_init_and_status_table(tmp_path):
 def test_run_once_with_fake_engine(spool_config, tmp_path):
     """`batchd run --once` as a process drains the spool and exits 0."""
     import os
-    config = spool_config("[engine]\nfake = true\n")
+    config = spool_config()
     src = tmp_path / "f.jsonl"
     src.write_text('{"prompt": "x"}\n' * 3)
     assert batchd("submit", str(src), config=config).returncode == 0
-    out = batchd("run", "--once", config=config, env={**os.environ})
+    out = batchd("run", "--once", config=config, env={**os.environ}, fake=True)
     assert out.returncode == 0, out.stderr
     status = read_jsonl(tmp_path / "spool" / "outbox" / "f.status.jsonl")
     assert status[-1]["state"] == "completed"
@@ -106,11 +107,11 @@ def test_run_once_with_fake_engine(spool_config, tmp_path):
 
 def test_bench_report_table_and_plot(spool_config, tmp_path):
     import os
-    config = spool_config("[engine]\nfake = true\n")
+    config = spool_config()
     src = tmp_path / "b.jsonl"
     src.write_text('{"prompt": "x"}\n' * 4)
     assert batchd("submit", str(src), config=config).returncode == 0
-    assert batchd("run", "--once", config=config, env={**os.environ}).returncode == 0
+    assert batchd("run", "--once", config=config, env={**os.environ}, fake=True).returncode == 0
     png = tmp_path / "report.png"
     out = batchd("bench", "report", "--plot", str(png), config=config)
     assert out.returncode == 0, out.stderr
@@ -138,8 +139,8 @@ def test_profiles_check_fit_table():
 def test_status_follow_until_the_job_ends(spool_config, tmp_path, daemons):
     import os
     from conftest import drop, wait_for
-    config = spool_config("[engine]\nfake = true\n")
-    daemon = daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.05"})
+    config = spool_config()
+    daemon = daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.05"}, fake=True)
     daemon.wait_ready()
     drop(tmp_path / "spool" / "inbox", "watched.jsonl", [{"prompt": "x"}] * 200)
     drop(tmp_path / "spool" / "inbox", "beside.jsonl", [{"prompt": "y"}] * 100)

@@ -9,9 +9,9 @@ import time
 from collections import Counter
 
 from batchd.daemon import Daemon
-from batchd.engine import FakeEngine
+from batchd.testing import FakeEngine
 from batchd.jobs.session import weight
-from conftest import drop, final_state, outputs, read_jsonl, wait_for
+from conftest import one_pass, drop, final_state, outputs, read_jsonl, wait_for
 
 
 class Recording(FakeEngine):
@@ -55,7 +55,7 @@ def test_jobs_share_the_window_by_priority_and_each_answers_every_line(settings)
     (settings.inbox / "b.toml").write_text("priority = 3\n")
     drop(settings.inbox, "b.jsonl", lines("b", 100))
     drop(settings.inbox, "c.jsonl", lines("c", 40))
-    assert d.run_once(now=1.0)  # b first (priority), the others join it
+    assert one_pass(d, now=1.0)  # b first (priority), the others join it
     fed = Recording.fed
     assert fed[0] == "b" and set(fed) == {"bulk", "a", "b", "c"}
     joined = max(fed.index(j) for j in ("a", "c", "bulk"))
@@ -84,7 +84,7 @@ def test_running_jobs_are_capped(settings):
     d = daemon_for(settings)
     for name in ("a", "b", "c"):
         drop(settings.inbox, f"{name}.jsonl", lines(name, 30))
-    assert d.run_once(now=1.0)
+    assert one_pass(d, now=1.0)
     fed = Recording.fed
     last = {j: len(fed) - 1 - fed[::-1].index(j) for j in "ab"}
     assert fed.index("b") < last["a"]  # a and b ran at once ...
@@ -197,7 +197,7 @@ def test_sidecar_priority_reaches_vllm_only_where_the_profile_schedules_by_prior
     drop(settings.inbox, "plain.jsonl", [{"custom_id": "p", "prompt": "x"}])
     (settings.inbox / "other__o.toml").write_text("priority = 7\n")
     drop(settings.inbox, "other__o.jsonl", [{"custom_id": "o", "prompt": "x"}])
-    while d.run_once(now=1.0):
+    while one_pass(d, now=1.0):
         pass
     assert seen["u"][0] == {"max_tokens": 3, "priority": -7}
     assert seen["own"][0]["priority"] == -7 and seen["own"][1]["priority"] == 2  # the line's wins
@@ -220,12 +220,13 @@ def test_a_file_that_kills_the_engine_fails_alone(settings):
 
     settings.watch.settle_seconds = 0
     settings.engine.window = 4
+    settings.engine.restart_backoff_seconds = 0
     d = Daemon(settings, factory=lambda p: Poisoned(p, per_step=2))
     d.setup()
     drop(settings.inbox, "bad.jsonl", lines("bad", 10) + [{"custom_id": "p", "prompt": "poison"}]
          + lines("late", 10))
     drop(settings.inbox, "good.jsonl", lines("good", 30))
-    while d.run_once(now=1.0):
+    while one_pass(d, now=1.0):
         pass
     assert final_state(settings.outbox, "good") == "completed"
     results, errors = outputs(settings.outbox, "good")
@@ -235,7 +236,7 @@ def test_a_file_that_kills_the_engine_fails_alone(settings):
     assert len(results) + len(errors) == 21
     assert {e["response"]["body"]["error"]["code"] for e in errors} == {"engine_error"}
     phases = [s.get("phase") for s in read_jsonl(settings.outbox / "good.status.jsonl")]
-    assert "waiting" in phases or "waiting" in [
+    assert "waiting_to_run_alone" in phases or "waiting_to_run_alone" in [
         s.get("phase") for s in read_jsonl(settings.outbox / "bad.status.jsonl")]
 
 
@@ -246,7 +247,7 @@ def test_a_claimed_file_that_routes_elsewhere_waits_for_its_model(settings):
     drop(settings.inbox, "a.jsonl", lines("a", 40))
     drop(settings.inbox, "sneaky.jsonl", [{"custom_id": "s0", "prompt": "x"},
                                           {"custom_id": "s1", "model": "other", "prompt": "y"}])
-    while d.run_once(now=1.0):
+    while one_pass(d, now=1.0):
         pass
     assert final_state(settings.outbox, "a") == "completed"
     assert final_state(settings.outbox, "sneaky") == "completed"

@@ -15,7 +15,7 @@ N = 200_000
 
 @pytest.fixture
 def big_job(spool_config, tmp_path):
-    config = spool_config("[engine]\nfake = true\nwindow = 4096\n")
+    config = spool_config("[engine]\nwindow = 4096\n")
     inbox = tmp_path / "spool" / "inbox"
     inbox.mkdir(parents=True)
     lines = [json.dumps({"custom_id": f"r{i}", "prompt": "x"}) for i in range(N)]
@@ -42,12 +42,12 @@ def exactly_once(spool):
 @pytest.mark.parametrize("phase", ["validating", "publishing"])
 def test_kill9_at_phase_then_resume(big_job, daemons, phase):
     config, spool = big_job
-    daemon = daemons(config, env={"BATCHD_STATUS__INTERVAL": "0.05"})
+    daemon = daemons(config, env={"BATCHD_STATUS__INTERVAL": "0.05"}, fake=True)
     wait_for(lambda: last_state(spool).get("phase") == phase, 120, interval=0.005,
              what=f"phase {phase}")
     daemon.kill()
     assert final_state(spool / "outbox", "big") is None
-    again = daemons(config, args=("--once",))
+    again = daemons(config, args=("--once",), fake=True)
     assert again.proc.wait(300) == 0, again.log.read_text()[-2000:]
     assert final_state(spool / "outbox", "big") == "completed"
     exactly_once(spool)

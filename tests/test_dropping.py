@@ -19,10 +19,10 @@ POLL = 0.2
 
 @pytest.fixture(params=["inotify", "poll"])
 def running(request, spool_config, tmp_path, daemons):
-    config = spool_config("[engine]\nfake = true\n")
+    config = spool_config()
     text = config.read_text().replace("settle_seconds = 0.3", f"settle_seconds = {SETTLE}")
     config.write_text(text.replace("[watch]\n", f'[watch]\nmode = "{request.param}"\n'))
-    daemon = daemons(config)
+    daemon = daemons(config, fake=True)
     daemon.wait_ready()
     daemon.spool = tmp_path / "spool"
     return daemon
@@ -103,10 +103,10 @@ def test_preallocated_file_written_in_place(running, tmp_path):
 
 
 def test_ready_marker_mode(spool_config, tmp_path, daemons):
-    config = spool_config("[engine]\nfake = true\n")
+    config = spool_config()
     config.write_text(config.read_text().replace("[watch]\n",
                                                  "[watch]\nrequire_ready_marker = true\n"))
-    daemon = daemons(config)
+    daemon = daemons(config, fake=True)
     daemon.wait_ready()
     inbox = tmp_path / "spool" / "inbox"
     drop(inbox, "marked.jsonl", [{"prompt": "x"}])

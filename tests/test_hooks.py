@@ -12,7 +12,7 @@ from standardwebhooks import Webhook
 
 from batchd.config import load_settings
 from batchd.daemon import Daemon
-from batchd.engine import FakeEngine
+from batchd.testing import FakeEngine
 from batchd.hooks import Hooks
 from batchd.spool import events
 

@@ -228,7 +228,7 @@ def test_a_file_over_max_requests_is_refused_whole(spool_config, tmp_path):
     1,000,000 lines, runs in test_a_million_tiny_lines_run_to_the_end)."""
     from batchd.config import load_settings
     from batchd.daemon import Daemon
-    from batchd.engine import FakeEngine
+    from batchd.testing import FakeEngine
 
     settings = load_settings(spool_config("[limits]\nmax_requests = 1000\n"))
     d = Daemon(settings, factory=FakeEngine, clock=lambda: 1000.0)

@@ -23,6 +23,7 @@ LAYERS = [
     ("daemon", ["batchd.daemon", "batchd.admission", "batchd.hooks", "batchd.scheduler",
                 "batchd.views", "batchd.metrics", "batchd.notify"]),
     ("command line", ["batchd.cli", "batchd.__main__"]),
+    ("testing", ["batchd.testing"]),  # for tests only: nothing in the package imports it
 ]
 
 
@@ -75,6 +76,22 @@ def test_every_import_runs_down_the_layers():
               for source, targets in sorted(graph.items()) for target in sorted(targets)
               if layer(target) > layer(source)]
     assert upward == []
+
+
+def test_no_production_module_imports_the_testing_module():
+    """batchd.testing (the fake engine) is for tests and benchmarks only: no
+    module of the package imports it, the engine least of all, so no setting of
+    a deployed daemon can reach it."""
+    graph = import_graph()
+    assert "batchd.testing" in graph  # it was read
+    engine = [source for source, targets in graph.items()
+              if source == "batchd.engine" or source.startswith("batchd.engine.")]
+    assert engine and not any("batchd.testing" in graph[source] for source in engine)
+    importers = sorted(source for source, targets in graph.items()
+                       if source != "batchd.testing"
+                       and any(t == "batchd.testing" or t.startswith("batchd.testing.")
+                               for t in targets))
+    assert importers == []
 
 
 def test_only_the_engine_wing_imports_vllm():

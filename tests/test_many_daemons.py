@@ -9,8 +9,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_three_daemons_200_files(spool_config, tmp_path, daemons):
-    config = spool_config("[engine]\nfake = true\n")
-    running = [daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.01"}) for _ in range(3)]
+    config = spool_config()
+    running = [daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.01"}, fake=True)
+               for _ in range(3)]
     for daemon in running:
         daemon.wait_ready()
     inbox, outbox = tmp_path / "spool" / "inbox", tmp_path / "spool" / "outbox"

@@ -13,7 +13,7 @@ import pytest
 
 from batchd.spool.checkpoint import Checkpoint
 from batchd.daemon import Daemon
-from batchd.engine import FakeEngine
+from batchd.testing import FakeEngine
 from batchd.lines import Request
 from batchd.jobs.order import PrefixOrder, prefix_text, sort_key
 
@@ -134,7 +134,7 @@ def test_sidecar_chooses_input_order(recording, settings):
 
 def test_config_input_order(spool_config):
     from batchd.config import load_settings
-    settings = load_settings(spool_config('[engine]\nfake = true\norder = "input"\n'))
+    settings = load_settings(spool_config('[engine]\norder = "input"\n'))
     Recording.fed = []
     d = Daemon(settings, factory=Recording, clock=lambda: 1000.0)
     d.setup()

@@ -11,10 +11,10 @@ import pytest
 
 from batchd.spool.checkpoint import Checkpoint
 from batchd.daemon import Daemon
-from batchd.engine import FakeEngine
+from batchd.testing import FakeEngine
 from batchd.profiles import ProfileSet
 
-from conftest import drain, drop, final_state, outputs, read_jsonl
+from conftest import one_pass, drain, drop, final_state, outputs, read_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "hello"}]}
 
@@ -194,18 +194,18 @@ def test_read_only_outbox_stalls_then_recovers(settings):
     d.setup()
     drop(settings.inbox, "a.jsonl", [{"custom_id": f"a{i}", "prompt": "x"} for i in range(20)])
     try:
-        assert not d.run_once(now=99.0)  # seen, settling
-        assert d.run_once(now=100.0)  # claimed; the outbox turns read-only as it loads
+        assert not one_pass(d, now=99.0)  # seen, settling
+        assert one_pass(d, now=100.0)  # claimed; the outbox turns read-only as it loads
         assert (settings.work / "a.jsonl").exists()
         drop(settings.inbox, "b.jsonl", [{"custom_id": "b", "prompt": "y"}])
-        assert not d.run_once(now=100.5)  # a: waiting to retry; b: seen, settling
-        assert not d.run_once(now=101.0)  # b cannot be claimed: given back
+        assert not one_pass(d, now=100.5)  # a: waiting to retry; b: seen, settling
+        assert not one_pass(d, now=101.0)  # b cannot be claimed: given back
         assert (settings.inbox / "b.jsonl").exists()
     finally:
         subprocess.run(["chattr", "-i", str(outbox)], check=True)
     d.pool.factory = FakeEngine
     tick = 200.0
-    while d.run_once(now=tick) or d.admission.waiting():
+    while one_pass(d, now=tick) or d.admission.waiting():
         tick += 1
         assert tick < 300
     for job, n in (("a", 20), ("b", 1)):
@@ -266,7 +266,8 @@ def test_metrics_textfile(spool_config, tmp_path):
 def test_profile_limits_bound_what_a_request_may_ask(daemon, settings):
     (settings.routing.profiles_dir / "capped.toml").write_text(
         'model = "org/capped"\n[limits]\nmax_tokens = 100\nn = 2\nlogprobs = 5\n')
-    daemon.runner.profiles = daemon.profiles = ProfileSet.load(settings.routing.profiles_dir)
+    daemon.profiles = ProfileSet.load(settings.routing.profiles_dir)
+    daemon.admission.reloaded(daemon.profiles)
     drop(settings.inbox, "capped__x.jsonl", [
         {"custom_id": "ok", "prompt": "a", "max_tokens": 100},
         {"custom_id": "long", "prompt": "a", "max_tokens": 101},
@@ -291,16 +292,16 @@ def test_loaded_profile_goes_first_unless_another_waited_too_long(settings):
     d = Daemon(settings, factory=FakeEngine)
     d.setup()
     drop(settings.inbox, "other__first.jsonl", [GOOD])
-    assert d.run_once(now=0.0)  # loads "other"
+    assert one_pass(d, now=0.0)  # loads "other"
     drop(settings.inbox, "tiny__old.jsonl", [GOOD])
     drop(settings.inbox, "other__new.jsonl", [GOOD])
-    assert d.run_once(now=10.0)
+    assert one_pass(d, now=10.0)
     assert final_state(settings.outbox, "other__new") == "completed"
     assert final_state(settings.outbox, "tiny__old") is None
     status = read_jsonl(settings.outbox / "other__new.status.jsonl")[0]
     assert status["message"] == "claimed: profile other is already loaded"
     drop(settings.inbox, "other__late.jsonl", [GOOD])
-    assert d.run_once(now=61.0)  # tiny__old has waited 51 s > 50
+    assert one_pass(d, now=61.0)  # tiny__old has waited 51 s > 50
     assert final_state(settings.outbox, "tiny__old") == "completed"
     assert final_state(settings.outbox, "other__late") is None
     status = read_jsonl(settings.outbox / "tiny__old.status.jsonl")[0]

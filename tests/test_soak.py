@@ -88,8 +88,8 @@ def place(inbox, outside, i, kind, how):
 
 
 def test_500_mixed_files_into_a_running_daemon(spool_config, tmp_path, daemons):
-    config = spool_config("[engine]\nfake = true\n" + LIMITS)
-    daemon = daemons(config)
+    config = spool_config(LIMITS)
+    daemon = daemons(config, fake=True)
     daemon.wait_ready()
     me = psutil.Process(daemon.proc.pid)
     inbox, outbox = tmp_path / "spool" / "inbox", tmp_path / "spool" / "outbox"

@@ -62,7 +62,7 @@ class NotifySocket:
 
 @pytest.mark.parametrize("abstract", [False, True])
 def test_notify_protocol(spool_config, tmp_path, abstract, daemons):
-    config = spool_config("[engine]\nfake = true\nidle_unload_seconds = 1\n")
+    config = spool_config("[engine]\nidle_unload_seconds = 1\n")
     if abstract:
         name = f"batchd-test-{os.getpid()}-{time.monotonic_ns()}"
         listener = NotifySocket("\0" + name)
@@ -71,7 +71,7 @@ def test_notify_protocol(spool_config, tmp_path, abstract, daemons):
         address = str(tmp_path / "notify.sock")
         listener = NotifySocket(address)
     daemon = daemons(config, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000",
-                                  "BATCHD_FAKE_STEP_SECONDS": "0.05"})
+                                  "BATCHD_FAKE_STEP_SECONDS": "0.05"}, fake=True)
     wait_for(lambda: listener.has("READY", "1"), 30, what="READY=1")
     assert (tmp_path / "spool" / "inbox").is_dir()  # the spool exists before READY
     assert any(m.get("STATUS", "").startswith("idle, watching") for m in listener.pump())
@@ -98,11 +98,11 @@ def test_notify_protocol(spool_config, tmp_path, abstract, daemons):
 def test_hung_loop_stops_watchdog_pings(spool_config, tmp_path, daemons):
     """An engine step that never returns (here: a 60 s fake step) must let the
     watchdog fire: no WATCHDOG=1 while the loop is stuck."""
-    config = spool_config("[engine]\nfake = true\n")
+    config = spool_config()
     address = str(tmp_path / "notify.sock")
     listener = NotifySocket(address)
     daemon = daemons(config, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000",
-                                  "BATCHD_FAKE_STEP_SECONDS": "60"})
+                                  "BATCHD_FAKE_STEP_SECONDS": "60"}, fake=True)
     wait_for(lambda: listener.has("READY", "1"), 30, what="READY=1")
     drop(tmp_path / "spool" / "inbox", "stuck.jsonl", [{"prompt": "x"}])
     wait_for(lambda: (tmp_path / "spool" / "work" / "stuck.ckpt.jsonl").exists(), 30,
@@ -121,11 +121,11 @@ def test_hung_loop_stops_watchdog_pings(spool_config, tmp_path, daemons):
 
 
 def test_an_unread_notify_socket_never_blocks_the_daemon(spool_config, tmp_path, daemons):
-    config = spool_config("[engine]\nfake = true\n")
+    config = spool_config()
     address = str(tmp_path / "notify.sock")
     listener = NotifySocket(address)  # bound, never read until the end
     daemon = daemons(config, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "100000",
-                                  "BATCHD_FAKE_STEP_SECONDS": "0.02"})
+                                  "BATCHD_FAKE_STEP_SECONDS": "0.02"}, fake=True)
     daemon.wait_ready()
     drop(tmp_path / "spool" / "inbox", "busy.jsonl", [{"prompt": "x"}] * 300)
     assert wait_for(lambda: final_state(tmp_path / "spool" / "outbox", "busy"), 60,
@@ -134,8 +134,8 @@ def test_an_unread_notify_socket_never_blocks_the_daemon(spool_config, tmp_path,
 
 
 def test_sighup_reloads_profiles_without_dropping_work(spool_config, tmp_path, daemons):
-    config = spool_config("[engine]\nfake = true\n")
-    daemon = daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.05"})
+    config = spool_config()
+    daemon = daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.05"}, fake=True)
     daemon.wait_ready()
     inbox, outbox = tmp_path / "spool" / "inbox", tmp_path / "spool" / "outbox"
     drop(inbox, "running.jsonl", [{"custom_id": f"r{i}", "prompt": "x"} for i in range(400)])

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ConfigError, Settings
 from ..layout import BENCH
-from ..spool.listing import bench_groups, job_rows
+from ..spool.listing import bench_groups, job_rows, waiting_file
 from ..spool.outbox import read_status
 from .batches import Store
 from .files import ApiError
@@ -275,8 +275,11 @@ def create_app(settings: Settings, keys: Keys | None = None) -> FastAPI:
             record = json.loads(bench.read_text())
         except (OSError, ValueError):
             record = None
-        return {"batch": batch, "history": read_status(settings.layout.status(job)),
-                "bench": record}
+        history = read_status(settings.layout.status(job))
+        # Still in the inbox: its waiting line (state waiting, phase settling or in_inbox)
+        waiting = None if history else waiting_file(settings, job)
+        return {"batch": batch, "history": history, "bench": record,
+                "waiting": waiting.record() if waiting else None}
 
     @app.get("/dashboard/bench", dependencies=v1)
     def dashboard_bench() -> dict[str, Any]:

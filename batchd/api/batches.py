@@ -20,36 +20,35 @@ import secrets
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from ..clock import parse_iso
 from ..config import Settings
 from ..jobs.retry import RETRYABLE, RetryError, drop_retry
 from ..jobs.router import parse_window
-from ..layout import BENCH, ERRORS, INPUT, JOB_TOML, MERGED, PUBLISHED_INPUT, RESULTS, is_final
+from ..layout import (BENCH, ERRORS, INPUT, JOB_TOML, MERGED, PUBLISHED_INPUT, RESULTS, JobState,
+                      is_final)
 from ..layout import STATUS as STATUS_FILE
 from ..lines import URLS
 from ..spool import inbox
+from ..spool.listing import WaitingFile, claim_in_flight, waiting_file, waiting_files
 from ..spool.outbox import read_status, write_atomic
 from .files import JOB_FILE_KINDS, JOB_ID, UPLOAD_ID, ApiError, Files, _read_json
 
 FINAL_CACHE = 10_000  # finished batches kept built in memory (about 1 KB each)
 
-# Spool state -> OpenAI batch status (queued jobs are not validated yet).
-STATUS = {"queued": "validating", "validating": "validating", "in_progress": "in_progress",
-          "finalizing": "finalizing", "completed": "completed", "failed": "failed",
-          "cancelled": "cancelled", "expired": "expired"}
+# Spool state -> OpenAI batch status (a file waiting in the inbox and a queued job
+# are not validated yet).
+STATUS = {"waiting": "validating", "queued": "validating", "validating": "validating",
+          "in_progress": "in_progress", "finalizing": "finalizing", "completed": "completed",
+          "failed": "failed", "cancelled": "cancelled", "expired": "expired"}
 
 
 def _epoch(ts: str | None) -> int | None:
-    if not ts:
-        return None
-    try:
-        return int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        return None
+    when = parse_iso(ts) if ts else None
+    return int(when.timestamp()) if when else None
 
 
 class Store:
@@ -161,7 +160,10 @@ class Store:
             return str(history[-1]["state"])
         return None
 
-    def batch(self, batch_id: str) -> dict[str, Any]:
+    def batch(self, batch_id: str,
+              waiting: dict[str, WaitingFile] | None = None) -> dict[str, Any]:
+        """Batch BATCH_ID; WAITING: the inbox's files by job name, when the caller
+        has looked already (the list)."""
         if not JOB_ID.fullmatch(batch_id):
             raise ApiError(404, f"No such Batch object: {batch_id}", "batch_not_found",
                            "batch_id")
@@ -170,17 +172,19 @@ class Store:
         record = self._record(batch_id)
         status = self.layout.status(batch_id)
         history = read_status(status)
-        waiting = self.layout.inbox / f"{batch_id}{INPUT}"
-        # A dropped file is in the inbox, then a claim in work/, then has a status
-        # file (spool/inbox.py, claim): looked for in that order, one of the three
-        # is always found, also while the daemon claims it.
-        if not history and record is None and not (
-                inbox.is_eligible_name(waiting.name) and waiting.is_file()
-                or any(name == waiting.name for *_, name in self.layout.claims())
-                or status.exists()):
+        # A dropped file is in the inbox (a job waiting to be claimed), then a claim
+        # in work/, then has a status file (spool/inbox.py, claim): looked for in
+        # that order, one of the three is always found, also while the daemon
+        # claims it.
+        pending = None
+        if not history and not status.exists():
+            pending = waiting.get(batch_id) if waiting is not None \
+                else waiting_file(self.settings, batch_id)
+        if not history and record is None and pending is None and not (
+                claim_in_flight(self.settings, batch_id) or status.exists()):
             raise ApiError(404, f"No such Batch object: {batch_id}", "batch_not_found",
                            "batch_id")
-        batch = self._build(batch_id, record or {}, history, waiting)
+        batch = self._build(batch_id, record or {}, history, pending)
         if is_final(batch["status"]):
             with self._lock:  # routes run in a thread pool
                 if len(self._final) >= FINAL_CACHE:
@@ -189,9 +193,10 @@ class Store:
         return batch
 
     def _build(self, job: str, record: dict[str, Any], history: list[dict[str, Any]],
-               waiting: Path) -> dict[str, Any]:
+               waiting: WaitingFile | None) -> dict[str, Any]:
         last = history[-1] if history else {}
-        state = last.get("state", "queued")
+        # Still in the inbox: waiting (settling or in_inbox), OpenAI's validating.
+        state = last.get("state", (JobState.WAITING if waiting else JobState.QUEUED).value)
         final = is_final(state)
         status = STATUS.get(state, "validating")
         firsts: dict[str, int | None] = {}
@@ -206,10 +211,7 @@ class Store:
         tokens = last.get("tokens") or {}
         created = record.get("created_at") or (_epoch(history[0].get("ts")) if history else None)
         if created is None:
-            try:
-                created = int(waiting.stat().st_mtime)
-            except FileNotFoundError:
-                created = int(time.time())
+            created = int(waiting.mtime) if waiting else int(time.time())
         errors = None
         if last.get("errors"):
             errors = {"object": "list", "data": [
@@ -222,7 +224,7 @@ class Store:
             outputs["errors"] = None
         return {
             "id": job, "object": "batch",
-            "endpoint": record.get("endpoint") or self._endpoint(job),
+            "endpoint": record.get("endpoint") or self._endpoint(job, waiting),
             "errors": errors,
             "input_file_id": record.get("input_file_id") or f"file-{job}.input",
             "completion_window": record.get("completion_window") or "none",
@@ -250,10 +252,10 @@ class Store:
             **({"merged_file_id": outputs["merged"]} if outputs["merged"] else {}),
         }
 
-    def _endpoint(self, job: str) -> str:
+    def _endpoint(self, job: str, waiting: WaitingFile | None = None) -> str:
         """A dropped file's endpoint: its first line's url (short forms allowed)."""
-        for path in (self.layout.input(job), self.layout.out(job, PUBLISHED_INPUT),
-                     self.layout.inbox / f"{job}{INPUT}"):
+        paths = [self.layout.input(job), self.layout.out(job, PUBLISHED_INPUT)]
+        for path in [waiting.path] if waiting else paths:
             try:
                 with open(path, "rb") as stream:
                     first = json.loads(stream.readline(65536) or b"{}")
@@ -280,12 +282,13 @@ class Store:
         """Every batch, newest first: jobs in the outbox, files waiting in the
         inbox, and created batches whose file is between inbox and claim."""
         names = {job for job, _status in self.layout.statuses()}
-        names |= {name.removesuffix(INPUT) for name, _ in inbox.scan(self.layout.inbox)}
+        waiting = {w.job: w for w in waiting_files(self.settings)}  # one look at the inbox
+        names |= set(waiting)
         names |= {p.stem for p in self.batches_dir.glob("*.json")}
         found = []
         for name in names:
             try:
-                found.append(self.batch(name))
+                found.append(self.batch(name, waiting))
             except ApiError:
                 continue
         return sorted(found, key=lambda b: (b["created_at"], b["id"]), reverse=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 import tomli_w
 
+from ..clock import iso
 from ..layout import INPUT, RESULTS, is_final
 from ..spool.outbox import write_atomic
 from .batches import Store
@@ -33,9 +34,7 @@ KINDS = ("succeeded", "errored", "canceled", "expired")
 
 
 def _iso(epoch: int | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
+    return None if epoch is None else iso(epoch)
 
 
 class MessageBatches:
@@ -82,6 +81,8 @@ class MessageBatches:
         batch = self.store.batch(batch_id)  # 404 unless it is a job, waiting or run
         record = _read_json(self.layout.batch_request(batch_id)) or {}
         ended = is_final(batch["status"])
+        # Anthropic has no word for a file not yet claimed (state waiting, OpenAI's
+        # validating) or a queued job: both are in_progress, like a running one.
         status = "ended" if ended else "canceling" if batch["status"] == "cancelling" \
             else "in_progress"
         counts = self._ended_counts(batch_id) if ended else None

@@ -52,7 +52,7 @@ def serve(conn: Connection) -> int:
     # At 50,000 it runs twice (0.05 s), and resident memory stayed flat over
     # six such runs and from 1,000 to 100,000 lines (docs/BENCHMARKING.md).
     gc.set_threshold(50_000, 20, 20)
-    conn.send((Msg.READY, engine.load_seconds, _capabilities(profile)))
+    conn.send((Msg.READY, engine.load_seconds, _capabilities(profile), engine.max_num_seqs))
     try:
         while True:
             message = conn.recv()

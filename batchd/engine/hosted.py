@@ -24,33 +24,40 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import IO, Any, Callable, Generator, Iterable
+from typing import IO, Any, Callable, Generator, Iterable, Protocol
 
 import structlog
 
 from ..config import Settings
 from ..lines import Request
 from ..profiles import Profile
-from . import Answer, Engine, EngineDead, FakeEngine, take
+from . import Answer, Engine, EngineDead, take
 from .wire import Msg
 
 log = structlog.get_logger()
 
+class Waker(Protocol):
+    """What wakes a stream early (spool/watcher.Wakeup): selectable, and set or not."""
+
+    def fileno(self) -> int: ...
+
+    def is_set(self) -> bool: ...
+
+
 CLOSE_SECONDS = 30.0  # a clean vLLM shutdown; after this the host is killed
 
 
-def engine_factory(settings: Settings) -> Callable[[Profile], Engine]:
-    """How the daemon loads a profile: the fake engine, or an engine process."""
-    if settings.engine.fake:
-        step = float(os.environ.get("BATCHD_FAKE_STEP_SECONDS", "0"))
-        return lambda profile: FakeEngine(profile, step_seconds=step)
-
+def engine_factory(settings: Settings, wake: Waker | None = None
+                   ) -> Callable[[Profile], Engine]:
+    """How the daemon loads a profile: an engine process. WAKE (the watcher's)
+    makes a stream yield at once, so the loop claims a new file without waiting
+    for the engine's next answers."""
     pidfile = settings.layout.engine_pidfile(socket.gethostname(), os.getpid())
 
     def load(profile: Profile) -> Engine:
-        return HostedEngine(profile, settings.routing.models_dir, pidfile)
+        return HostedEngine(profile, settings.routing.models_dir, pidfile, wake)
 
     return load
 
@@ -78,9 +85,12 @@ def reap_engines(settings: Settings) -> None:
 class HostedEngine:
     """An engine whose model lives in a child process; see the module text."""
 
-    def __init__(self, profile: Profile, models_dir: Path, pidfile: Path | None = None):
+    def __init__(self, profile: Profile, models_dir: Path, pidfile: Path | None = None,
+                 wake: Waker | None = None):
         self.profile = profile
         self.pidfile = pidfile
+        self.wake = wake
+        self.max_num_seqs: int | None = None  # vLLM's batch, once loaded
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "batchd.engine.host", str(theirs.fileno())],
@@ -92,14 +102,19 @@ class HostedEngine:
         self.conn = Connection(ours.detach())
         try:
             self.conn.send((profile, models_dir))
-            reply = self._recv()
-        except EngineDead as exc:
-            reply = (Msg.ERROR, f"engine process for {profile.name} ended while loading: {exc}")
+            reply = self._recv() or ()
+        except (EngineDead, OSError) as exc:
+            # Killed while loading (the OOM killer, a kill): an engine death, not
+            # a model that cannot load; the daemon loads again after a backoff.
+            self.close()
+            raise EngineDead(f"engine process for {profile.name} died while loading: "
+                             f"{exc}") from None
         if reply[0] != Msg.READY:
             self.close()
             cause = self.output.cause()
             raise RuntimeError(reply[1] + (f" (engine log: {cause})" if cause else ""))
         line, problems = reply[2]
+        self.max_num_seqs = reply[3] if len(reply) > 3 else None
         log.info("engine_process_started", pid=self.proc.pid, profile=profile.name,
                  vllm_load_s=round(reply[1], 2), capabilities=line)
         for problem in problems:
@@ -107,15 +122,21 @@ class HostedEngine:
         if pidfile is not None:
             record_children(pidfile)
 
-    def _recv(self) -> tuple:
-        """The next message; EngineDead when the host is gone."""
+    def _recv(self, wake: Waker | None = None) -> tuple | None:
+        """The next message; None when WAKE was set first; EngineDead when the
+        host is gone."""
+        waiting: list[Any] = [self.conn] if wake is None else [self.conn, wake]
         try:
-            while not self.conn.poll(0.5):
+            while True:
+                ready = wait(waiting, 0.5)
+                if self.conn in ready:
+                    return self.conn.recv()
+                if ready:
+                    return None
                 # vLLM's engine core, forked from the host, may hold our socket
                 # open after the host died: do not wait for end of file alone.
                 if self.proc.poll() is not None:
                     raise EngineDead(f"engine process exited with code {self.proc.returncode}")
-            return self.conn.recv()
         except (EOFError, OSError) as exc:
             raise EngineDead(f"engine process lost: {exc or type(exc).__name__}") from None
 
@@ -127,7 +148,11 @@ class HostedEngine:
         try:
             self.conn.send((Msg.STREAM, sampling, window))
             while True:
-                message = self._recv()
+                message = self._recv(self.wake if self.wake is not None
+                                     and not self.wake.is_set() else None)
+                if message is None:
+                    yield []  # the loop has something to do first (a new file)
+                    continue
                 if message[0] == Msg.WANT:
                     batch, ended = take(source, message[1])
                     inflight.update((r.key, r) for r in batch)
@@ -152,7 +177,7 @@ class HostedEngine:
         on their way are dropped (their lines run again in a later stream)."""
         try:
             self.conn.send((Msg.ABORT,))
-            while self._recv()[0] not in (Msg.END, Msg.DEAD):
+            while (self._recv() or (Msg.END,))[0] not in (Msg.END, Msg.DEAD):
                 pass
         except (EngineDead, OSError):
             pass  # a dead host has nothing in flight

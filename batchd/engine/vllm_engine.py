@@ -51,6 +51,12 @@ class VllmEngine:
         self.serving = serving
         self.load_seconds = time.monotonic() - started
 
+    @property
+    def max_num_seqs(self) -> int | None:
+        """vLLM's batch: the sequences its scheduler runs at once."""
+        config = getattr(self.serving.client, "vllm_config", None)
+        return getattr(getattr(config, "scheduler_config", None), "max_num_seqs", None)
+
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 

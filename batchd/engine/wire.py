@@ -5,13 +5,17 @@ They travel over a socket pair with multiprocessing's message framing, each a
 tuple whose first item is a ``Msg``:
 
     daemon -> host   (profile, models_dir)                once, at start
-    host -> daemon   (READY, load_seconds) | (ERROR, text)
-    daemon -> host   (STREAM, sampling, window)           one job's requests follow
+    host -> daemon   (READY, load_seconds, (capabilities, problems), max_num_seqs)
+                     | (ERROR, text)                      a load that failed by itself
+    daemon -> host   (STREAM, sampling, window)           one stream: every running job's
+                                                          requests, each with its own
+                                                          job name and sampling
     host -> daemon   (WANT, n)                            send up to n more requests
     daemon -> host   (REQUESTS, [Request, ...])           an empty list: no more
                      | (HOLD,)                            none now; ask again later
     host -> daemon   (ANSWERS, [(key, body, error), ...])   every 0.1-0.25 s;
-                                                          key: (job, line)
+                                                          key: (job, line); an empty
+                                                          bunch at least every 0.25 s
     daemon -> host   (ABORT,)                             stop this stream early
     host -> daemon   (END,) | (DEAD, text)                the stream is over
     daemon -> host   (CLOSE,) or end of file              exit

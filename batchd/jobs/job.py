@@ -15,7 +15,8 @@ from ..layout import Layout
 from ..profiles import Profile
 from ..spool.cache import ResultCache
 from ..spool.checkpoint import Checkpoint, LineSet, Tally
-from ..spool.outbox import StatusFile, anthropic_line, utc_now
+from ..clock import utc_now
+from ..spool.outbox import StatusFile, anthropic_line
 from .order import PrefixOrder
 from .router import Routes
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,76 @@ import tomli_w
 
 from .. import bench
 from ..config import Settings
-from ..layout import BENCH, ERRORS, INPUT, JOB_TOML, PUBLISHED_INPUT, RESULTS, JobState
-from ..lines import open_regular
+from ..clock import utc_now
+from ..layout import (BENCH, ERRORS, INPUT, JOB_TOML, PUBLISHED_INPUT, RESULTS, Ending,
+                      JobState, Phase)
+from ..lines import LineError, open_regular
 from ..spool import events, inbox
+from ..spool.outbox import StatusFile, atomic_files, error_line, read_status, sync_dir, write_atomic
 from . import retry
-from ..spool.outbox import StatusFile, atomic_files, read_status, sync_dir, utc_now, write_atomic
 from .job import Job
-from .router import Sidecar
+from .router import JobRejected, Sidecar
+from .validate import classified
 
 log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended: its final state and its bench record (None when a
+    restart only finished the cleanup of a job published before a crash)."""
+
+    state: JobState
+    bench: dict[str, Any] | None
+
+
+def end(job: Job, ending: Ending) -> Outcome:
+    """Publish JOB as ENDING says: every line not answered yet gets the ending's
+    error line (``cancelled``, ``batch_expired``, or a failure's code), then
+    ``finish``."""
+    if ending.state == JobState.CANCELLED:
+        _fill(job, "cancelled", "the job was cancelled before this line ran", 400)
+        job.layout.cancel(job.name).unlink(missing_ok=True)
+        job.log.info("job_cancelled")
+    elif ending.state == JobState.EXPIRED:  # OpenAI's expiry: answered lines stay
+        _fill(job, "batch_expired", "this request could not be executed before "
+              "the completion window expired", 400)
+        job.log.info("job_expired")
+    errors = None
+    if ending.state == JobState.FAILED:
+        assert ending.code is not None  # a failure says which
+        _fill(job, ending.code, ending.message, 500)
+        errors = [{"code": ending.code, "message": ending.message, "line": None}]
+    record = finish(job, ending.state, job.settings.routing.models_dir, errors)
+    return Outcome(ending.state, record)
+
+
+def reject(job: Job, exc: JobRejected) -> Outcome:
+    """A job refused as a whole (validation, routing): every line gets its error."""
+    job.log.warning("job_rejected", code=exc.code, reason=exc.message)
+    if exc.code not in ("file_too_large", "not_a_regular_file"):
+        _fill(job, exc.code, exc.message, 400)
+    record = finish(job, JobState.FAILED, job.settings.routing.models_dir, [
+        {"code": exc.code, "message": exc.message, "line": exc.line}], rejected=True)
+    return Outcome(JobState.FAILED, record)
+
+
+def _fill(job: Job, code: str, message: str, status: int) -> None:
+    """Give every line not yet answered an error line with CODE."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    for _offset, item in classified(job.input, job.settings.limits.max_line_bytes):
+        if item.line not in job.ckpt.done:
+            job.record(item.line, "error", error_line(LineError(
+                item.line, item.custom_id, code, message, None, status, kind)))
+
+
+def interrupted(job: Job) -> None:
+    """The daemon stops: the job keeps its checkpoint and resumes at the next start."""
+    job.ckpt.sync()
+    job.status.write(JobState.QUEUED, phase=Phase.INTERRUPTED,
+                     message="daemon stopping; the job resumes at the next start",
+                     **job.progress())
+    job.log.info("job_interrupted", answered=job.answered)
 
 
 def job_toml(job: Job, sidecar: Sidecar, reason: str, models_dir: Path) -> None:
@@ -55,7 +117,7 @@ def finish(job: Job, final: JobState, models_dir: Path,
     """Results, errors and bench in place, then the input, then the final status
     line, then the cleanup of work/ (the module docstring says why this order).
     Returns the bench record."""
-    job.status.write(JobState.FINALIZING, phase="publishing", **job.progress())
+    job.status.write(JobState.FINALIZING, phase=Phase.PUBLISHING, **job.progress())
     record = outputs(job, final, models_dir)
     fields = job.progress()
     fields["throughput"] = {k: record["throughput"][k]
@@ -76,7 +138,7 @@ def finish(job: Job, final: JobState, models_dir: Path,
     # before the final line: a daemon killed right after it still signals the end
     events.record(job.settings, job.name, final, {"total": job.total,
                   "completed": job.ckpt.tally.completed, "failed": job.ckpt.tally.failed})
-    job.status.write(final, phase="done", message=errors[0]["message"] if errors else "",
+    job.status.write(final, phase=Phase.DONE, message=errors[0]["message"] if errors else "",
                      **fields)
     job.log.info("job_finished", state=final.value, total=job.total,
                  succeeded=job.ckpt.tally.completed, failed=job.ckpt.tally.failed)
@@ -149,7 +211,7 @@ def stalled(settings: Settings, name: str, exc: OSError) -> None:
     its checkpoint and is tried again later; say so if the outbox allows."""
     try:
         StatusFile(settings.layout.status(name), name).write(
-            JobState.QUEUED, phase="stalled", message=f"stalled: {exc}; kept in "
+            JobState.QUEUED, phase=Phase.STALLED, message=f"stalled: {exc}; kept in "
             "work/ with its checkpoint, retried automatically")
     except OSError:
         pass  # the outbox itself is what fails; the log says why
@@ -164,7 +226,7 @@ def reject_entry(settings: Settings, name: str, why: str) -> bool:
     message = f"{name!r} {why}" + ("" if moved else "; left in inbox")
     events.record(settings, job, JobState.FAILED, {"total": 0, "completed": 0, "failed": 0})
     StatusFile(settings.layout.status(job), job).write(
-        JobState.FAILED, phase="done", message=message,
+        JobState.FAILED, phase=Phase.DONE, message=message,
         errors=[{"code": "not_a_regular_file", "message": message, "line": None}])
     log.warning("job_rejected", job=job, code="not_a_regular_file", file=name)
     return moved is not None

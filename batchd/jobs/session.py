@@ -1,61 +1,95 @@
-"""Many jobs at once on one warm engine: one stream, a shared window.
+"""Many jobs at once on one warm engine: one stream, a shared window, stepped
+by the daemon's loop (batchd/daemon.py), one engine step a turn.
 
 An engine runs one stream of requests at a time. A session feeds it from every
-job running on the loaded profile and hands each answer to its own job:
+job running on its profile and hands each answer to its own job:
 
 - **Fair share.** The stream's source takes the next request from the job served
   least so far, each request costing 1/weight (stride scheduling). A job's
   weight is ``1 + priority`` for a sidecar priority of 0 or more and
   ``1 / (1 - priority)`` below. A job that joins starts level with the least
-  served, so its first requests go out at the engine's next refill, however
-  long the others are; with vLLM's priority scheduling they also run first.
-- **Joining and leaving.** Between engine steps the daemon's ``admit`` may add
-  jobs (up to ``scheduling.max_running_jobs``). A job leaves when every line is
-  answered (it publishes), or on cancel or expiry: its lines still in the
-  engine run on, and their answers are dropped (its checkpoint already holds an
-  error line for each).
-- **Ending together.** A stop (SIGTERM) or a yield (``admit`` says a file for
-  another profile is overdue) closes the stream, which aborts what is in
-  flight; every job keeps its checkpoint and resumes from it, losing nothing.
-- **Engine death.** The stream starts again on a fresh engine with every job's
-  unanswered lines.
+  served, so its requests are the next ones sent, however long the others are;
+  with vLLM's priority scheduling they also run first.
+- **Turns.** ``add`` puts a job in; ``step`` loads the engine when it must, or
+  moves one engine step's answers into their checkpoints; ``leave`` ends a job
+  (cancel, expiry); ``drain`` ends the stream for a stop or a yield. Each
+  returns the jobs that left (``Left``): ended, stalled or waiting.
+- **Leaving.** A job leaves when every line is answered (it publishes), or on
+  cancel or expiry: its lines still in the engine run on, and their answers are
+  dropped (its checkpoint already holds an error line for each).
+- **Engine death**, while loading or while generating: every job counts it; one
+  at ``max_engine_failures`` fails the rest of its lines. The next load starts
+  after a backoff, with every job's unanswered lines. Jobs that shared an engine
+  that died under them run one at a time from then on: a file that kills the
+  engine fails alone, and the others finish. A load that fails by itself (no
+  such model, a setting vLLM refuses) fails its jobs at once with the reason.
+
+Decisions use the loop's clock (``now``: the backoff, how long the session has
+run); the durations a bench record reports are measured with the process's
+monotonic clock.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Iterator
+from enum import Enum
+from typing import Any, Generator, Iterator
 
 import structlog
 
-from ..engine import HOLD, Answer, EngineDead
-from ..layout import JobState
+from ..config import Settings
+from ..engine import HOLD, Answer, Engine, EngineDead, EnginePool
+from ..layout import COMPLETED, Ending, JobState, Phase
 from ..lines import Request
 from ..profiles import Profile
 from ..spool.outbox import error_line, result_line
+from . import publish
 from .job import Job
-
-if TYPE_CHECKING:
-    from .runner import Outcome, Runner
+from .prepare import runnable
+from .publish import Outcome
 
 log = structlog.get_logger()
 
-# How often running jobs look for inbox/JOB.cancel and the daemon is asked for
-# more work: not a stat and an inbox scan per engine step.
-CHECK_SECONDS = 0.5
-YIELD = "yield"  # what admit answers when the running jobs must make way
+
+class Drain(str, Enum):
+    """Why a session ends with jobs still running."""
+
+    STOP = "stop"  #: the daemon stops: each job resumes at the next start
+    YIELD = "yield"  #: an overdue file of another profile runs first: they wait their turn
 
 
-def _close_quietly(job: Job) -> None:
-    try:
-        job.ckpt.close()
-    except OSError:
-        pass
+@dataclass(frozen=True)
+class Left:
+    """A job that left its session: ended (OUTCOME), stalled (ERROR: publishing
+    failed; it stays in work/ with its checkpoint), or neither: it waits,
+    unfinished, for its profile's next turn (a yield, its next part, running alone)."""
+
+    job: Job
+    outcome: Outcome | None = None
+    error: OSError | None = None
+
+
+@dataclass
+class Turn:
+    """What one step did: the jobs that left, the progress lines it wrote, and
+    whether it did anything (answers, a load) or only waited."""
+
+    left: list[Left] = field(default_factory=list)
+    progress: list[dict[str, Any]] = field(default_factory=list)
+    worked: bool = False
 
 
 def weight(priority: int) -> float:
     return 1.0 + priority if priority >= 0 else 1.0 / (1 - priority)
+
+
+def auto_window(engine: Engine) -> int:
+    """Requests in flight when `[engine] window = 0`: vLLM's batch (max_num_seqs)
+    and a quarter more, so a slot that frees is refilled at once while vLLM's
+    own queue stays short; a job that joins then waits behind few requests."""
+    seqs = getattr(engine, "max_num_seqs", None) or 256
+    return seqs + max(1, seqs // 4)
 
 
 @dataclass(eq=False)
@@ -77,41 +111,154 @@ class Running:
 
 
 class Session:
-    """The jobs running on PROFILE's engine, start to end; see the module text.
+    """The jobs running on PROFILE's engine, from the first that needs it to
+    the last; see the module text."""
 
-    ADMIT(session) returns jobs to add, or YIELD; ENDED(job, outcome) is told of
-    every job that leaves with a final state, STALLED(name, error) of one whose
-    publishing failed (it stays in work/ with its checkpoint), HOLD(job) of one
-    that leaves unfinished (it made way, or its next part needs another
-    profile): it stays open and resumes from its checkpoint."""
-
-    def __init__(self, runner: Runner, profile: Profile,
-                 admit: Callable[[Session], list[Job] | str] = lambda session: [],
-                 ended: Callable[[Job, Outcome], None] = lambda job, outcome: None,
-                 stalled: Callable[[str, OSError], None] = lambda name, error: None,
-                 hold: Callable[[Job], None] | None = None):
-        self.runner = runner
+    def __init__(self, settings: Settings, pool: EnginePool, profile: Profile):
+        self.settings = settings
+        self.pool = pool
         self.profile = profile
-        self.admit = admit
-        self.ended = ended
-        self.stalled = stalled
-        self.held: list[Job] = []  # without HOLD: the jobs that left unfinished
-        self.hold = hold or self.held.append
         self.running: dict[str, Running] = {}
-        self.ready_at: float | None = None  # when its engine first answered to it
+        self.stream: Generator[list[Answer], None, None] | None = None
+        self.ready_at: float | None = None  # the loop's clock when its engine first answered
+        self.load_at = 0.0  # after an engine death: not loading again before this
         self.tokens = [0, 0]  # prompt and completion tokens answered in this session
+        self._turn = Turn()
 
     # -- membership --------------------------------------------------------------
 
-    def add(self, job: Job, now: float | None = None) -> None:
-        """JOB joins: into the running stream at NOW, or the next one to start."""
+    def add(self, job: Job) -> None:
+        """JOB joins: into the running stream, its requests the next ones sent,
+        or into the next stream to start."""
         level = min((r.level for r in self.running.values()), default=0.0)
         for other in self.running.values():
             other.job.overlapped.add(job.name)
             job.overlapped.add(other.job.name)
         self.running[job.name] = running = Running(job, level)
-        if now is not None:
-            self._start(running, now)
+        if self.stream is not None:
+            self._prime(running)
+            self._start(running)
+
+    def leave(self, name: str, ending: Ending) -> list[Left]:
+        """End the running job NAME as ENDING says (cancel, expiry)."""
+        self._turn = Turn()
+        self._leave(self.running[name], ending)
+        return self._turn.left
+
+    def running_for(self, now: float) -> float:
+        """Seconds since its engine was ready (0 while it loads): the daemon lets a
+        session run max_wait_seconds before it makes way, so each turn makes
+        progress even when a load takes longer than the wait."""
+        return 0.0 if self.ready_at is None else now - self.ready_at
+
+    # -- one turn ----------------------------------------------------------------
+
+    def step(self, now: float) -> Turn:
+        """Start the stream (loading the engine when it must), or move one engine
+        step's answers into their jobs' checkpoints."""
+        self._turn = turn = Turn()
+        if self.stream is None:
+            turn.worked = self._open(now)
+            return turn
+        try:
+            answers = next(self.stream)
+        except EngineDead as exc:
+            self._died(exc, now, loading=False)
+            turn.worked = True
+            return turn
+        self._record(answers)
+        turn.worked = bool(answers)
+        interval = self.settings.status.interval
+        measured = time.monotonic()
+        for r in list(self.running.values()):
+            job = r.job
+            job.ckpt.tick()
+            if r.answered:
+                self._part_done(r)
+            elif measured - job.status.written_at >= interval:
+                since = r.since if r.since is not None else measured
+                turn.progress.append(job.status.write(
+                    JobState.IN_PROGRESS, phase=Phase.GENERATING,
+                    **job.progress(job.answered - r.done_before, measured - since)))
+        return turn
+
+    def _open(self, now: float) -> bool:
+        """Prime every job, load the engine and start the stream; False while it
+        waits out the backoff after an engine death."""
+        for r in list(self.running.values()):
+            self._prime(r)
+            if r.answered:  # by the cache, or nothing was left: no engine needed
+                self._part_done(r)
+        if not self.running:
+            return True
+        if now < self.load_at:
+            return False
+        if self.pool.engine is None or self.pool.engine.profile != self.profile:
+            for r in self.running.values():
+                r.job.status.write(JobState.IN_PROGRESS, phase=Phase.LOADING_MODEL,
+                                   **r.job.progress())
+        try:
+            engine, spent = self.pool.get(self.profile)
+        except EngineDead as exc:  # killed while loading (OOM killer, kill): a death
+            self._died(exc, now, loading=True)
+            return True
+        except Exception as exc:  # noqa: BLE001 - a model that cannot load fails its jobs
+            for r in list(self.running.values()):
+                r.job.log.error("engine_load_failed", error=str(exc))
+                self._leave(r, Ending.failed("engine_error", f"model failed to load: {exc}"))
+            return True
+        if self.ready_at is None:
+            self.ready_at = now + spent  # the loop's clock once the load is over
+        for r in self.running.values():
+            r.job.load_s += spent
+            self._start(r)
+        window = self.settings.engine.window or auto_window(engine)
+        self.stream = engine.stream(self._source(), {}, window)
+        return True
+
+    def drain(self, how: Drain) -> list[Left]:
+        """Close the stream (what is in flight is aborted) and take every job out
+        with its checkpoint synced: for a stop each waits for the next start, for
+        a yield for this daemon's next turn of its profile (returned as Left)."""
+        self._turn = Turn()
+        self.close()
+        for r in list(self.running.values()):
+            self._stopped(r)
+            job = r.job
+            job.ckpt.sync()
+            if how == Drain.STOP:
+                publish.interrupted(job)
+                job.ckpt.close()
+            else:
+                job.status.write(JobState.IN_PROGRESS, phase=Phase.YIELDED,
+                                 message="made way for a file of another profile that "
+                                 "waited over max_wait_seconds; resumes from its checkpoint",
+                                 **job.progress())
+                job.log.info("job_yielded", answered=job.answered)
+                self._turn.left.append(Left(job))
+        self.running.clear()
+        return self._turn.left
+
+    def close(self) -> None:
+        """End the stream; the engine stays warm in its pool."""
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            stream.close()  # aborts whatever is still in flight
+
+    def abandon(self) -> list[str]:
+        """After an error the session cannot go on from (a disk gone read-only):
+        close what is open, quietly, and say which jobs were running."""
+        names = list(self.running)
+        try:
+            self.close()
+        except EngineDead:
+            self.pool.discard()
+        for r in self.running.values():
+            _close_quietly(r.job)
+        self.running.clear()
+        return names
+
+    # -- the stream --------------------------------------------------------------
 
     def _prime(self, r: Running) -> None:
         """Its unanswered lines from the checkpoint, in order, up to the first that
@@ -120,78 +267,19 @@ class Session:
         r.head = next(r.todo, None)
         r.inflight = 0
 
-    def _start(self, r: Running, now: float, primed: bool = False) -> None:
-        """(Re)join the stream at NOW."""
-        if not primed:
-            self._prime(r)
-        r.since = now
+    def _start(self, r: Running) -> None:
+        """(Re)join the stream."""
+        r.since = time.monotonic()
         r.done_before = r.job.answered
         r.tokens_at_join = (self.tokens[0], self.tokens[1])
-        r.job.status.write(JobState.IN_PROGRESS, phase="generating", **r.job.progress())
+        r.job.status.write(JobState.IN_PROGRESS, phase=Phase.GENERATING, **r.job.progress())
 
     def _tagged(self, job: Job) -> Iterator[Request]:
         sampling = job.sampling
         if self.profile.priority_scheduling and job.priority:
             sampling = {**sampling, "priority": -job.priority}  # vLLM: lower runs first
-        for request in self.runner.runnable(job):
+        for request in runnable(job):
             yield replace(request, job=job.name, sampling=sampling)
-
-    def _stopped(self, r: Running, now: float) -> None:
-        """Out of the stream, for now or for good: time and tokens counted."""
-        job = r.job
-        if r.since is not None:  # it was in a stream
-            job.gen_s += now - r.since
-            job.engine_tokens[0] += self.tokens[0] - r.tokens_at_join[0]
-            job.engine_tokens[1] += self.tokens[1] - r.tokens_at_join[1]
-        r.since = now
-        r.tokens_at_join = (self.tokens[0], self.tokens[1])
-
-    def _leave(self, r: Running, how: str) -> None:
-        self._stopped(r, time.monotonic())
-        del self.running[r.job.name]
-        try:
-            outcome = self.runner.end(r.job, how)
-        except OSError as exc:  # its outbox files failed (disk full): the others go on
-            _close_quietly(r.job)
-            self.stalled(r.job.name, exc)
-            return
-        r.job.ckpt.close()
-        self.ended(r.job, outcome)
-
-    def _part_done(self, r: Running) -> None:
-        """Every line of the job's current profile is answered: it publishes, or
-        waits for the profile of its next part (a file whose lines name several)."""
-        job = r.job
-        if job.answered >= job.total or not job.next_part():
-            self._leave(r, "completed" if job.answered >= job.total else
-                        "engine_error:internal error: lines left without a profile")
-            return
-        self._stopped(r, time.monotonic())
-        del self.running[job.name]
-        job.ckpt.sync()
-        assert job.profile is not None  # next_part() set it
-        job.status.write(JobState.IN_PROGRESS, phase="waiting_for_model",
-                         message=f"lines for {self.profile.name} answered; those for "
-                         f"{job.profile.name} run when it is loaded", **job.progress())
-        job.log.info("job_part_done", next_profile=job.profile.name)
-        self.hold(job)
-
-    def abandon(self) -> list[str]:
-        """After an error the session cannot go on from (a disk gone read-only):
-        close what is open, quietly, and say which jobs were running."""
-        names = list(self.running)
-        for r in self.running.values():
-            _close_quietly(r.job)
-        self.running.clear()
-        return names
-
-    # -- the stream --------------------------------------------------------------
-
-    def running_for(self) -> float:
-        """Seconds since its engine was ready (0 while it loads): the daemon lets a
-        session run max_wait_seconds before it makes way, so each turn makes
-        progress even when a load takes longer than the wait."""
-        return 0.0 if self.ready_at is None else time.monotonic() - self.ready_at
 
     def _source(self) -> Iterator[Request | None]:
         """The shared window's feed: the least served job with a request to send."""
@@ -206,119 +294,6 @@ class Session:
             r.inflight += 1
             r.head = next(r.todo, None)
             yield request
-
-    def run(self, jobs: list[Job]) -> str:
-        """Run JOBS and every job admitted on the way until none is left ("done"),
-        the daemon stops ("stopped") or the jobs make way ("yielded")."""
-        runner = self.runner
-        pool = runner.pool
-        for job in jobs:
-            self.add(job)
-        while self.running:
-            for r in list(self.running.values()):
-                self._prime(r)
-                if r.answered:  # by the cache, or nothing was left: no engine needed
-                    self._part_done(r)
-            if not self.running:
-                return "done"
-            if pool.engine is None or pool.engine.profile != self.profile:
-                for r in self.running.values():
-                    r.job.status.write(JobState.IN_PROGRESS, phase="loading_model",
-                                       **r.job.progress())
-            try:
-                engine, spent = pool.get(self.profile)
-            except Exception as exc:  # noqa: BLE001 - a model that cannot load fails its jobs
-                for r in list(self.running.values()):
-                    r.job.log.error("engine_load_failed", error=str(exc))
-                    self._leave(r, f"engine_error:model failed to load: {exc}")
-                return "done"
-            now = time.monotonic()
-            if self.ready_at is None:
-                self.ready_at = now
-            for r in self.running.values():
-                r.job.load_s += spent
-                self._start(r, now, primed=True)
-            stream = engine.stream(self._source(), {}, runner.settings.engine.window)
-            try:
-                how = self._consume(stream)
-            except EngineDead as exc:
-                self._died(exc)
-                if runner.stop.is_set():
-                    self._end_all("stop")  # no new engine while stopping
-                    return "stopped"
-                continue
-            finally:
-                stream.close()  # aborts whatever is still in flight
-            if how in ("stop", "yield"):
-                self._end_all(how)
-                return "stopped" if how == "stop" else "yielded"
-        return "done"
-
-    def _died(self, exc: EngineDead) -> None:
-        """The engine died under the running jobs. Each counts the death; one at
-        its max_engine_failures fails the rest of its lines. Which request killed
-        it cannot be told, so jobs that shared the engine run one at a time from
-        now on (the others wait, phase `waiting`): a file that kills the engine again
-        then fails alone, and the others finish."""
-        now = time.monotonic()
-        for r in self.running.values():
-            self._stopped(r, now)
-            r.job.deaths += 1
-        log.error("engine_died", error=str(exc), jobs=sorted(self.running),
-                  deaths=max((r.job.deaths for r in self.running.values()), default=0))
-        self.runner.pool.discard()  # its process is gone; never reuse it
-        if self.runner.stop.is_set():
-            return
-        limit = self.runner.settings.engine.max_engine_failures
-        for r in list(self.running.values()):
-            if r.job.deaths >= limit:
-                self._leave(r, f"engine_error:the engine died {r.job.deaths} times "
-                            f"running this job: {exc}")
-        for r in list(self.running.values())[1:]:
-            del self.running[r.job.name]
-            r.job.ckpt.sync()
-            r.job.status.write(JobState.IN_PROGRESS, phase="waiting",
-                               message="the engine died while this job ran beside others; "
-                               "it runs alone next", **r.job.progress())
-            self.hold(r.job)
-
-    def _consume(self, stream: Iterator[list[Answer]]) -> str:
-        """Answers to their jobs' checkpoints until the session empties, the
-        daemon stops or the jobs must yield; returns which."""
-        runner = self.runner
-        interval = runner.settings.status.interval
-        next_check = 0.0
-        for answers in stream:
-            self._record(answers)
-            now = time.monotonic()
-            for r in list(self.running.values()):
-                job = r.job
-                job.ckpt.tick()
-                if r.answered:
-                    self._part_done(r)
-                elif now - job.status.written_at >= interval:
-                    record = job.status.write(
-                        JobState.IN_PROGRESS, phase="generating",
-                        **job.progress(job.answered - r.done_before,
-                                       now - (r.since if r.since is not None else now)))
-                    runner.heartbeat(record)
-            if runner.stop.is_set():
-                return "stop"
-            if now >= next_check or not self.running:
-                next_check = now + CHECK_SECONDS
-                for r in list(self.running.values()):
-                    if runner.cancel_requested(r.job.name):
-                        self._leave(r, "cancelled")
-                    elif runner.expired(r.job):
-                        self._leave(r, "expired")
-                more = self.admit(self)
-                if isinstance(more, str):  # YIELD
-                    return "yield"
-                for joining in more:
-                    self.add(joining, time.monotonic())
-            if not self.running:
-                return "done"
-        raise AssertionError("a shared stream ends only when the session closes it")
 
     def _record(self, answers: list[Answer]) -> None:
         for answer in answers:
@@ -339,22 +314,87 @@ class Session:
             self.tokens[0] += usage.get("prompt_tokens") or usage.get("input_tokens") or 0
             self.tokens[1] += usage.get("completion_tokens") or usage.get("output_tokens") or 0
 
-    def _end_all(self, how: str) -> None:
-        """Every running job out of the stream with its checkpoint synced: for a
-        stop they wait for the next start, for a yield for this daemon's next turn."""
-        now = time.monotonic()
+    # -- leaving -----------------------------------------------------------------
+
+    def _stopped(self, r: Running) -> None:
+        """Out of the stream, for now or for good: time and tokens counted."""
+        job = r.job
+        if r.since is not None:  # it was in a stream
+            job.gen_s += time.monotonic() - r.since
+            job.engine_tokens[0] += self.tokens[0] - r.tokens_at_join[0]
+            job.engine_tokens[1] += self.tokens[1] - r.tokens_at_join[1]
+        r.since = None
+        r.tokens_at_join = (self.tokens[0], self.tokens[1])
+
+    def _leave(self, r: Running, ending: Ending) -> None:
+        self._stopped(r)
+        del self.running[r.job.name]
+        try:
+            outcome = publish.end(r.job, ending)
+        except OSError as exc:  # its outbox files failed (disk full): the others go on
+            _close_quietly(r.job)
+            self._turn.left.append(Left(r.job, error=exc))
+            return
+        r.job.ckpt.close()
+        self._turn.left.append(Left(r.job, outcome))
+
+    def _part_done(self, r: Running) -> None:
+        """Every line of the job's current profile is answered: it publishes, or
+        waits for the profile of its next part (a file whose lines name several)."""
+        job = r.job
+        if job.answered >= job.total or not job.next_part():
+            self._leave(r, COMPLETED if job.answered >= job.total else Ending.failed(
+                "engine_error", "internal error: lines left without a profile"))
+            return
+        self._stopped(r)
+        del self.running[job.name]
+        job.ckpt.sync()
+        assert job.profile is not None  # next_part() set it
+        job.status.write(JobState.IN_PROGRESS, phase=Phase.WAITING_FOR_MODEL,
+                         message=f"lines for {self.profile.name} answered; those for "
+                         f"{job.profile.name} run when it is loaded", **job.progress())
+        job.log.info("job_part_done", next_profile=job.profile.name)
+        self._turn.left.append(Left(job))
+
+    def _died(self, exc: EngineDead, now: float, loading: bool) -> None:
+        """The engine died, under the running jobs or while loading for them; see
+        the module text."""
+        self.stream = None  # a generator that raised is over
+        for r in self.running.values():
+            self._stopped(r)
+            r.job.deaths += 1
+        deaths = max((r.job.deaths for r in self.running.values()), default=0)
+        log.error("engine_died", error=str(exc), jobs=sorted(self.running), deaths=deaths,
+                  while_loading=loading, profile=self.profile.name)
+        self.pool.discard()  # its process is gone; never reuse it
+        limit = self.settings.engine.max_engine_failures
         for r in list(self.running.values()):
-            self._stopped(r, now)
-            job = r.job
-            job.ckpt.sync()
-            if how == "stop":
-                self.runner.interrupted(job)
-                job.ckpt.close()
-            else:
-                job.status.write(JobState.IN_PROGRESS, phase="yielded",
-                                 message="made way for a file of another profile that "
-                                 "waited over max_wait_seconds; resumes from its checkpoint",
-                                 **job.progress())
-                job.log.info("job_yielded", answered=job.answered)
-                self.hold(job)
-        self.running.clear()
+            if r.job.deaths >= limit:
+                self._leave(r, Ending.failed(
+                    "engine_error", f"the engine died {r.job.deaths} times "
+                    f"{'loading the model for' if loading else 'running'} this job: {exc}"))
+        if not loading:  # a request may have killed it: shared jobs run one at a time
+            for r in list(self.running.values())[1:]:
+                del self.running[r.job.name]
+                r.job.ckpt.sync()
+                r.job.status.write(JobState.IN_PROGRESS, phase=Phase.WAITING_TO_RUN_ALONE,
+                                   message="the engine died while this job ran beside "
+                                   "others; it runs alone next", **r.job.progress())
+                self._turn.left.append(Left(r.job))
+        backoff = min(60.0, self.settings.engine.restart_backoff_seconds
+                      * 2 ** max(0, deaths - 1))
+        self.load_at = now + backoff
+        for r in self.running.values():
+            r.job.ckpt.sync()
+            r.job.status.write(JobState.IN_PROGRESS, phase=Phase.ENGINE_DIED,
+                               message=f"the engine died{' while loading' if loading else ''}"
+                               f" ({r.job.deaths} of {limit}); loading again in "
+                               f"{backoff:.0f}s", **r.job.progress())
+            log.info("engine_reload_scheduled", job=r.job.name, in_s=backoff)
+
+
+def _close_quietly(job: Job) -> None:
+    try:
+        job.ckpt.close()
+    except OSError:
+        pass

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..config import LimitsConfig
-from ..layout import PUBLISHED_INPUT, JobState
+from ..layout import PUBLISHED_INPUT, JobState, Phase
 from ..lines import Dedup, LineError, NotRegularFile, Request, iter_file_at, open_regular
 from ..spool.outbox import error_line
 from .job import Job
@@ -88,7 +88,7 @@ def validate_job(job: Job) -> tuple[Sidecar, ModelVote]:
     def every_8192(lines: int) -> None:
         job.total = lines
         if time.monotonic() - job.status.written_at >= settings.status.interval:
-            job.status.write(JobState.VALIDATING, phase="validating",
+            job.status.write(JobState.VALIDATING, phase=Phase.VALIDATING,
                              message=f"{lines} lines read",
                              **job.progress())
 

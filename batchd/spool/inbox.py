@@ -86,6 +86,11 @@ class Settler:
             return self.settle_seconds == 0
         return now - previous[1] >= self.settle_seconds
 
+    def due(self, name: str) -> float:
+        """When NAME, seen unchanged since, will have settled (the caller's clock)."""
+        previous = self.seen.get(name)
+        return 0.0 if previous is None else previous[1] + self.settle_seconds
+
     def forget(self, name: str) -> None:
         self.seen.pop(name, None)
         self.renamed.discard(name)

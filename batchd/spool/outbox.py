@@ -13,13 +13,13 @@ import os
 import socket
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
 import structlog
 
-from ..layout import TRANSITIONS, JobState
+from ..clock import utc_now
+from ..layout import TRANSITIONS, JobState, Phase
 from ..lines import LineError, Request
 
 log = structlog.get_logger()
@@ -27,10 +27,6 @@ log = structlog.get_logger()
 
 # Which daemon wrote a status line: several may share one spool.
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class StatusFile:
@@ -43,11 +39,15 @@ class StatusFile:
         self.last: dict[str, Any] = {}
         self.written_at = 0.0
 
-    def write(self, state: JobState, **fields: Any) -> dict[str, Any]:
+    def write(self, state: JobState, phase: Phase | None = None, **fields: Any
+              ) -> dict[str, Any]:
+        """Append a status line: STATE, PHASE (layout.Phase, the only values a
+        status file holds) and the line's other FIELDS."""
         if self.state is not None and state != self.state and state not in TRANSITIONS.get(
                 self.state, set()):
             raise ValueError(f"job {self.job}: no transition {self.state.value} -> {state.value}")
-        record = {"ts": utc_now(), "job": self.job, "state": state.value, **fields,
+        record = {"ts": utc_now(), "job": self.job, "state": state.value,
+                  **({"phase": Phase(phase).value} if phase is not None else {}), **fields,
                   "daemon": OWNER}
         record.setdefault("message", "")
         with open(self.path, "ab") as stream:
@@ -56,7 +56,7 @@ class StatusFile:
                 stream.flush()
                 os.fsync(stream.fileno())
         if state != self.state:  # one log event per transition, not per progress line
-            log.info("job_state", job=self.job, state=state.value, phase=fields.get("phase"),
+            log.info("job_state", job=self.job, state=state.value, phase=record.get("phase"),
                      profile=fields.get("profile"), counts=fields.get("request_counts"))
         self.state, self.last, self.written_at = state, record, time.monotonic()
         return record

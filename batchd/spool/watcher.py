@@ -61,6 +61,43 @@ def choose_mode(mode: str, inbox: Path) -> tuple[str, str]:
     return "inotify", f"inbox is on {fstype}"
 
 
+class Wakeup:
+    """"Look again": set by the watcher's thread, waited on by the loop, and
+    selectable (``fileno``), so the loop can also wake from inside an engine
+    stream that waits on its engine process's socket (engine/hosted.py)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def set(self) -> None:
+        if not self._event.is_set():
+            self._event.set()
+            try:
+                os.write(self._write, b"x")
+            except BlockingIOError:
+                pass  # already readable
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def clear(self) -> None:
+        self._event.clear()
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+    def fileno(self) -> int:
+        return self._read
+
+
 class _Handler(FileSystemEventHandler):
     def __init__(self, watcher: "Watcher"):
         self.watcher = watcher
@@ -76,11 +113,12 @@ class _Handler(FileSystemEventHandler):
 
 
 class Watcher:
-    def __init__(self, inbox: Path, mode: str, poll_interval: float):
+    def __init__(self, inbox: Path, mode: str, poll_interval: float,
+                 wake: Wakeup | None = None):
         self.inbox = inbox
         self.mode, self.why = choose_mode(mode, inbox)
         self.poll_interval = poll_interval
-        self.wake = threading.Event()
+        self.wake = wake or Wakeup()
         self._renamed: set[str] = set()
         self._lock = threading.Lock()
         self._observer: Any = None  # a watchdog observer while watching

@@ -1,0 +1,162 @@
+"""A claimed job up to its first request: opened, validated and routed
+(``prepare``), then its requests one at a time as a session sends them
+(``runnable``). Every step can be cut short by a crash and redone from the
+checkpoint: answered lines are never asked again and never written twice.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from ..clock import parse_iso
+from ..config import Settings
+from ..layout import CANCELLED, EXPIRED, JobState, Phase
+from ..lines import LineError, Request, open_regular, read_line_at
+from ..profiles import ProfileSet
+from ..spool import cache
+from ..spool.cache import ResultCache
+from ..spool.outbox import error_line, read_status, result_line
+from . import publish
+from .job import Job
+from .publish import Outcome
+from .router import JobRejected, route, routes
+from .validate import classified, validate_job
+
+
+def prepare(settings: Settings, name: str, profiles: ProfileSet,
+            results: ResultCache | None, note: str = "", waited: float = 0.0
+            ) -> Job | Outcome:
+    """Open a claimed job, validate and route it: the Job, ready for a session
+    (batchd/jobs/session.py), or how it ended when it cannot run (rejected,
+    cancelled or expired before it ran, or already published before a crash).
+
+    PROFILES are the daemon's (reloaded on SIGHUP); RESULTS the daemon's result
+    cache (None when off); NOTE says why it was claimed; WAITED is how long it
+    sat in the inbox."""
+    job = Job(name, settings, waited=waited)
+    history = read_status(job.status.path)
+    claimed_at = parse_iso(history[0].get("ts") if history else None) or \
+        parse_iso(job.started_at) or datetime.now(timezone.utc)
+    if history and JobState(history[-1]["state"]).final:
+        # a crash came after publishing: only the cleanup is left
+        return Outcome(publish.cleanup(job, JobState(history[-1]["state"])), None)
+    if history:
+        job.status.state = JobState(history[-1]["state"])
+        if job.status.state != JobState.QUEUED:
+            job.status.write(JobState.QUEUED, message="resuming after a restart")
+    job.open_checkpoint()
+    ready = False
+    try:
+        if job.status.state is None:
+            job.status.write(JobState.QUEUED, message=note or "claimed")
+        resumed = job.ckpt.resumed_lines
+        message = f"resumed from checkpoint: {resumed} lines already answered" \
+            if resumed else ""
+        if resumed:
+            job.log.info("job_resumed", lines=resumed)
+        job.status.write(JobState.VALIDATING, phase=Phase.VALIDATING, message=message)
+        job.queued_s = job.waited + time.monotonic() - job.started
+        try:
+            sidecar, votes = validate_job(job)
+            job.profile, reason = route(name, sidecar, votes, profiles,
+                                        settings.routing.default_profile)
+        except JobRejected as exc:
+            return publish.reject(job, exc)
+        job.routes = routes(reason, votes, profiles)
+        job.parts = list(job.routes.parts) if job.routes else [job.profile]
+        job.log = job.log.bind(profile=job.profile.name)
+        job.log.info("job_routed", reason=reason, total=job.total,
+                     parts=[p.name for p in job.parts])
+        job.deadline = sidecar.deadline(claimed_at)
+        job.sidecar_sampling = sidecar.sampling
+        job.priority = sidecar.priority
+        job.cache = results if sidecar.cache else None
+        job.retry_of, job.retry_codes = sidecar.retry_of, sidecar.retry_codes
+        publish.job_toml(job, sidecar, reason, settings.routing.models_dir)
+        if cancel_requested(job):
+            return publish.end(job, CANCELLED)
+        if expired(job):
+            return publish.end(job, EXPIRED)
+        ready = True
+        return job
+    finally:
+        if not ready:
+            job.ckpt.close()
+
+
+def cancel_requested(job: Job) -> bool:
+    return job.layout.cancel(job.name).exists()
+
+
+def expired(job: Job) -> bool:
+    return job.deadline is not None and datetime.now(timezone.utc) >= job.deadline
+
+
+def runnable(job: Job) -> Iterator[Request]:
+    """The valid, unanswered requests of the job's current profile; one over
+    the profile's limits, or naming a model no profile knows, gets its error
+    line here and never reaches the engine; one the result cache answers is
+    answered here."""
+    assert job.profile is not None
+    sampling = job.sampling
+    # what answers depend on besides the request, read once per pass over the
+    # job: a profile reloaded (SIGHUP) or a model rebuilt since is another key
+    identity = cache.identity(job.profile, job.settings.routing.models_dir) \
+        if job.cache is not None else ""
+    for item in _pending(job):
+        target = job.profile_of(item)
+        if target is None:
+            job.record(item.line, "error", error_line(LineError(
+                item.line, item.custom_id, "model_not_found",
+                f"The model `{item.model}` does not exist: no profile serves it "
+                f"(known profiles: {', '.join(p.name for p in job.parts)} and the "
+                "others in `batchd profiles list`)", "model", 404)))
+            continue
+        if target != job.profile.name:
+            continue  # another part's line: it runs when that profile is loaded
+        over = job.profile.limits.violation({**sampling, **item.body}) \
+            or job.profile.media.violation(item.body)
+        if over:
+            job.record(item.line, "error", error_line(LineError(
+                item.line, item.custom_id, "invalid_request", over[1], over[0])))
+            continue
+        if job.cache is not None and _cached(job, item, sampling, identity):
+            continue
+        yield item
+
+
+def _cached(job: Job, item: Request, sampling: dict[str, Any], identity: str) -> bool:
+    """Answer ITEM from the result cache when it holds its answer (True); a
+    cacheable miss is noted so its answer is stored when it comes."""
+    assert job.cache is not None and job.profile is not None
+    request = {**sampling, **item.body}
+    if not cache.cacheable(item.url, request):
+        return False
+    key = cache.key(identity, item.url, request)
+    body = job.cache.get(key)
+    if body is not None:
+        job.record(item.line, "result", result_line(item, cache.fresh(body)))
+        job.cache_hits += 1
+        return True
+    if item.line not in job.cache_pending:
+        job.cache_misses += 1
+    job.cache_pending[item.line] = key
+    return False
+
+
+def _pending(job: Job) -> Iterator[Request]:
+    """The valid, unanswered requests in the job's order (batchd/jobs/order.py)."""
+    max_line = job.settings.limits.max_line_bytes
+    if job.order is None:
+        for _offset, item in classified(job.input, max_line):
+            if isinstance(item, Request) and item.line not in job.ckpt.done:
+                yield item
+        return
+    with open_regular(job.input) as stream:
+        for line, offset in job.order.sequence():
+            if line not in job.ckpt.done:
+                item = read_line_at(stream, offset, line, max_line)
+                assert isinstance(item, Request)  # it was one when the order was made
+                yield item

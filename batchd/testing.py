@@ -1,0 +1,117 @@
+"""For testing only: the deterministic fake engine, and the command line on it.
+
+Nothing in production turns this on: no setting of ``config.toml`` or of the
+environment selects it, and no module of the package imports it (only tests and
+benchmarks do; ``tests/test_layering.py`` checks this). Tests run it in process
+(``Daemon(settings, factory=FakeEngine)``) or as a real daemon process::
+
+    python -m batchd.testing run --config X [--once]
+
+which is the ``batchd`` command line with every model loaded as a
+``FakeEngine``; ``BATCHD_FAKE_STEP_SECONDS`` makes each of its steps take time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from typing import Any, Callable, Generator, Iterable
+
+from .engine import Answer, Engine, fail, sampling_of, take
+from .lines import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, Request
+from .profiles import Profile
+
+
+class FakeEngine:
+    """A deterministic engine for plumbing tests: answers echo the request.
+
+    Its completions are a hash of the prompt, with token counts from word
+    counts; ``step_seconds`` makes each step take time, to test progress,
+    cancel and stop without a model.
+    """
+
+    def __init__(self, profile: Profile, step_seconds: float = 0.0, per_step: int = 8):
+        self.profile = profile
+        self.step_seconds = step_seconds
+        self.per_step = per_step
+        self.closed = False
+        self.answered = 0  # requests it answered: what reached the engine
+
+    def stream(self, requests: Iterable[Request | None], sampling: dict[str, Any],
+               window: int) -> Generator[list[Answer], None, None]:
+        source = iter(requests)
+        pending: list[Request] = []
+        exhausted = False
+        while True:
+            if not exhausted and len(pending) < window:
+                batch, exhausted = take(source, window - len(pending))
+                pending += batch
+            if not pending:
+                if exhausted:
+                    return
+                time.sleep(self.step_seconds or 0.01)  # the source holds
+                yield []
+                continue
+            if self.step_seconds:
+                time.sleep(self.step_seconds)
+            done, pending = pending[: self.per_step], pending[self.per_step:]
+            yield [self._answer(r, sampling_of(r, sampling)) for r in done]
+
+    def _answer(self, request: Request, sampling: dict[str, Any]) -> Answer:
+        self.answered += 1
+        if request.url == EMBEDDINGS:
+            return fail(request, "invalid_request",
+                        f"profile {self.profile.name} does not serve embeddings")
+        body = request.body
+        text_in = str(body.get("messages") or body.get("prompt"))
+        prompt_tokens = len(text_in.split())
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") \
+            or sampling.get("max_tokens") or 16
+        if prompt_tokens > 100_000:
+            return fail(request, "context_length_exceeded", "prompt too long")
+        digest = hashlib.sha256(text_in.encode()).hexdigest()
+        words = [digest[i:i + 4] for i in range(0, 64, 4)][: max(1, min(limit, 16))]
+        text = " ".join(words)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                 "total_tokens": prompt_tokens + len(words)}
+        rid = f"fake-{request.line}"
+        if request.url == MESSAGES:  # Anthropic's message shape
+            return Answer(request, body={
+                "id": f"msg_{rid}", "type": "message", "role": "assistant",
+                "content": [{"type": "text", "text": text}], "model": self.profile.model,
+                "stop_reason": "max_tokens",
+                "usage": {"input_tokens": prompt_tokens, "output_tokens": len(words)}})
+        if request.url == CHAT:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": "length", "logprobs": None}
+            obj: dict[str, Any] = {"id": f"chatcmpl-{rid}", "object": "chat.completion"}
+        else:
+            assert request.url == COMPLETIONS
+            choice = {"index": 0, "text": text, "finish_reason": "length", "logprobs": None}
+            obj = {"id": f"cmpl-{rid}", "object": "text_completion"}
+        obj.update(created=int(time.time()), model=self.profile.model,
+                   choices=[choice], usage=usage)
+        return Answer(request, body=obj)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_factory() -> Callable[[Profile], Engine]:
+    """Every profile loaded as a FakeEngine, its step time from
+    ``BATCHD_FAKE_STEP_SECONDS`` (default 0)."""
+    step = float(os.environ.get("BATCHD_FAKE_STEP_SECONDS", "0"))
+    return lambda profile: FakeEngine(profile, step_seconds=step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``batchd`` command line, its daemon on the fake engine."""
+    from .cli import main as batchd_main
+
+    return batchd_main(argv, factory=fake_factory())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
