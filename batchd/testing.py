@@ -39,6 +39,9 @@ class FakeEngine:
         self.closed = False
         self.answered = 0  # requests it answered: what reached the engine
 
+    def more(self) -> None:
+        pass  # it takes from its source at every step anyway
+
     def stream(self, requests: Iterable[Request | None], sampling: dict[str, Any],
                window: int) -> Generator[list[Answer], None, None]:
         source = iter(requests)

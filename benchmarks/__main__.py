@@ -32,6 +32,8 @@ def main() -> None:
     run.add_argument("--budget-s", type=float, help="gpu: seconds for all three parts")
     run.add_argument("--swaps", type=int, help="gpu: profile swaps in part 2 (0: no part 2)")
     run.add_argument("--fits", type=int, help="gpu: shipped profiles the fit part loads (0-3)")
+    run.add_argument("--window", type=int,
+                     help="concurrency: [engine] window (default 0: the shipped auto)")
     run.add_argument("--quick", action="store_true",
                      help="small sizes: checks that the scenario runs, measures nothing useful")
     args = parser.parse_args()
@@ -41,7 +43,7 @@ def main() -> None:
         return
     module = importlib.import_module(f"benchmarks.{args.scenario}")
     kwargs = {"repeats": args.repeats}
-    for key in ("model", "n", "max_tokens", "budget_s", "swaps", "fits"):
+    for key in ("model", "n", "max_tokens", "budget_s", "swaps", "fits", "window"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
     if args.quick:

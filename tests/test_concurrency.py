@@ -10,7 +10,7 @@ from collections import Counter
 
 from batchd.daemon import Daemon
 from batchd.testing import FakeEngine
-from batchd.jobs.session import weight
+from batchd.jobs.share import weight
 from conftest import one_pass, drop, final_state, outputs, read_jsonl, wait_for
 
 

@@ -198,5 +198,5 @@ def test_poison_job_fails_after_repeated_engine_deaths_and_the_queue_moves_on(
     results = read_jsonl(outbox / "bystander.results.jsonl")
     assert [r["custom_id"] for r in results] == [line["custom_id"] for line in bystander]
     phases = [s.get("phase") for s in read_jsonl(outbox / "bystander.status.jsonl")]
-    assert "waiting" in phases  # it stepped aside after the shared death
+    assert "waiting_to_run_alone" in phases  # it stepped aside after the shared death
     assert daemon.stop() == 0

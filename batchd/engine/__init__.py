@@ -1,4 +1,4 @@
-"""The engine interface the runner talks to (the deterministic fake, for tests
+"""The engine interface a session talks to (the deterministic fake, for tests
 only, is in ``batchd/testing.py``).
 
 An engine takes a stream of requests and yields, after each scheduling step,
@@ -71,6 +71,11 @@ class Engine(Protocol):
         self, requests: Iterable[Request | None], sampling: dict[str, Any], window: int
     ) -> Generator[list[Answer], None, None]:
         """Answers as they finish, one list per engine step (possibly empty)."""
+        ...
+
+    def more(self) -> None:
+        """A job joined the running stream: take from its source now, not at the
+        next refill of the window, so the job's first requests start at once."""
         ...
 
     def close(self) -> None:

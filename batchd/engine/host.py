@@ -92,6 +92,8 @@ def _stream(conn: Connection, engine: Any, sampling: dict[str, Any], window: int
         while True:
             conn.send((Msg.WANT, min(WANT_BATCH, window)))
             message = conn.recv()
+            while message[0] == Msg.MORE:  # asking already
+                message = conn.recv()
             if message[0] == Msg.ABORT:
                 raise _Aborted
             if message[0] == Msg.HOLD:
@@ -112,9 +114,13 @@ def _stream(conn: Connection, engine: Any, sampling: dict[str, Any], window: int
                     or len(bunch) >= WANT_BATCH:
                 conn.send((Msg.ANSWERS, bunch))
                 bunch, sent = [], time.monotonic()
-            if conn.poll() and conn.recv()[0] == Msg.ABORT:
-                bunch = []  # the daemon drops what is in flight; so do we
-                break
+            if conn.poll():
+                message = conn.recv()
+                if message[0] == Msg.ABORT:
+                    bunch = []  # the daemon drops what is in flight; so do we
+                    break
+                if message[0] == Msg.MORE:
+                    engine.refill()  # a job joined: its requests now, not at the next refill
     except _Aborted:
         bunch = []
     except EngineDead as exc:

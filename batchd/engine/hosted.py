@@ -91,6 +91,7 @@ class HostedEngine:
         self.pidfile = pidfile
         self.wake = wake
         self.max_num_seqs: int | None = None  # vLLM's batch, once loaded
+        self.streaming = False
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "batchd.engine.host", str(theirs.fileno())],
@@ -145,6 +146,7 @@ class HostedEngine:
         source = iter(requests)
         inflight: dict[tuple[str, int], Request] = {}  # sent and not answered
         over = False
+        self.streaming = True
         try:
             self.conn.send((Msg.STREAM, sampling, window))
             while True:
@@ -169,8 +171,16 @@ class HostedEngine:
             over = True
             raise EngineDead(f"engine process lost: {exc}") from None
         finally:
+            self.streaming = False
             if not over:
                 self._abort()
+
+    def more(self) -> None:
+        if self.streaming:
+            try:
+                self.conn.send((Msg.MORE,))
+            except OSError:
+                pass  # a dead host: the stream finds out and says so
 
     def _abort(self) -> None:
         """Stop a stream early: the host aborts what is in flight; answers still

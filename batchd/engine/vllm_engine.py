@@ -1,10 +1,10 @@
-"""The real engine: vLLM's OpenAI serving layer behind the runner's ``stream``.
+"""The real engine: vLLM's OpenAI serving layer behind the session's ``stream``.
 
 ``batchd.serving`` holds vLLM's async engine client and serving objects; they
 live on an event loop in a thread of their own, and this class feeds them from
 the engine process's synchronous loop. At most ``window`` requests are in
 flight; each finished one comes back through a queue as an ``Answer``. When
-vLLM's engine core dies, ``EngineDead`` is raised and the runner starts a fresh
+vLLM's engine core dies, ``EngineDead`` is raised and the session starts a fresh
 engine. The daemon runs this class inside ``batchd.engine.host``, a process of
 its own per loaded model.
 """
@@ -28,12 +28,13 @@ QUIET_SECONDS = 0.1  # an empty list comes back this often when nothing finished
 
 
 class VllmEngine:
-    """The runner's engine over vLLM's serving layer (``serving`` may be given:
+    """The session's engine over vLLM's serving layer (``serving`` may be given:
     anything with ``async answer(request, sampling)``, ``dead``, ``client`` and
     ``async close()``, as the bridge's own tests do without vLLM)."""
 
     def __init__(self, profile: Profile, models_dir: Path, serving: Any = None):
         self.profile = profile
+        self._refill = False  # a job joined the running stream: take from it now
         started = time.monotonic()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
@@ -57,6 +58,10 @@ class VllmEngine:
         config = getattr(self.serving.client, "vllm_config", None)
         return getattr(getattr(config, "scheduler_config", None), "max_num_seqs", None)
 
+    def refill(self) -> None:
+        """Take from the running stream's source at its next pass (a job joined)."""
+        self._refill = True
+
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
@@ -70,10 +75,13 @@ class VllmEngine:
         source = iter(requests)
         inflight = 0
         exhausted = False
-        # Refill when a quarter of the window is free, not after every answer:
+        # Refill when a fifth of the window is free, not after every answer:
         # each hand-over wakes the loop's thread, and on a small machine those
-        # wake-ups take CPU from vLLM's engine core.
-        low = window - max(1, window // 4)
+        # wake-ups take CPU from vLLM's engine core. The auto window (vLLM's batch
+        # and a quarter more) refills as its batch would start to empty; a job
+        # that joins (refill()) gets its requests in at once.
+        low = window - max(1, window // 5)
+        self._refill = False
 
         def submit(batch: list[Request]) -> None:  # runs on the loop
             for request in batch:
@@ -100,8 +108,12 @@ class VllmEngine:
 
         try:
             while True:
-                if inflight <= low and not exhausted:
-                    batch, exhausted = take(source, window - inflight)
+                if (inflight <= low or self._refill) and not exhausted:
+                    room = window - inflight
+                    if self._refill:  # the joining job's first requests, over the window
+                        room = max(room, window - low)
+                        self._refill = False
+                    batch, exhausted = take(source, room)
                     if batch:
                         inflight += len(batch)
                         self.loop.call_soon_threadsafe(submit, batch)

@@ -4,12 +4,9 @@ by the daemon's loop (batchd/daemon.py), one engine step a turn.
 An engine runs one stream of requests at a time. A session feeds it from every
 job running on its profile and hands each answer to its own job:
 
-- **Fair share.** The stream's source takes the next request from the job served
-  least so far, each request costing 1/weight (stride scheduling). A job's
-  weight is ``1 + priority`` for a sidecar priority of 0 or more and
-  ``1 / (1 - priority)`` below. A job that joins starts level with the least
-  served, so its requests are the next ones sent, however long the others are;
-  with vLLM's priority scheduling they also run first.
+- **Fair share** (``share.py``): the next request is the least served job's,
+  by priority weight; a job that joins is served next, however long the
+  others are, and the engine is told to take it at once (``Engine.more``).
 - **Turns.** ``add`` puts a job in; ``step`` loads the engine when it must, or
   moves one engine step's answers into their checkpoints; ``leave`` ends a job
   (cancel, expiry); ``drain`` ends the stream for a stop or a yield. Each
@@ -32,21 +29,19 @@ monotonic clock.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Generator, Iterator
+from typing import Any, Generator
 
 import structlog
 
 from ..config import Settings
-from ..engine import HOLD, Answer, Engine, EngineDead, EnginePool
+from ..engine import Answer, EngineDead, EnginePool
 from ..layout import COMPLETED, Ending, JobState, Phase
-from ..lines import Request
 from ..profiles import Profile
-from ..spool.outbox import error_line, result_line
 from . import publish
 from .job import Job
-from .prepare import runnable
+from .share import Running, Share, auto_window
 from .publish import Outcome
 
 log = structlog.get_logger()
@@ -80,36 +75,6 @@ class Turn:
     worked: bool = False
 
 
-def weight(priority: int) -> float:
-    return 1.0 + priority if priority >= 0 else 1.0 / (1 - priority)
-
-
-def auto_window(engine: Engine) -> int:
-    """Requests in flight when `[engine] window = 0`: vLLM's batch (max_num_seqs)
-    and a quarter more, so a slot that frees is refilled at once while vLLM's
-    own queue stays short; a job that joins then waits behind few requests."""
-    seqs = getattr(engine, "max_num_seqs", None) or 256
-    return seqs + max(1, seqs // 4)
-
-
-@dataclass(eq=False)
-class Running:
-    """A job in the session's stream and its place in the fair share."""
-
-    job: Job
-    level: float  # service received, in requests / weight
-    todo: Iterator[Request] = field(default_factory=lambda: iter(()))
-    head: Request | None = None  # the next request to send
-    inflight: int = 0
-    since: float | None = None  # when it joined the current stream (None: not yet)
-    done_before: int = 0  # lines answered when it joined it
-    tokens_at_join: tuple[int, int] = (0, 0)
-
-    @property
-    def answered(self) -> bool:
-        return self.head is None and self.inflight == 0
-
-
 class Session:
     """The jobs running on PROFILE's engine, from the first that needs it to
     the last; see the module text."""
@@ -118,11 +83,12 @@ class Session:
         self.settings = settings
         self.pool = pool
         self.profile = profile
-        self.running: dict[str, Running] = {}
+        self.share = Share(profile)
+        self.running = self.share.running  # the jobs in it, by name
+        self.tokens = self.share.tokens
         self.stream: Generator[list[Answer], None, None] | None = None
         self.ready_at: float | None = None  # the loop's clock when its engine first answered
         self.load_at = 0.0  # after an engine death: not loading again before this
-        self.tokens = [0, 0]  # prompt and completion tokens answered in this session
         self._turn = Turn()
 
     # -- membership --------------------------------------------------------------
@@ -130,14 +96,12 @@ class Session:
     def add(self, job: Job) -> None:
         """JOB joins: into the running stream, its requests the next ones sent,
         or into the next stream to start."""
-        level = min((r.level for r in self.running.values()), default=0.0)
-        for other in self.running.values():
-            other.job.overlapped.add(job.name)
-            job.overlapped.add(other.job.name)
-        self.running[job.name] = running = Running(job, level)
+        running = self.share.add(job)
         if self.stream is not None:
-            self._prime(running)
+            self.share.prime(running)
             self._start(running)
+            if running.head is not None and self.pool.engine is not None:
+                self.pool.engine.more()  # its first requests go in now
 
     def leave(self, name: str, ending: Ending) -> list[Left]:
         """End the running job NAME as ENDING says (cancel, expiry)."""
@@ -166,7 +130,7 @@ class Session:
             self._died(exc, now, loading=False)
             turn.worked = True
             return turn
-        self._record(answers)
+        self.share.record(answers)
         turn.worked = bool(answers)
         interval = self.settings.status.interval
         measured = time.monotonic()
@@ -186,7 +150,7 @@ class Session:
         """Prime every job, load the engine and start the stream; False while it
         waits out the backoff after an engine death."""
         for r in list(self.running.values()):
-            self._prime(r)
+            self.share.prime(r)
             if r.answered:  # by the cache, or nothing was left: no engine needed
                 self._part_done(r)
         if not self.running:
@@ -213,7 +177,7 @@ class Session:
             r.job.load_s += spent
             self._start(r)
         window = self.settings.engine.window or auto_window(engine)
-        self.stream = engine.stream(self._source(), {}, window)
+        self.stream = engine.stream(self.share.source(), {}, window)
         return True
 
     def drain(self, how: Drain) -> list[Left]:
@@ -260,59 +224,12 @@ class Session:
 
     # -- the stream --------------------------------------------------------------
 
-    def _prime(self, r: Running) -> None:
-        """Its unanswered lines from the checkpoint, in order, up to the first that
-        needs the engine: those the result cache answers are answered on the way."""
-        r.todo = self._tagged(r.job)
-        r.head = next(r.todo, None)
-        r.inflight = 0
-
     def _start(self, r: Running) -> None:
         """(Re)join the stream."""
         r.since = time.monotonic()
         r.done_before = r.job.answered
         r.tokens_at_join = (self.tokens[0], self.tokens[1])
         r.job.status.write(JobState.IN_PROGRESS, phase=Phase.GENERATING, **r.job.progress())
-
-    def _tagged(self, job: Job) -> Iterator[Request]:
-        sampling = job.sampling
-        if self.profile.priority_scheduling and job.priority:
-            sampling = {**sampling, "priority": -job.priority}  # vLLM: lower runs first
-        for request in runnable(job):
-            yield replace(request, job=job.name, sampling=sampling)
-
-    def _source(self) -> Iterator[Request | None]:
-        """The shared window's feed: the least served job with a request to send."""
-        while True:
-            ready = [r for r in self.running.values() if r.head is not None]
-            if not ready:
-                yield HOLD
-                continue
-            r = min(ready, key=lambda r: r.level)
-            request = r.head
-            r.level += 1.0 / weight(r.job.priority)
-            r.inflight += 1
-            r.head = next(r.todo, None)
-            yield request
-
-    def _record(self, answers: list[Answer]) -> None:
-        for answer in answers:
-            r = self.running.get(answer.request.job)
-            if r is None:
-                continue  # its job left (cancelled, expired): that line is answered already
-            r.inflight -= 1
-            job, request = r.job, answer.request
-            job.remember(request.line, answer.body)
-            if answer.error is not None:
-                job.record(request.line, "error", error_line(answer.error))
-                continue
-            assert answer.body is not None  # an answer is one or the other
-            job.record(request.line, "result", result_line(request, answer.body))
-            if job.first_result_s is None:
-                job.first_result_s = time.monotonic() - job.started
-            usage = answer.body.get("usage") or {}  # OpenAI's names, or Anthropic's
-            self.tokens[0] += usage.get("prompt_tokens") or usage.get("input_tokens") or 0
-            self.tokens[1] += usage.get("completion_tokens") or usage.get("output_tokens") or 0
 
     # -- leaving -----------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The validation pass over a JSONL file, shared by the runner and ``batchd
+"""The validation pass over a JSONL file, shared by jobs/prepare.py and ``batchd
 validate``: every line classified once (duplicate custom_ids included), the
 request limit enforced, the lines' models counted for routing; and a claimed
 job's whole validating phase (``validate_job``)."""
