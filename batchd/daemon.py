@@ -1,10 +1,14 @@
-"""The daemon loop: watch, claim, run, repeat; its signal handlers and what it
-tells systemd (the sd_notify wire protocol itself is notify.py; the engine
-process ignores SIGTERM and SIGINT on its own, engine/host.py).
+"""The daemon's one loop: every turn it claims what has settled, steps the
+session of the loaded profile (batchd/jobs/session.py), ends cancelled and
+expired jobs, reloads profiles on SIGHUP and pings systemd's watchdog, each in
+one place; its signal handlers and what it tells systemd (the sd_notify wire
+protocol itself is notify.py; the engine process ignores SIGTERM and SIGINT on
+its own, engine/host.py).
 
-``run_once()`` does one pass and says whether it did work; ``run()`` repeats
+``run_once(now)`` is one turn and says whether it did work; ``run()`` repeats
 it until stopped; ``--once`` drains the spool and returns. Signal handlers
-only set flags; the loop acts on them.
+only set flags; the loop acts on them. docs/ARCHITECTURE.md, "The loop", has
+a picture of one turn.
 """
 
 from __future__ import annotations

@@ -64,18 +64,20 @@ def kill_while_loading(daemon, seen: set[int]) -> list:
 
 def test_loads_cut_short_by_a_death_wait_and_load_again(tiny_model, tmp_path):
     models = tmp_path / "models"
-    (models / "batchd").mkdir(parents=True)
-    (models / "org").mkdir()
-    (models / "batchd" / "tiny-llama").symlink_to(tiny_model)
-    (models / "org" / "other").symlink_to(tiny_model)
-    broken = models / "org" / "broken"
+    models.mkdir()
+    (models / "tiny-llama").symlink_to(tiny_model)
+    (models / "other").symlink_to(tiny_model)
+    broken = models / "broken"
     shutil.copytree(tiny_model, broken)
     config = json.loads((broken / "config.json").read_text())
     config["architectures"] = ["NoSuchModelForCausalLM"]
     (broken / "config.json").write_text(json.dumps(config))
-    profiles = {"tiny": BENCH_TINY,
-                "other": BENCH_TINY.replace('"batchd/tiny-llama"', '"org/other"'),
-                "broken": BENCH_TINY.replace('"batchd/tiny-llama"', '"org/broken"')}
+
+    def named(name):
+        return BENCH_TINY.replace('"batchd/tiny-llama"', f'"org/{name}"').replace(
+            'recipe = "tiny-llama"', f'path = "{name}"')
+
+    profiles = {"tiny": BENCH_TINY, "other": named("other"), "broken": named("broken")}
     config_path = served_spool(tmp_path, models, profiles,
                                "[engine]\nmax_engine_failures = 2\n"
                                "restart_backoff_seconds = 0.5\n")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -96,8 +97,14 @@ class HostedEngine:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "batchd.engine.host", str(theirs.fileno())],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            # its own process group: vLLM's engine core and workers join it, so
+            # they end with it even when it was killed alone (the OOM killer,
+            # mid-load), instead of holding the model's memory as orphans
+            start_new_session=True)
         theirs.close()
+        if pidfile is not None:
+            record_children(pidfile, self.proc.pid)  # the engine process, from the start
         assert self.proc.stdout is not None
         self.output = Output(self.proc.stdout)
         self.conn = Connection(ours.detach())
@@ -121,7 +128,7 @@ class HostedEngine:
         for problem in problems:
             log.warning("profile_problem", profile=profile.name, problem=problem)
         if pidfile is not None:
-            record_children(pidfile)
+            record_children(pidfile, self.proc.pid)
 
     def _recv(self, wake: Waker | None = None) -> tuple | None:
         """The next message; None when WAKE was set first; EngineDead when the
@@ -206,8 +213,9 @@ class HostedEngine:
             self.proc.kill()
             self.proc.wait()
         self.conn.close()
+        kill_group(self.proc.pid)  # vLLM's core and workers, should they outlive it
         if self.pidfile is not None:
-            kill_recorded(self.pidfile)  # vLLM's core, should it outlive the host
+            kill_recorded(self.pidfile)
             self.pidfile.unlink(missing_ok=True)
         self.output.thread.join(5)  # its last lines
         log.info("engine_process_ended", pid=self.proc.pid, code=self.proc.returncode)
@@ -247,14 +255,33 @@ class Output:
         return None
 
 
-def record_children(pidfile: Path) -> None:
-    """Write every process under this one (pid and start time) to PIDFILE, so the
-    engine's processes can be ended for sure, even by a daemon started after a
-    kill -9 of this one."""
+def kill_group(leader: int) -> None:
+    """SIGKILL what is left of the process group the engine process LEADER led
+    (a group outlives its leader while members are left; its id cannot be
+    reused until they are gone)."""
+    try:
+        os.killpg(leader, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left
+
+
+def record_children(pidfile: Path, host: int) -> None:
+    """Write the engine process HOST and every process under it (pid and start
+    time) to PIDFILE, so they can be ended for sure, even by a daemon started
+    after a kill -9 of this one."""
     import psutil
 
-    me = psutil.Process()
-    lines = [f"{p.pid} {p.create_time()}" for p in me.children(recursive=True)]
+    lines = []
+    try:
+        root = psutil.Process(host)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return  # it is gone already: nothing to record
+    for p in tree:
+        try:
+            lines.append(f"{p.pid} {p.create_time()}")
+        except psutil.Error:
+            continue  # one of vLLM's short-lived helpers, gone
     pidfile.write_text("\n".join(lines) + "\n")
 
 
@@ -273,8 +300,10 @@ def kill_recorded(pidfile: Path) -> list[int]:
             pid, started = line.split()
             proc = psutil.Process(int(pid))
             if abs(proc.create_time() - float(started)) < 0.01:
+                if os.getpgid(proc.pid) == proc.pid:  # an engine process: its whole group
+                    kill_group(proc.pid)
                 proc.kill()
                 killed.append(int(pid))
-        except (ValueError, psutil.Error):
+        except (ValueError, OSError, psutil.Error):
             continue
     return killed
