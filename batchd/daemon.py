@@ -28,6 +28,8 @@ from .config import Settings
 from .engine import Engine, EnginePool
 from .engine.hosted import engine_factory, reap_engines
 from .hooks import Hooks
+from .jobs import publish
+from .jobs.job import Job
 from .jobs.prepare import cancel_requested, expired
 from .jobs.publish import Outcome
 from .jobs.session import Drain, Left, Session
@@ -102,15 +104,47 @@ class Daemon:
         self._ping(now)
         try:
             worked = self._admit(now)
-            if self.session is not None:
+        except OSError as exc:  # the spool itself failed (a scan, a lease): look later
+            log.error("spool_error", error=f"{exc.strerror or exc} ({exc.filename or ''})")
+            self.admission.next_look = now + self.admission.retry_seconds
+            worked = False
+        if self.session is not None:
+            try:
                 worked = self._step(now) or worked
-        except OSError as exc:  # a checkpoint failed (disk full): all wait, retried later
-            if self.session is not None:
-                for name in self.session.abandon():
-                    self.admission.job_stalled(name, now, exc)
-                self._end_session()
-            worked = True
+            except OSError as exc:  # a checkpoint failed (disk full): all wait, retried later
+                self._abandon(now, exc)
+                worked = True
+        self._end_held(now)
         return worked
+
+    def _abandon(self, now: float, exc: OSError) -> None:
+        """The session cannot go on (a disk full or gone read-only): what left it
+        before the error still counts; every job still in it stalls (it keeps its
+        checkpoint in work/ and is tried again later)."""
+        session = self.session
+        if session is None:
+            return
+        self._left(session.take_left(), now)
+        for name in session.abandon():
+            self.admission.job_stalled(name, now, exc)
+        self._end_session()
+
+    def _end_held(self, now: float) -> None:
+        """Cancels and expiries of jobs that wait here (yielded, for their model,
+        to run alone): they end now, not when their turn comes."""
+        for name, held in list(self.admission.held.items()):
+            job = held.job
+            ending = CANCELLED if cancel_requested(job) else EXPIRED if expired(job) else None
+            if ending is None:
+                continue
+            del self.admission.held[name]
+            try:
+                outcome = publish.end(job, ending)
+                job.ckpt.close()
+            except OSError as exc:
+                self.admission.job_stalled(name, now, exc)
+                continue
+            self._ended([(name, outcome)])
 
     def _admit(self, now: float) -> bool:
         session = self.session
@@ -124,17 +158,35 @@ class Daemon:
                     job.prefer(engine.profile)  # a part for the loaded model goes first
                 assert job.profile is not None
                 self.session = Session(self.settings, self.pool, job.profile)
-                self.session.add(job)
+                self._add(self.session, job, now)
+                if not self.session.running:
+                    self.session = None
             return found.worked
         found = self.admission.admit(session, now)
         self._ended(found.ended)
         if found.overdue:
-            self._left(session.drain(Drain.YIELD), now)
+            try:
+                session.drain(Drain.YIELD)
+            except OSError as exc:
+                self._abandon(now, exc)
+                return True
+            self._left(session.take_left(), now)
             self._end_session()
             return True
         for job in found.jobs:
-            session.add(job)
+            self._add(session, job, now)
         return found.worked
+
+    def _add(self, session: Session, job: Job, now: float) -> None:
+        try:
+            session.add(job)
+        except OSError as exc:  # its checkpoint or input could not be read: later
+            session.running.pop(job.name, None)
+            try:
+                job.ckpt.close()
+            except OSError:
+                pass
+            self.admission.job_stalled(job.name, now, exc)
 
     def _step(self, now: float) -> bool:
         session = self.session
@@ -142,9 +194,10 @@ class Daemon:
         for name, r in list(session.running.items()):
             ending = CANCELLED if cancel_requested(r.job) else EXPIRED if expired(r.job) else None
             if ending is not None:
-                self._left(session.leave(name, ending), now)
+                session.leave(name, ending)
+                self._left(session.take_left(), now)
         turn = session.step(now)
-        self._left(turn.left, now)
+        self._left(session.take_left(), now)
         for record in turn.progress:
             self._progress(record)
         if not session.running:
@@ -259,7 +312,11 @@ class Daemon:
                                    EXTEND_TIMEOUT_USEC=60_000_000)
                 log.info("daemon_stopping")
                 if self.session is not None:
-                    self.session.drain(Drain.STOP)
+                    try:
+                        self.session.drain(Drain.STOP)
+                    except OSError as exc:  # the checkpoints stay; the next start resumes
+                        log.error("job_stalled", jobs=sorted(self.session.running),
+                                  error=str(exc))
                     self._end_session()
                 self.admission.release_held()
                 self.watcher.stop()
@@ -282,7 +339,7 @@ class Daemon:
         """Idle: end engines left by daemons of this host killed since we started."""
         if now - self.reaped >= REAP_SECONDS:
             self.reaped = now
-            reap_engines(self.settings)
+            reap_engines(self.settings, starting=False)
 
     def _unload_if_idle(self, last_work: float) -> str | None:
         """After engine.idle_unload_seconds without work, free the model (its

@@ -48,7 +48,11 @@ _END = object()
 
 def take(source: Iterator[Request | None], n: int) -> tuple[list[Request], bool]:
     """Up to N requests from SOURCE, stopping early at a HOLD; and whether the
-    source has ended."""
+    source has ended. A source that asks for its requests (the engine process's
+    feed) is told N first."""
+    want = getattr(source, "want", None)
+    if want is not None:
+        want(n)
     batch: list[Request] = []
     while len(batch) < n:
         request = next(source, _END)

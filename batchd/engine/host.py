@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import gc
 import os
+import re
+from collections import deque
 import signal
 import sys
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Iterator
+from typing import Any
 
 from ..lines import Request
 from . import HOLD, EngineDead
@@ -36,7 +38,10 @@ def serve(conn: Connection) -> int:
     try:
         engine = VllmEngine(profile, models_dir)
     except Exception as exc:  # noqa: BLE001 - the daemon reports it as the job's error
-        conn.send((Msg.ERROR, f"{type(exc).__name__}: {exc}"))
+        text = f"{type(exc).__name__}: {exc}"
+        # vLLM's engine core killed (the OOM killer) is a death, not a model
+        # that cannot load: the daemon loads again after a backoff
+        conn.send((Msg.DEAD if killed_while_loading(str(exc)) else Msg.ERROR, text))
         return 1
     # What vLLM's own server does once started: the heap that loading built
     # (modules, the model's Python objects, the serving layer) leaves the
@@ -67,6 +72,15 @@ def serve(conn: Connection) -> int:
     return 0
 
 
+KILLED = re.compile(r"Failed (?:core|frontend) proc\(s\): \{[^}]*:\s*-\d+")
+
+
+def killed_while_loading(message: str) -> bool:
+    """Whether vLLM's start-up failure says one of its processes was killed by a
+    signal (its exit code negative: "Failed core proc(s): {'EngineCore': -9}")."""
+    return KILLED.search(message) is not None
+
+
 def _capabilities(profile: Any) -> tuple[str, list[str]]:
     """What the profile's server options give on this vLLM: one line and its problems."""
     from .capabilities import capabilities
@@ -76,6 +90,43 @@ def _capabilities(profile: Any) -> tuple[str, list[str]]:
     except Exception as exc:  # noqa: BLE001 - only a report; the model is loaded
         return f"not checked: {type(exc).__name__}: {exc}", []
     return found.line(), found.problems
+
+
+class Feed:
+    """The daemon's requests, asked for (WANT n) only as the engine has room
+    for them (``want``, called by ``engine.take``): none waits here behind a
+    request of a job that joined later, so a joining job's requests are the
+    next ones in vLLM."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.buffer: deque[Request] = deque()
+        self.ended = False
+
+    def want(self, n: int) -> None:
+        if self.ended or len(self.buffer) >= n:
+            return
+        self.conn.send((Msg.WANT, min(WANT_BATCH, n - len(self.buffer))))
+        message = self.conn.recv()
+        while message[0] == Msg.MORE:  # asking already
+            message = self.conn.recv()
+        if message[0] == Msg.ABORT:
+            raise _Aborted
+        if message[0] == Msg.REQUESTS:
+            if message[1]:
+                self.buffer.extend(message[1])
+            else:
+                self.ended = True
+
+    def __iter__(self) -> "Feed":
+        return self
+
+    def __next__(self) -> Request | None:
+        if self.buffer:
+            return self.buffer.popleft()
+        if self.ended:
+            raise StopIteration
+        return HOLD  # nothing asked for is left: ask again at the next refill
 
 
 def _stream(conn: Connection, engine: Any, sampling: dict[str, Any], window: int) -> bool:
@@ -88,22 +139,7 @@ def _stream(conn: Connection, engine: Any, sampling: dict[str, Any], window: int
     An answer goes back as (key, body, error): the daemon has the request.
     """
 
-    def requests() -> Iterator[Request | None]:
-        while True:
-            conn.send((Msg.WANT, min(WANT_BATCH, window)))
-            message = conn.recv()
-            while message[0] == Msg.MORE:  # asking already
-                message = conn.recv()
-            if message[0] == Msg.ABORT:
-                raise _Aborted
-            if message[0] == Msg.HOLD:
-                yield HOLD
-                continue
-            if not message[1]:
-                return
-            yield from message[1]
-
-    answers = engine.stream(requests(), sampling, window)
+    answers = engine.stream(Feed(conn), sampling, window)
     bunch: list[tuple] = []
     sent = time.monotonic()
     try:

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -63,20 +64,25 @@ def engine_factory(settings: Settings, wake: Waker | None = None
     return load
 
 
-def reap_engines(settings: Settings) -> None:
+def reap_engines(settings: Settings, starting: bool = True) -> None:
     """End engine processes left by a daemon of this host that died by kill -9.
 
     The engine process exits when it loses the daemon, but vLLM's engine core
     under it may not (it outlives a kill -9 of its parent), and would hold its
     memory (a whole GPU) forever. Under systemd the unit's cgroup is
     cleaned anyway; this covers daemons started by hand. A pid is only killed
-    when its start time matches the record, so a reused pid is safe.
+    when its start time matches the record, so a reused pid is safe. STARTING:
+    a record under this daemon's own pid is a dead predecessor's (a reused
+    pid); later it is this daemon's own warm engine, never reaped.
     """
     import psutil
 
     host = socket.gethostname()
     for path, owner in settings.layout.engine_pidfiles(host):
-        if owner.isdigit() and psutil.pid_exists(int(owner)) and int(owner) != os.getpid():
+        mine = owner == str(os.getpid())
+        if mine and not starting:
+            continue
+        if owner.isdigit() and psutil.pid_exists(int(owner)) and not mine:
             continue
         for pid in kill_recorded(path):
             log.warning("engine_orphan_killed", pid=pid)
@@ -117,6 +123,9 @@ class HostedEngine:
             self.close()
             raise EngineDead(f"engine process for {profile.name} died while loading: "
                              f"{exc}") from None
+        if reply[0] == Msg.DEAD:  # vLLM's own processes killed while loading
+            self.close()
+            raise EngineDead(f"vLLM's engine died while loading {profile.name}: {reply[1]}")
         if reply[0] != Msg.READY:
             self.close()
             cause = self.output.cause()
@@ -206,14 +215,16 @@ class HostedEngine:
         except OSError:
             pass
         try:
-            self.proc.wait(CLOSE_SECONDS)
+            # the exit seen without reaping it: its group cannot be reused before
+            # kill_group below (vLLM's core and workers, should they outlive it)
+            psutil_wait(self.proc.pid, CLOSE_SECONDS)
         except subprocess.TimeoutExpired:
             log.warning("engine_process_killed", pid=self.proc.pid,
                         reason=f"still running {CLOSE_SECONDS:.0f}s after close")
-            self.proc.kill()
-            self.proc.wait()
+        kill_group(self.proc.pid)
+        self.proc.kill()
+        self.proc.wait()
         self.conn.close()
-        kill_group(self.proc.pid)  # vLLM's core and workers, should they outlive it
         if self.pidfile is not None:
             kill_recorded(self.pidfile)
             self.pidfile.unlink(missing_ok=True)
@@ -253,6 +264,23 @@ class Output:
             if found and "initialization failed" not in found.group(2):
                 return f"{found.group(1)}: {found.group(2)}"[:500]
         return None
+
+
+def psutil_wait(pid: int, timeout: float) -> None:
+    """Wait until PID has exited (a zombie counts), without reaping it;
+    subprocess.TimeoutExpired after TIMEOUT seconds."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(str(pid), timeout)
+        time.sleep(0.05)
 
 
 def kill_group(leader: int) -> None:

@@ -7,6 +7,7 @@ tuple whose first item is a ``Msg``:
     daemon -> host   (profile, models_dir)                once, at start
     host -> daemon   (READY, load_seconds, (capabilities, problems), max_num_seqs)
                      | (ERROR, text)                      a load that failed by itself
+                     | (DEAD, text)                       vLLM's processes killed mid-load
     daemon -> host   (STREAM, sampling, window)           one stream: every running job's
                                                           requests, each with its own
                                                           job name and sampling

@@ -9,8 +9,9 @@ job running on its profile and hands each answer to its own job:
   others are, and the engine is told to take it at once (``Engine.more``).
 - **Turns.** ``add`` puts a job in; ``step`` loads the engine when it must, or
   moves one engine step's answers into their checkpoints; ``leave`` ends a job
-  (cancel, expiry); ``drain`` ends the stream for a stop or a yield. Each
-  returns the jobs that left (``Left``): ended, stalled or waiting.
+  (cancel, expiry); ``drain`` ends the stream for a stop or a yield. The jobs
+  that left (``Left``: ended, stalled or waiting) are handed over by
+  ``take_left``, also when an error cut a call short.
 - **Leaving.** A job leaves when every line is answered (it publishes), or on
   cancel or expiry: its lines still in the engine run on, and their answers are
   dropped (its checkpoint already holds an error line for each).
@@ -103,11 +104,15 @@ class Session:
             if running.head is not None and self.pool.engine is not None:
                 self.pool.engine.more()  # its first requests go in now
 
-    def leave(self, name: str, ending: Ending) -> list[Left]:
+    def leave(self, name: str, ending: Ending) -> None:
         """End the running job NAME as ENDING says (cancel, expiry)."""
-        self._turn = Turn()
         self._leave(self.running[name], ending)
-        return self._turn.left
+
+    def take_left(self) -> list[Left]:
+        """The jobs that left in the last call (``step``, ``leave``, ``drain``),
+        handed over once: also after an error cut that call short."""
+        left, self._turn.left = self._turn.left, []
+        return left
 
     def running_for(self, now: float) -> float:
         """Seconds since its engine was ready (0 while it loads): the daemon lets a
@@ -120,7 +125,7 @@ class Session:
     def step(self, now: float) -> Turn:
         """Start the stream (loading the engine when it must), or move one engine
         step's answers into their jobs' checkpoints."""
-        self._turn = turn = Turn()
+        self._turn = turn = Turn(left=self._turn.left)  # what was not taken yet stays
         if self.stream is None:
             turn.worked = self._open(now)
             return turn
@@ -149,14 +154,14 @@ class Session:
     def _open(self, now: float) -> bool:
         """Prime every job, load the engine and start the stream; False while it
         waits out the backoff after an engine death."""
+        if now < self.load_at:
+            return False
         for r in list(self.running.values()):
             self.share.prime(r)
             if r.answered:  # by the cache, or nothing was left: no engine needed
                 self._part_done(r)
         if not self.running:
             return True
-        if now < self.load_at:
-            return False
         if self.pool.engine is None or self.pool.engine.profile != self.profile:
             for r in self.running.values():
                 r.job.status.write(JobState.IN_PROGRESS, phase=Phase.LOADING_MODEL,
@@ -177,14 +182,15 @@ class Session:
             r.job.load_s += spent
             self._start(r)
         window = self.settings.engine.window or auto_window(engine)
+        log.info("stream_opened", profile=self.profile.name, window=window,
+                 max_num_seqs=getattr(engine, "max_num_seqs", None), jobs=sorted(self.running))
         self.stream = engine.stream(self.share.source(), {}, window)
         return True
 
-    def drain(self, how: Drain) -> list[Left]:
+    def drain(self, how: Drain) -> None:
         """Close the stream (what is in flight is aborted) and take every job out
         with its checkpoint synced: for a stop each waits for the next start, for
-        a yield for this daemon's next turn of its profile (returned as Left)."""
-        self._turn = Turn()
+        a yield for this daemon's next turn of its profile (each a Left)."""
         self.close()
         for r in list(self.running.values()):
             self._stopped(r)
@@ -201,7 +207,6 @@ class Session:
                 job.log.info("job_yielded", answered=job.answered)
                 self._turn.left.append(Left(job))
         self.running.clear()
-        return self._turn.left
 
     def close(self) -> None:
         """End the stream; the engine stays warm in its pool."""

@@ -68,28 +68,33 @@ class Wakeup:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        # set and clear each keep the event and the pipe in step: a byte left
+        # in the pipe with the event clear would wake a stream over and over
+        self._lock = threading.Lock()
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
 
     def set(self) -> None:
-        if not self._event.is_set():
-            self._event.set()
-            try:
-                os.write(self._write, b"x")
-            except BlockingIOError:
-                pass  # already readable
+        with self._lock:
+            if not self._event.is_set():
+                self._event.set()
+                try:
+                    os.write(self._write, b"x")
+                except BlockingIOError:
+                    pass  # already readable
 
     def is_set(self) -> bool:
         return self._event.is_set()
 
     def clear(self) -> None:
-        self._event.clear()
-        try:
-            while os.read(self._read, 4096):
+        with self._lock:
+            self._event.clear()
+            try:
+                while os.read(self._read, 4096):
+                    pass
+            except BlockingIOError:
                 pass
-        except BlockingIOError:
-            pass
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._event.wait(timeout)
