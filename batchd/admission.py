@@ -34,6 +34,8 @@ from .spool.watcher import Wakeup, Watcher
 
 log = structlog.get_logger()
 
+RENAME_GRACE_SECONDS = 0.02  # how soon a file first seen unsettled is looked at again
+
 
 @dataclass
 class Held:
@@ -204,8 +206,13 @@ class Admission:
             if self.retry_at.get(name, 0.0) > now:
                 continue
             if not self.settler.settled(name, st, now):
-                # look again the moment it would have settled, not a poll later
-                self.next_look = min(self.next_look, self.settler.due(name))
+                # look again the moment it would have settled, not a poll later;
+                # one seen just now may have come by a rename whose event is a
+                # moment behind this scan: look again at once for that too
+                due = self.settler.due(name)
+                if due - now >= self.settler.settle_seconds:
+                    due = min(due, now + RENAME_GRACE_SECONDS)
+                self.next_look = min(self.next_look, due)
                 settling += 1
                 continue
             ready.append((name, st))

@@ -4,7 +4,8 @@ answer is whose (batchd/jobs/session.py runs the stream).
 The source takes the next request from the job served least so far, each
 request costing 1/weight (stride scheduling). A job's weight is ``1 + priority``
 for a sidecar priority of 0 or more and ``1 / (1 - priority)`` below. A job that
-joins starts level with the least served, so its requests are the next sent.
+joins starts level with the least served, less a credit of the engine's free
+slots (``reserve``), so its first requests are the next sent.
 """
 
 from __future__ import annotations
@@ -25,12 +26,19 @@ def weight(priority: int) -> float:
     return 1.0 + priority if priority >= 0 else 1.0 / (1 - priority)
 
 
-def auto_window(engine: Engine) -> int:
-    """Requests in flight when `[engine] window = 0`: vLLM's batch (max_num_seqs)
-    and a quarter more, so a slot that frees is refilled at once while vLLM's
-    own queue stays short; a job that joins then waits behind few requests."""
+def reserve(engine: Engine) -> int:
+    """Sequences of vLLM's batch (max_num_seqs) the auto window leaves free, so
+    a job that joins starts at once instead of waiting for running requests to
+    end (with requests of one length they end together, a whole decode later)."""
     seqs = getattr(engine, "max_num_seqs", None) or 256
-    return seqs + max(1, seqs // 4)
+    return max(1, seqs // 32)
+
+
+def auto_window(engine: Engine) -> int:
+    """Requests in flight when `[engine] window = 0`: vLLM's batch less its
+    reserve, refilled as a sixteenth of it frees (engine/vllm_engine.py)."""
+    seqs = getattr(engine, "max_num_seqs", None) or 256
+    return seqs - reserve(engine)
 
 
 @dataclass(eq=False)
@@ -59,8 +67,10 @@ class Share:
         self.running: dict[str, Running] = {}
         self.tokens = [0, 0]  # prompt and completion tokens answered in this session
 
-    def add(self, job: Job) -> Running:
-        level = min((r.level for r in self.running.values()), default=0.0)
+    def add(self, job: Job, credit: float = 0.0) -> Running:
+        """JOB joins, CREDIT requests ahead of the least served: that many of its
+        requests go before anyone else's (into the slots the window keeps free)."""
+        level = min((r.level for r in self.running.values()), default=0.0) - credit
         for other in self.running.values():
             other.job.overlapped.add(job.name)
             job.overlapped.add(other.job.name)
