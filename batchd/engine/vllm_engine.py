@@ -80,7 +80,7 @@ class VllmEngine:
         # Refill when a sixteenth of the window is free, not after every answer:
         # each hand-over wakes the loop's thread, and on a small machine those
         # wake-ups take CPU from vLLM's engine core. A job that joins (refill())
-        # gets its requests in at once, into the slots the auto window keeps free.
+        # gets its requests in at once, at the head of what waits for a slot.
         low = window - max(1, window // 16)
         self._refill = False
 

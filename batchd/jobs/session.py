@@ -42,7 +42,7 @@ from ..layout import COMPLETED, Ending, JobState, Phase
 from ..profiles import Profile
 from . import publish
 from .job import Job
-from .share import Running, Share, auto_window, reserve
+from .share import Running, Share, auto_window, credit
 from .publish import Outcome
 
 log = structlog.get_logger()
@@ -91,7 +91,7 @@ class Session:
         self.ready_at: float | None = None  # the loop's clock when its engine first answered
         self.load_at = 0.0  # after an engine death: not loading again before this
         self._turn = Turn()
-        self.credit = 0.0  # requests a joining job sends first: the window's free slots
+        self.credit = 0.0  # requests a joining job sends before anyone else's
 
     # -- membership --------------------------------------------------------------
 
@@ -183,7 +183,7 @@ class Session:
             r.job.load_s += spent
             self._start(r)
         window = self.settings.engine.window or auto_window(engine)
-        self.credit = float(reserve(engine)) if not self.settings.engine.window else 0.0
+        self.credit = float(credit(engine))
         log.info("stream_opened", profile=self.profile.name, window=window,
                  max_num_seqs=getattr(engine, "max_num_seqs", None), jobs=sorted(self.running))
         self.stream = engine.stream(self.share.source(), {}, window)
