@@ -152,3 +152,32 @@ def test_the_idle_reaper_spares_its_own_engine(settings):
             os.waitpid(child, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
+
+
+def test_a_job_that_joins_has_its_first_requests_sent_next(settings):
+    """On the auto window a job that joins a running stream gets its first
+    requests (up to 1/32 of vLLM's batch) sent before any more of the bulk's."""
+    fed = []
+
+    class Recording(FakeEngine):
+        def stream(self, requests, sampling, window):
+            def record():
+                for request in requests:
+                    if request is not None:
+                        fed.append(request.job)
+                    yield request
+            return super().stream(record(), sampling, window)
+
+    settings.watch.settle_seconds = 0
+    d = Daemon(settings, factory=lambda p: Recording(p, per_step=4))
+    d.setup()
+    drop(settings.inbox, "bulk.jsonl", lines("bulk", 2000))
+    for _ in range(5):
+        d.run_once(now=0.0)
+    assert fed and set(fed) == {"bulk"}
+    drop(settings.inbox, "small.jsonl", lines("small", 5))
+    while final_state(settings.outbox, "small") is None:
+        d.run_once(now=0.0)
+    first = fed.index("small")
+    assert fed[first:first + 5] == ["small"] * 5
+    assert final_state(settings.outbox, "bulk") is None  # it ran beside the bulk

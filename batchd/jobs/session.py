@@ -91,7 +91,7 @@ class Session:
         self.ready_at: float | None = None  # the loop's clock when its engine first answered
         self.load_at = 0.0  # after an engine death: not loading again before this
         self._turn = Turn()
-        self.credit = 0.0  # requests a joining job sends before anyone else's
+        self.credit = 0  # requests a joining job sends before anyone else's
 
     # -- membership --------------------------------------------------------------
 
@@ -183,7 +183,8 @@ class Session:
             r.job.load_s += spent
             self._start(r)
         window = self.settings.engine.window or auto_window(engine)
-        self.credit = float(credit(engine))
+        # a fixed window is the operator's: requests go in fair-share order only
+        self.credit = 0 if self.settings.engine.window else credit(engine)
         log.info("stream_opened", profile=self.profile.name, window=window,
                  max_num_seqs=getattr(engine, "max_num_seqs", None), jobs=sorted(self.running))
         self.stream = engine.stream(self.share.source(), {}, window)

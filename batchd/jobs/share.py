@@ -4,7 +4,8 @@ answer is whose (batchd/jobs/session.py runs the stream).
 The source takes the next request from the job served least so far, each
 request costing 1/weight (stride scheduling). A job's weight is ``1 + priority``
 for a sidecar priority of 0 or more and ``1 / (1 - priority)`` below. A job that
-joins starts level with the least served, less a small credit (``credit``), so its first requests are the next sent.
+joins starts level with the least served, and its first few requests
+(``credit``) go before anyone else's, so they are the next sent.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Running:
     since: float | None = None  # when it joined the current stream (None: not yet)
     done_before: int = 0  # lines answered when it joined it
     tokens_at_join: tuple[int, int] = (0, 0)
+    boost: int = 0  # requests still to send before jobs without one (it just joined)
 
     @property
     def answered(self) -> bool:
@@ -69,14 +71,14 @@ class Share:
         self.running: dict[str, Running] = {}
         self.tokens = [0, 0]  # prompt and completion tokens answered in this session
 
-    def add(self, job: Job, credit: float = 0.0) -> Running:
-        """JOB joins, CREDIT requests ahead of the least served: that many of its
-        requests go before anyone else's."""
-        level = min((r.level for r in self.running.values()), default=0.0) - credit
+    def add(self, job: Job, credit: int = 0) -> Running:
+        """JOB joins level with the least served; its first CREDIT requests go
+        before those of jobs that have used theirs."""
+        level = min((r.level for r in self.running.values()), default=0.0)
         for other in self.running.values():
             other.job.overlapped.add(job.name)
             job.overlapped.add(other.job.name)
-        self.running[job.name] = running = Running(job, level)
+        self.running[job.name] = running = Running(job, level, boost=credit)
         return running
 
     def prime(self, r: Running) -> None:
@@ -100,8 +102,9 @@ class Share:
             if not ready:
                 yield HOLD
                 continue
-            r = min(ready, key=lambda r: r.level)
+            r = min(ready, key=lambda r: (r.boost <= 0, r.level))
             request = r.head
+            r.boost -= 1
             r.level += 1.0 / weight(r.job.priority)
             r.inflight += 1
             r.head = next(r.todo, None)
