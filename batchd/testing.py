@@ -39,7 +39,7 @@ class FakeEngine:
         self.closed = False
         self.answered = 0  # requests it answered: what reached the engine
 
-    def more(self) -> None:
+    def more(self, joining: int = 0) -> None:
         pass  # it takes from its source at every step anyway
 
     def stream(self, requests: Iterable[Request | None], sampling: dict[str, Any],

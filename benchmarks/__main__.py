@@ -16,6 +16,7 @@ SCENARIOS = {
     "gpu": "raw vLLM vs batchd at GPU speed, memory over six swaps, the fit table vs vLLM",
     "concurrency": "a small file dropped during a bulk job: its wait, and the bulk's cost",
     "rerun": "the result cache: a file, then the same file with 1 % of its lines changed",
+    "window": "a bulk job's time on the auto window against fixed ones",
 }
 
 

@@ -102,3 +102,62 @@ def test_a_server_error_from_a_dead_engine_is_engine_death_not_a_line_error(engi
         for batch in engine(serving).stream(requests(200), {}, 16):
             seen += [a.request.line for a in batch]
     assert 40 not in seen
+
+
+class FullBatch(FakeServing):
+    """A vLLM whose batch (max_num_seqs) is 4 and full: requests run until told,
+    a cancelled one answers as vLLM's server does ("Client disconnected")."""
+
+    def __init__(self):
+        super().__init__()
+        from types import SimpleNamespace
+        self.client = SimpleNamespace(vllm_config=SimpleNamespace(
+            scheduler_config=SimpleNamespace(max_num_seqs=4)))
+        self.release = asyncio.Event()
+
+    async def answer(self, request, sampling):
+        self.started.append(request.line)
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            return None, LineError(request.line, request.custom_id, "internal_error",
+                                   "Client disconnected", None, 500, "server_error")
+        return {"line": request.line}, None
+
+
+def test_a_joining_job_takes_running_slots_and_nothing_is_answered_twice(engine):
+    """With vLLM's batch full, refill(2): the next two requests (a joining job's)
+    go in at once; the last admitted make way, run again after them, and every
+    request is answered exactly once (a cancelled one's 'Client disconnected' is
+    dropped, never an answer)."""
+    serving = FullBatch()
+    e = engine(serving)
+    bulk = requests(6)  # window 6: four running, two waiting
+    joiner = [Request(i, f"j{i}", CHAT, {"messages": []}, job="j") for i in (1, 2)]
+    source_items: list = list(bulk)
+
+    def source():
+        while True:
+            if source_items:
+                yield source_items.pop(0)
+            else:
+                yield None
+
+    stream = e.stream(source(), {}, 6)
+    assert next(stream) == []
+    wait_for(lambda: len(serving.started) == 6, 10, what="the first six in")
+    source_items[:0] = joiner + requests(8)[6:]  # the joiner's two, then more bulk
+    e.refill(2)
+    next(stream)
+    wait_for(lambda: serving.cancelled == 4, 10, what="two waiting and two running made way")
+    started = serving.started[6:]
+    assert [r for r in started[:2]] == [1, 2] and e.max_num_seqs == 4
+    e.loop.call_soon_threadsafe(serving.release.set)
+    answers = []
+    while len(answers) < 10:
+        answers += next(stream)
+    keys = sorted((a.request.job, a.request.line) for a in answers)
+    assert keys == sorted([("", i) for i in range(1, 9)] + [("j", 1), ("j", 2)])
+    assert all(a.error is None for a in answers)
+    stream.close()

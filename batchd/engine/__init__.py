@@ -77,9 +77,11 @@ class Engine(Protocol):
         """Answers as they finish, one list per engine step (possibly empty)."""
         ...
 
-    def more(self) -> None:
+    def more(self, joining: int = 0) -> None:
         """A job joined the running stream: take from its source now, not at the
-        next refill of the window, so the job's first requests start at once."""
+        next refill of the window; the JOINING requests the source gives first
+        (the job's) start at once, the latest admitted making way if the batch
+        is full."""
         ...
 
     def close(self) -> None:

@@ -155,8 +155,8 @@ def _stream(conn: Connection, engine: Any, sampling: dict[str, Any], window: int
                 if message[0] == Msg.ABORT:
                     bunch = []  # the daemon drops what is in flight; so do we
                     break
-                if message[0] == Msg.MORE:
-                    engine.refill()  # a job joined: its requests now, not at the next refill
+                if message[0] == Msg.MORE:  # a job joined: its requests now, not at the next refill
+                    engine.refill(message[1] if len(message) > 1 else 0)
     except _Aborted:
         bunch = []
     except EngineDead as exc:

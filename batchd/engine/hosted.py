@@ -191,10 +191,10 @@ class HostedEngine:
             if not over:
                 self._abort()
 
-    def more(self) -> None:
+    def more(self, joining: int = 0) -> None:
         if self.streaming:
             try:
-                self.conn.send((Msg.MORE,))
+                self.conn.send((Msg.MORE, joining))
             except OSError:
                 pass  # a dead host: the stream finds out and says so
 

@@ -36,7 +36,7 @@ class VllmEngine:
 
     def __init__(self, profile: Profile, models_dir: Path, serving: Any = None):
         self.profile = profile
-        self._refill = False  # a job joined the running stream: take from it now
+        self._refill: int | None = None  # a job joined: how many of its requests start now
         started = time.monotonic()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
@@ -60,9 +60,11 @@ class VllmEngine:
         config = getattr(self.serving.client, "vllm_config", None)
         return getattr(getattr(config, "scheduler_config", None), "max_num_seqs", None)
 
-    def refill(self) -> None:
-        """Take from the running stream's source at its next pass (a job joined)."""
-        self._refill = True
+    def refill(self, joining: int = 0) -> None:
+        """A job joined: take from the running stream's source at its next pass,
+        and its first JOINING requests (the next ones the source gives) go into
+        running slots at once."""
+        self._refill = max(joining, self._refill or 0)
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
@@ -82,18 +84,43 @@ class VllmEngine:
         # wake-ups take CPU from vLLM's engine core. A job that joins (refill())
         # gets its requests in at once, at the head of what waits for a slot.
         low = window - max(1, window // 16)
-        self._refill = False
+        self._refill = None
+        sent: dict[tuple[str, int], Request] = {}  # the request of each task in flight
+        preempted: set[asyncio.Task] = set()  # aborted to make room: their answers dropped
 
-        def submit(batch: list[Request]) -> None:  # runs on the loop
-            for request in batch:
+        def submit(batch: list[Request], joining: int = 0) -> None:  # runs on the loop
+            """BATCH into vLLM; the first JOINING (a job that just joined) into running
+            slots: vLLM's batch is full, and with requests of one length none frees
+            before a whole decode ends, so the requests admitted last make way (they
+            run again from the start, after; what they had decoded is recomputed)."""
+            again = make_room(joining) if joining else []
+            for request in batch + again:
                 task = self.loop.create_task(
                     self.serving.answer(request, sampling_of(request, sampling)))
                 tasks[request.key] = task
+                sent[request.key] = request
                 task.add_done_callback(functools.partial(finish, request))
 
+        def make_room(n: int) -> list[Request]:  # runs on the loop
+            seqs = self.max_num_seqs
+            keys = [key for key, task in tasks.items() if not task.done()]
+            if not seqs or len(keys) < seqs:
+                return []  # a slot is free (or the batch is unknown): no one makes way
+            waiting = len(keys) - seqs  # the last submitted have no slot yet
+            again = []
+            for key in keys[max(0, len(keys) - waiting - n):]:
+                task = tasks.pop(key)
+                preempted.add(task)
+                task.cancel()
+                again.append(sent.pop(key))
+            return again
+
         def finish(request: Request, task: asyncio.Task) -> None:  # runs on the loop
-            tasks.pop(request.key, None)
-            if task.cancelled():
+            if tasks.get(request.key) is task:
+                del tasks[request.key]
+                sent.pop(request.key, None)
+            if task.cancelled() or task in preempted:
+                preempted.discard(task)
                 return
             if not finished:  # one hand-over for all that finish in this loop pass
                 self.loop.call_soon(flush)
@@ -109,15 +136,16 @@ class VllmEngine:
 
         try:
             while True:
-                if (inflight <= low or self._refill) and not exhausted:
-                    room = window - inflight
-                    if self._refill:  # the joining job's first requests, over the window
-                        room = max(room, window - low)
-                        self._refill = False
+                if (inflight <= low or self._refill is not None) and not exhausted:
+                    room, joining = window - inflight, 0
+                    if self._refill is not None:  # a job joined: its first requests now
+                        joining = self._refill
+                        room = max(room, window - low, joining)
+                        self._refill = None
                     batch, exhausted = take(source, room)
                     if batch:
                         inflight += len(batch)
-                        self.loop.call_soon_threadsafe(submit, batch)
+                        self.loop.call_soon_threadsafe(submit, batch, min(joining, len(batch)))
                 if not inflight and exhausted:
                     return
                 try:

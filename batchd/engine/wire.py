@@ -17,7 +17,8 @@ tuple whose first item is a ``Msg``:
     host -> daemon   (ANSWERS, [(key, body, error), ...])   every 0.1-0.25 s;
                                                           key: (job, line); an empty
                                                           bunch at least every 0.25 s
-    daemon -> host   (MORE,)                              a job joined: ask (WANT) now
+    daemon -> host   (MORE, n)                            a job joined: ask (WANT) now; the
+                                                          first n given start at once
     daemon -> host   (ABORT,)                             stop this stream early
     host -> daemon   (END,) | (DEAD, text)                the stream is over
     daemon -> host   (CLOSE,) or end of file              exit

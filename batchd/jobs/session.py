@@ -103,7 +103,8 @@ class Session:
             self.share.prime(running)
             self._start(running)
             if running.head is not None and self.pool.engine is not None:
-                self.pool.engine.more()  # its first requests go in now
+                # its first requests go in now, into running slots
+                self.pool.engine.more(min(running.boost, job.total - job.answered))
 
     def leave(self, name: str, ending: Ending) -> None:
         """End the running job NAME as ENDING says (cancel, expiry)."""
