@@ -13,12 +13,10 @@ a picture of one turn.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import stat
 import threading
-from typing import Callable, Iterator
+from typing import Callable
 
 import structlog
 
@@ -35,7 +33,8 @@ from .jobs.publish import Outcome
 from .jobs.session import Drain, Left, Session
 from .layout import CANCELLED, EXPIRED
 from .metrics import Metrics
-from .notify import Notifier, watchdog_interval
+from .notify import Notifier, keep_alive_while, watchdog_interval
+from .signals import handle_signals
 from .profiles import Profile, ProfileSet
 from .spool import inbox
 from .spool.cache import ResultCache
@@ -238,26 +237,13 @@ class Daemon:
             self.pinged = now
 
     def _keepalive(self, factory: Callable[[Profile], Engine]) -> Callable[[Profile], Engine]:
-        """Wrap model loading: it blocks the loop for a minute or more, so a helper
-        thread tells systemd the daemon is alive and extends the start timeout."""
+        """Model loading, told to systemd (notify.keep_alive_while); the metrics say
+        which model is loaded."""
 
         def load(profile: Profile) -> Engine:
-            done = threading.Event()
-            period = self.beat or 10.0
-
-            def ping() -> None:
-                while not done.wait(period):
-                    self.notifier.send(WATCHDOG=1 if self.beat else None,
-                                       EXTEND_TIMEOUT_USEC=int(period * 3_000_000),
-                                       STATUS=f"loading {profile.name} ({profile.model})")
-
-            self.notifier.send(STATUS=f"loading {profile.name} ({profile.model})",
-                               EXTEND_TIMEOUT_USEC=int(period * 3_000_000))
-            threading.Thread(target=ping, daemon=True, name="batchd-load-keepalive").start()
-            try:
-                engine = factory(profile)
-            finally:
-                done.set()
+            engine = keep_alive_while(self.notifier, self.beat,
+                                      f"loading {profile.name} ({profile.model})",
+                                      lambda: factory(profile))
             self.metrics.model(profile.name, profile.model)
             return engine
 
@@ -363,26 +349,3 @@ class Daemon:
         for error in self.profiles.errors:
             log.error("profile_invalid", error=error)
         log.info("profiles_reloaded", profiles=sorted(self.profiles.profiles))
-
-
-@contextlib.contextmanager
-def handle_signals(stop: threading.Event, reload: threading.Event) -> Iterator[None]:
-    """SIGTERM/SIGINT: stop after the current step (the second one exits at once,
-    which is safe: the checkpoint is durable and resume skips answered lines).
-    SIGHUP: reload profiles between jobs. Previous handlers are restored on exit."""
-
-    def on_stop(signum: int, _frame: object) -> None:
-        if stop.is_set():
-            os._exit(128 + signum)
-        stop.set()
-
-    def on_hup(_signum: int, _frame: object) -> None:
-        reload.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig, handler in
-                ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup))}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 class Notifier:
@@ -52,3 +56,24 @@ def watchdog_interval() -> float | None:
         return int(usec) / 2_000_000
     except ValueError:
         return None
+
+
+def keep_alive_while(notifier: Notifier, beat: float | None, status: str,
+                     work: Callable[[], T]) -> T:
+    """Run WORK (a model load: it blocks the loop for a minute or more) while a
+    helper thread tells systemd the daemon is alive (WATCHDOG, when BEAT) and
+    extends the start timeout, with STATUS."""
+    done = threading.Event()
+    period = beat or 10.0
+
+    def ping() -> None:
+        while not done.wait(period):
+            notifier.send(WATCHDOG=1 if beat else None,
+                          EXTEND_TIMEOUT_USEC=int(period * 3_000_000), STATUS=status)
+
+    notifier.send(STATUS=status, EXTEND_TIMEOUT_USEC=int(period * 3_000_000))
+    threading.Thread(target=ping, daemon=True, name="batchd-load-keepalive").start()
+    try:
+        return work()
+    finally:
+        done.set()
