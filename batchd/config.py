@@ -8,6 +8,8 @@ current directory. Relative paths in a file are relative to that file's folder.
 
 from __future__ import annotations
 
+import functools
+
 import os
 import tomllib
 from pathlib import Path
@@ -21,6 +23,12 @@ from .layout import Layout
 
 SEARCH_PATH = (Path("config.toml"), Path("/etc/batchd/config.toml"))
 
+
+
+@functools.lru_cache(maxsize=16)
+def _layout(root: Path) -> Layout:
+    """One Layout a spool root: asked for on every turn of the loop."""
+    return Layout(root)
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and key."""
@@ -177,7 +185,7 @@ class Settings(BaseSettings):
     @property
     def layout(self) -> Layout:
         """Every path of this spool and of its jobs (batchd/layout.py)."""
-        return Layout(self.spool.root)
+        return _layout(self.spool.root)
 
     @property
     def inbox(self) -> Path:

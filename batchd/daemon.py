@@ -44,6 +44,7 @@ from .spool.watcher import Wakeup, Watcher
 log = structlog.get_logger()
 
 REAP_SECONDS = 60.0  # how often an idle daemon ends engines left by daemons killed since
+CHECK_SECONDS = 0.1  # how often the loop looks for cancel markers and expiries
 
 
 class Daemon:
@@ -69,7 +70,7 @@ class Daemon:
         self.watcher: Watcher | None = None
         self.unloaded: str | None = None  # the idle status after an idle unload
         self.session: Session | None = None  # the jobs running now
-        self.pinged = self.reaped = float("-inf")
+        self.pinged = self.reaped = self.checked = self.checked_held = float("-inf")
 
     def setup(self) -> None:
         os.umask(self.settings.spool.umask)
@@ -131,6 +132,9 @@ class Daemon:
     def _end_held(self, now: float) -> None:
         """Cancels and expiries of jobs that wait here (yielded, for their model,
         to run alone): they end now, not when their turn comes."""
+        if self.watcher is not None and now < self.checked_held + CHECK_SECONDS:
+            return
+        self.checked_held = now
         for name, held in list(self.admission.held.items()):
             job = held.job
             ending = CANCELLED if cancel_requested(job) else EXPIRED if expired(job) else None
@@ -190,11 +194,16 @@ class Daemon:
     def _step(self, now: float) -> bool:
         session = self.session
         assert session is not None
-        for name, r in list(session.running.items()):
-            ending = CANCELLED if cancel_requested(r.job) else EXPIRED if expired(r.job) else None
-            if ending is not None:
-                session.leave(name, ending)
-                self._left(session.take_left(), now)
+        # a stat a job every CHECK_SECONDS, not on every engine step (every turn
+        # when turns are driven by hand, without a watcher: tests)
+        if self.watcher is None or now >= self.checked + CHECK_SECONDS:
+            self.checked = now
+            for name, r in list(session.running.items()):
+                ending = CANCELLED if cancel_requested(r.job) else \
+                    EXPIRED if expired(r.job) else None
+                if ending is not None:
+                    session.leave(name, ending)
+                    self._left(session.take_left(), now)
         turn = session.step(now)
         self._left(session.take_left(), now)
         for record in turn.progress:

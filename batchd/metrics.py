@@ -21,6 +21,7 @@ from .layout import FINAL_STATES
 
 class Metrics:
     def __init__(self, path: Path | None):
+        self._running = -1
         self.path = path
         self._writing = threading.Lock()
         self.registry = r = CollectorRegistry(auto_describe=True)
@@ -71,6 +72,9 @@ class Metrics:
         self.write()
 
     def running_jobs(self, count: int) -> None:
+        if count == self._running and count:
+            return  # asked on every turn of the loop: rewritten on a change
+        self._running = count
         self.running.set(count)
         if not count:
             self.throughput.set(0)

@@ -116,7 +116,7 @@ def daemon(settings):
     engines = []
 
     def factory(profile):
-        engines.append(FakeEngine(profile))
+        engines.append(FakeEngine(profile, per_step=64))  # bunches, as an engine process hands over
         return engines[-1]
 
     d = Daemon(settings, factory=factory, clock=lambda: 1000.0)

@@ -22,22 +22,32 @@ from conftest import (BENCH_TINY, DaemonProcess, drop, final_state, outputs, ser
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-def engine_tree(daemon):
-    """(engine process, vLLM's engine cores under it) of a daemon."""
+def engine_tree(daemon, seen: set[int]):
+    """(an engine process of a daemon not in SEEN, vLLM's engine cores under it)."""
     try:
         tree = psutil.Process(daemon.proc.pid).children(recursive=True)
     except psutil.Error:
         return None, []
-    host, cores = None, []
+    host = None
     for p in tree:
         try:
-            line = " ".join(p.cmdline()) + p.name()
+            if "batchd.engine.host" in " ".join(p.cmdline()) and p.pid not in seen \
+                    and p.status() != psutil.STATUS_ZOMBIE:
+                host = p
         except psutil.Error:
             continue
-        if "batchd.engine.host" in line:
-            host = p
-        elif "EngineCore" in line:
-            cores.append(p)
+    if host is None:
+        return None, []
+    cores = []
+    try:
+        for p in host.children(recursive=True):
+            try:
+                if "EngineCore" in p.name() + " ".join(p.cmdline()):
+                    cores.append(p)
+            except psutil.Error:
+                continue
+    except psutil.Error:
+        return None, []
     return host, cores
 
 
@@ -45,20 +55,23 @@ def events(daemon, name):
     return [e for e in daemon.logs() if e.get("event") == name]
 
 
-def kill_while_loading(daemon, seen: set[int]) -> list:
-    """Kill the next engine process (one not in SEEN) once vLLM's engine core runs
-    under it and before it is loaded, as the OOM killer would: that process
-    alone. Returns the engine cores that ran under it."""
+def kill_while_loading(daemon, seen: set[int], deep: bool = True) -> list:
+    """Kill the next engine process (one not in SEEN) before it is loaded, as the
+    OOM killer would: that process alone; DEEP: once vLLM's engine core runs
+    under it. Returns once the daemon logged the death, with the engine cores
+    that ran under it."""
     loaded = len(events(daemon, "engine_loaded"))
+    died = len(events(daemon, "engine_died"))
 
     def loading():
-        host, cores = engine_tree(daemon)
-        return (host, cores) if host is not None and host.pid not in seen and cores else None
+        host, cores = engine_tree(daemon, seen)
+        return (host, cores) if host is not None and (cores or not deep) else None
 
     host, cores = wait_for(loading, 300, interval=0.02, what="an engine process loading")
-    assert len(events(daemon, "engine_loaded")) == loaded, "it loaded before the kill"
     host.kill()
     seen.add(host.pid)
+    wait_for(lambda: len(events(daemon, "engine_died")) > died, 60, what="the death logged")
+    assert len(events(daemon, "engine_loaded")) == loaded, "it loaded before the kill"
     return cores
 
 
@@ -113,7 +126,7 @@ def test_loads_cut_short_by_a_death_wait_and_load_again(tiny_model, tmp_path):
 
         # killed max_engine_failures (2) times in a row while loading: it fails
         drop(inbox, "other__b.jsonl", lines)
-        cores += kill_while_loading(daemon, seen)
+        cores += kill_while_loading(daemon, seen, deep=False)  # early in the load
         cores += kill_while_loading(daemon, seen)
         assert wait_for(lambda: final_state(outbox, "other__b"), 300,
                         what="job b") == "failed"
