@@ -125,6 +125,8 @@ def test_loads_cut_short_by_a_death_wait_and_load_again(tiny_model, tmp_path):
             "loading_model")  # it waited, then loaded again
 
         # killed max_engine_failures (2) times in a row while loading: it fails
+        warm, _ = engine_tree(daemon, seen)
+        seen.add(warm.pid)  # tiny's engine, closed for the swap: not the one to kill
         drop(inbox, "other__b.jsonl", lines)
         cores += kill_while_loading(daemon, seen, deep=False)  # early in the load
         cores += kill_while_loading(daemon, seen)
