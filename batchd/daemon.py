@@ -28,10 +28,9 @@ from .engine.hosted import engine_factory, reap_engines
 from .hooks import Hooks
 from .jobs import publish
 from .jobs.job import Job
-from .jobs.prepare import cancel_requested, expired
+from .jobs.prepare import requested_ending
 from .jobs.publish import Outcome
 from .jobs.session import Drain, Left, Session
-from .layout import CANCELLED, EXPIRED
 from .metrics import Metrics
 from .notify import Notifier, keep_alive_while, watchdog_interval
 from .signals import handle_signals
@@ -137,7 +136,7 @@ class Daemon:
         self.checked_held = now
         for name, held in list(self.admission.held.items()):
             job = held.job
-            ending = CANCELLED if cancel_requested(job) else EXPIRED if expired(job) else None
+            ending = requested_ending(job)
             if ending is None:
                 continue
             del self.admission.held[name]
@@ -199,8 +198,7 @@ class Daemon:
         if self.watcher is None or now >= self.checked + CHECK_SECONDS:
             self.checked = now
             for name, r in list(session.running.items()):
-                ending = CANCELLED if cancel_requested(r.job) else \
-                    EXPIRED if expired(r.job) else None
+                ending = requested_ending(r.job)
                 if ending is not None:
                     session.leave(name, ending)
                     self._left(session.take_left(), now)

@@ -3,7 +3,7 @@ fails by itself, cancels of waiting jobs, and what a turn claims. The same
 load failures on real vLLM are in test_vllm_loads.py."""
 
 import os
-import time
+import signal
 
 from batchd.daemon import Daemon
 from batchd.engine import EngineDead
@@ -136,7 +136,7 @@ def test_the_idle_reaper_spares_its_own_engine(settings):
     record = settings.layout.engine_pidfile(socket.gethostname(), os.getpid())
     child = os.fork()
     if child == 0:  # a stand-in for an engine process: sleeps until killed
-        time.sleep(60)
+        signal.pause()  # no handler for SIGKILL: it ends here
         os._exit(0)
     try:
         import psutil

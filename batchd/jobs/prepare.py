@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from ..clock import parse_iso
 from ..config import Settings
-from ..layout import CANCELLED, EXPIRED, JobState, Phase
+from ..layout import CANCELLED, EXPIRED, Ending, JobState, Phase
 from ..lines import LineError, Request, open_regular, read_line_at
 from ..profiles import ProfileSet
 from ..spool import cache
@@ -84,6 +84,11 @@ def prepare(settings: Settings, name: str, profiles: ProfileSet,
     finally:
         if not ready:
             job.ckpt.close()
+
+
+def requested_ending(job: Job) -> Ending | None:
+    """CANCELLED when a cancel marker waits for JOB, EXPIRED past its window."""
+    return CANCELLED if cancel_requested(job) else EXPIRED if expired(job) else None
 
 
 def cancel_requested(job: Job) -> bool:
