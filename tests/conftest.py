@@ -25,11 +25,22 @@ MODELS = ROOT / "models"
 sys.path.insert(0, str(ROOT))  # the benchmarks package, run from any folder
 from benchmarks.common import TINY_PROFILE as BENCH_TINY  # noqa: E402
 
-# The benchmarks' tiny-Llama profile, with an alias and a short default length.
-TINY_PROFILE = 'aliases = ["tiny"]\n' + BENCH_TINY + "[sampling]\nmax_tokens = 16\n"
+# The tests' engines run vLLM's engine core inside batchd's engine process, as
+# the shipped CPU profile does (a load of 2-5 s, not 27-30 s: no two more spawned
+# processes importing vLLM); the tests that kill vLLM's own engine core process
+# use the benchmarks' profile as it is (vLLM's default: a process of its own).
+IN_PROCESS = '[environment]\nVLLM_ENABLE_V1_MULTIPROCESSING = "0"\n'
+TINY_IN_PROCESS = BENCH_TINY.replace("[environment]\n", IN_PROCESS)
+assert TINY_IN_PROCESS != BENCH_TINY
+
+# The tiny-Llama profile, with an alias and a short default length; TINY_PROFILE_MP
+# the same with vLLM's engine core in a process of its own.
+TINY_PROFILE = 'aliases = ["tiny"]\n' + TINY_IN_PROCESS + "[sampling]\nmax_tokens = 16\n"
+TINY_PROFILE_MP = 'aliases = ["tiny"]\n' + BENCH_TINY + "[sampling]\nmax_tokens = 16\n"
 
 # A second profile of the same tiny Llama under another name: a real swap on CPU.
-OTHER_PROFILE = BENCH_TINY.replace('model = "batchd/tiny-llama"', 'model = "org/other-model"')
+OTHER_PROFILE = TINY_IN_PROCESS.replace('model = "batchd/tiny-llama"',
+                                        'model = "org/other-model"')
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):
@@ -349,8 +360,9 @@ def pytest_addoption(parser):
 
 
 class _EngineCores:
-    """Counts vLLM engine cores (one per engine start: batchd's, vllm serve's, the
-    benchmarks' peers) by polling the process table, charged to the running test."""
+    """Counts engine starts (batchd's engine processes, and vLLM engine cores not
+    inside one: vllm serve's, the benchmarks' peers) by polling the process
+    table, charged to the running test."""
 
     def __init__(self):
         import threading
@@ -368,14 +380,25 @@ class _EngineCores:
                 info = proc.info
                 text = (info["name"] or "") + " " + " ".join(info["cmdline"] or [])
                 key = (info["pid"], info["create_time"])
-                if "EngineCore" in text and key not in self.seen:
-                    self.seen.add(key)
+                if key in self.seen or not ("batchd.engine.host" in text
+                                            or "EngineCore" in text):
+                    continue
+                self.seen.add(key)
+                if "batchd.engine.host" in text or not _under_engine_host(proc):
                     if self.current is not None:
                         self.counts[self.current] = self.counts.get(self.current, 0) + 1
 
     def stop(self):
         self._stop.set()
         self._thread.join(5)
+
+
+def _under_engine_host(proc) -> bool:
+    import psutil
+    try:
+        return any("batchd.engine.host" in " ".join(p.cmdline()) for p in proc.parents())
+    except psutil.Error:
+        return False
 
 
 _TIMING: dict = {}  # filled when --durations-file is given
