@@ -18,7 +18,8 @@ record is rewritten after each part, so a run cut short keeps what it measured.
 
 Without a GPU the same steps run on the CPU build with tiny shapes (`--quick`
 for the smallest), so CI keeps the script working; memory is then the RSS of
-the daemon's engine processes, and the fit part shows only what vLLM reports.
+the daemon's engine processes, and the fit part shows only what vLLM reports;
+every engine then runs vLLM's engine core in its own process (no spawned core).
 """
 
 from __future__ import annotations
@@ -398,6 +399,10 @@ def run(repeats: int = 3, n: int = 5000, swaps: int = 6, fits: int = 3,
     gpu = Gpu()
     if gpu.total_mib is None and not quick:
         n = min(n, 200)  # the CPU build: the same steps at a size it runs in minutes
+    if gpu.total_mib is None:
+        # the CPU build: vLLM's engine core in each engine's own process, as the
+        # shipped CPU profile runs it (docs/MODELS.md); every engine here inherits it
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     state: dict = {"settings": {"n": n, "repeats": repeats, "swaps": swaps, "fits": fits,
                                 "quick": quick, "budget_s": budget_s, "vram": VRAM,
                                 "budget_gib": BUDGET_GIB,
