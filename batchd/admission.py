@@ -13,12 +13,13 @@ every ``poll_interval`` otherwise (``due``), not on every engine step.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import structlog
 
 from .config import Settings
-from .jobs import publish
+from .jobs import parts, publish
 from .jobs.job import Job
 from .jobs.prepare import prepare
 from .jobs.publish import Outcome
@@ -28,13 +29,17 @@ from .metrics import Metrics
 from .profiles import ProfileSet
 from .scheduler import Backlog, Waiting, order
 from .spool import inbox
+from .spool import parts as spool_parts
+from .spool.parts import split_name
 from .spool.cache import ResultCache
+from .spool.daemons import Registry
 from .spool.lease import Leases
 from .spool.watcher import Wakeup, Watcher
 
 log = structlog.get_logger()
 
 RENAME_GRACE_SECONDS = 0.02  # how soon a file first seen unsettled is looked at again
+DEFER_SECONDS = 2.0  # how long a cold daemon leaves a file to a warm one of the spool
 
 
 @dataclass
@@ -62,19 +67,22 @@ class Admitted:
 
 class Admission:
     def __init__(self, settings: Settings, leases: Leases, metrics: Metrics,
-                 profiles: ProfileSet, results: ResultCache | None, wake: Wakeup):
+                 profiles: ProfileSet, results: ResultCache | None, wake: Wakeup,
+                 registry: Registry | None = None):
         self.settings = settings
         self.leases = leases
         self.metrics = metrics
         self.profiles = profiles  # the daemon's set; reloaded() on SIGHUP
         self.results = results  # the result cache, None when off
         self.wake = wake  # the watcher's: a change in the inbox
+        self.registry = registry  # the spool's other daemons (spool/daemons.py)
         self.settler = inbox.Settler(settings.watch.settle_seconds)
         self.backlog = Backlog(settings.layout, settings.routing.default_profile)
         self.reported: set[str] = set()  # non-regular entries that could not be moved
         self.retry_at: dict[str, float] = {}  # job or file -> when to try again after OSError
         self.retry_seconds = 10.0
         self.held: dict[str, Held] = {}  # job -> a prepared job waiting for its profile
+        self.split: dict[str, Job] = {}  # jobs in parts this daemon owns (jobs/parts.py)
         self.watcher: Watcher | None = None  # set once it runs: names renamed in settle at once
         self.next_look = 0.0  # the loop's clock when the spool is to be looked at again
 
@@ -99,17 +107,19 @@ class Admission:
         self.wake.clear()  # what woke the loop is seen by this look
         self._looked(now)
         for name in inbox.unfinished(self.settings):
-            if name in self.held or self.retry_at.get(name, 0.0) > now \
+            if name in self.held or name in self.split or self.retry_at.get(name, 0.0) > now \
                     or not self.leases.acquire(name):
-                continue  # yielded, stalled, or another live daemon's job
+                continue  # yielded, in parts, stalled, or another live daemon's job
             found.worked = True
             self._prepare(found, name, now)
-            return found
+            if found.jobs:
+                return found
         ready = self.ready(now)
         if ready is None:
             found.worked = True  # an entry that is not a regular file was put aside
             return found
-        for candidate, reason in order(ready + self.held_candidates(now), loaded,
+        for candidate, reason in order(ready + self.held_candidates(now) +
+                                       self.part_candidates(now), loaded,
                                        self.settings.scheduling.max_wait_seconds):
             if candidate.name in self.held:
                 held = self.held.pop(candidate.name).job
@@ -117,6 +127,8 @@ class Admission:
                 found.jobs.append(held)
                 found.worked = True
                 return found
+            if self._warm_elsewhere(candidate, loaded):
+                continue
             if self._claim(found, candidate, reason, now):
                 return found
         return found
@@ -131,7 +143,8 @@ class Admission:
         self._looked(now)
         max_wait = self.settings.scheduling.max_wait_seconds
         loaded = session.profile.name
-        candidates = (self.ready(now) or []) + self.held_candidates(now)
+        candidates = (self.ready(now) or []) + self.held_candidates(now) + \
+            self.part_candidates(now, loaded)
         if session.running_for(now) >= max_wait and \
                 any(c.waited > max_wait and c.profile not in (loaded, None) for c in candidates):
             found.overdue = True  # its turn was at least max_wait long: the overdue file's now
@@ -142,9 +155,9 @@ class Admission:
         for name in inbox.unfinished(self.settings):
             if room <= len(found.jobs):
                 break
-            if name in session.running or name in self.held or \
+            if name in session.running or name in self.held or name in self.split or \
                     self.retry_at.get(name, 0.0) > now or not self.leases.acquire(name):
-                continue  # running, yielded, stalled, or another live daemon's job
+                continue  # running, yielded, in parts, stalled, or another live daemon's
             self._prepare(found, name, now)
         for candidate, reason in order(candidates, loaded, max_wait):
             if room <= len(found.jobs):
@@ -225,9 +238,62 @@ class Admission:
         return [Waiting(name, now - held.since, held.job.priority, held.job.profile.name)
                 for name, held in self.held.items() if held.job.profile is not None]
 
+    def _warm_elsewhere(self, candidate: Waiting, loaded: str | None) -> bool:
+        """Whether to leave CANDIDATE to another daemon of the spool that has its
+        profile loaded and a free slot, while it has waited less than
+        DEFER_SECONDS (after that, whoever looks first takes it)."""
+        if self.registry is None or candidate.profile in (loaded, None) or \
+                candidate.waited >= max(DEFER_SECONDS, 3 * self.settings.watch.poll_interval):
+            return False
+        return self.registry.warm_elsewhere(candidate.profile) is not None
+
+    def part_candidates(self, now: float, profile: str | None = None) -> list[Waiting]:
+        """Free parts of jobs in parts (nobody runs them, or their daemon is gone)
+        whose profiles this daemon has (of PROFILE only, when given), as
+        candidates beside the inbox's files: they wait from when they were cut."""
+        found = []
+        layout = self.settings.layout
+        for job in spool_parts.split_jobs(layout):
+            plan = spool_parts.read_plan(layout, job)
+            if plan is None or (profile is not None and plan.profile != profile) or \
+                    parts.profiles_of(plan, self.profiles) is None or \
+                    layout.cancel(job).exists():
+                continue  # gone, another profile, one this daemon lacks, or cancelled
+            ended = {k for k, records in spool_parts.progress(layout, job).items()
+                     if any(r.get("done") for r in records)}
+            for k in range(plan.parts):
+                name = spool_parts.part_name(job, k)
+                if k in ended or name in self.held or name in self.leases.held or \
+                        self.retry_at.get(name, 0.0) > now or not self.leases.free(name):
+                    continue
+                found.append(Waiting(name, max(0.0, time.time() - plan.created),
+                                     plan.priority, plan.profile))
+        return found
+
+    def _take_part(self, found: Admitted, name: str, now: float) -> bool:
+        """Take a free part's lease and open it; whether it was taken."""
+        job, k = split_name(name)  # type: ignore[misc]
+        if not self.leases.acquire(name):
+            return False  # another daemon took it first
+        try:
+            part = parts.open_part(self.settings, job, k, self.profiles, self.results)
+        except OSError as exc:
+            self.leases.release(name)
+            self._stalled(name, now, exc, "part_stalled")
+            return False
+        if part is None:  # published meanwhile, or a profile this daemon lacks
+            self.leases.release(name)
+            return False
+        found.jobs.append(part)
+        found.worked = True
+        return True
+
     def _claim(self, found: Admitted, candidate: Waiting, reason: str, now: float) -> bool:
-        """Claim a waiting file and prepare its job; whether it was claimed."""
+        """Claim a waiting file (or take a free part) and prepare its job; whether
+        it was claimed."""
         name = candidate.name
+        if split_name(name) is not None:
+            return self._take_part(found, name, now)
         self.settler.forget(name)
         try:
             claimed = inbox.claim(self.settings, name, self.leases)
@@ -254,6 +320,9 @@ class Admission:
             return
         if isinstance(prepared, Outcome):
             found.ended.append((name, prepared))
+        elif prepared.plan is not None:  # in parts: this daemon owns it, every daemon runs it
+            self.split[name] = prepared
+            found.worked = True
         else:
             found.jobs.append(prepared)
 
@@ -278,6 +347,14 @@ class Admission:
                 log.error("job_stalled", job=name, error=str(exc))
             self.leases.release(name)
         self.held.clear()
+        for name, job in list(self.split.items()):
+            try:
+                publish.interrupted(job)
+                job.ckpt.close()
+            except OSError as exc:
+                log.error("job_stalled", job=name, error=str(exc))
+            self.leases.release(name)
+        self.split.clear()
 
     def waiting(self) -> bool:
         """Whether eligible files are still settling in the inbox."""

@@ -92,6 +92,10 @@ class SchedulingConfig(_Section):
     max_wait_seconds: float = Field(600.0, ge=0)
     # Jobs for the loaded profile that run at once in its engine, sharing its window.
     max_running_jobs: int = Field(8, ge=1)
+    # A job of more requests than this runs in parts of about this many, which
+    # every daemon of the spool takes like files (batchd/jobs/parts.py); 0: never
+    # split. 10,000 lines keep a 16 GB GPU busy for minutes per part.
+    part_lines: int = Field(10_000, ge=0)
 
 
 class CacheConfig(_Section):

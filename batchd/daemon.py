@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 from typing import Callable
 
 import structlog
@@ -26,17 +27,19 @@ from .config import Settings
 from .engine import Engine, EnginePool
 from .engine.hosted import engine_factory, reap_engines
 from .hooks import Hooks
-from .jobs import publish
+from .jobs import parts, publish
 from .jobs.job import Job
 from .jobs.prepare import requested_ending
 from .jobs.publish import Outcome
 from .jobs.session import Drain, Left, Session
+from .layout import COMPLETED, JobState, Phase
 from .metrics import Metrics
 from .notify import Notifier, keep_alive_while, watchdog_interval
 from .signals import handle_signals
 from .profiles import Profile, ProfileSet
 from .spool import inbox
 from .spool.cache import ResultCache
+from .spool.daemons import Registry
 from .spool.lease import Leases
 from .spool.watcher import Wakeup, Watcher
 
@@ -44,6 +47,7 @@ log = structlog.get_logger()
 
 REAP_SECONDS = 60.0  # how often an idle daemon ends engines left by daemons killed since
 CHECK_SECONDS = 0.1  # how often the loop looks for cancel markers and expiries
+PARTS_SECONDS = 0.5  # how often an owner of jobs in parts reads their parts' progress
 
 
 class Daemon:
@@ -63,13 +67,15 @@ class Daemon:
         cache = settings.cache
         results = ResultCache(cache.folder or settings.layout.cache, int(cache.size_limit)) \
             if cache.enabled else None
+        self.registry = Registry(settings.layout, settings.scheduling.lease_seconds)
         self.admission = Admission(settings, self.leases, self.metrics, self.profiles,
-                                   results, self.wake)
+                                   results, self.wake, self.registry)
         self.hooks = Hooks(settings, self.metrics.webhook)
         self.watcher: Watcher | None = None
         self.unloaded: str | None = None  # the idle status after an idle unload
         self.session: Session | None = None  # the jobs running now
         self.pinged = self.reaped = self.checked = self.checked_held = float("-inf")
+        self.looked_parts = float("-inf")
 
     def setup(self) -> None:
         os.umask(self.settings.spool.umask)
@@ -101,6 +107,7 @@ class Daemon:
         if self.reload.is_set():
             self._reload()
         self._ping(now)
+        self._check_leases()
         try:
             worked = self._admit(now)
         except OSError as exc:  # the spool itself failed (a scan, a lease): look later
@@ -114,7 +121,86 @@ class Daemon:
                 self._abandon(now, exc)
                 worked = True
         self._end_held(now)
+        worked = self._coordinate(now) or worked
+        self._beat(now)
         return worked
+
+    def _beat(self, now: float) -> None:
+        """This daemon's record in the spool (spool/daemons.py)."""
+        session, engine = self.session, self.pool.engine
+        running = list(session.running) if session is not None else []
+        profile = session.profile.name if session is not None else \
+            engine.profile.name if engine is not None else None
+        self.registry.beat(now, profile, running,
+                           self.settings.scheduling.max_running_jobs - len(running))
+
+    def _check_leases(self) -> None:
+        """Jobs and parts whose lease another daemon took over (this one was
+        stopped or cut off from the spool for over lease_seconds) go, with
+        nothing more written for them. After a late heartbeat every lease is
+        checked before the turn writes anything."""
+        if self.leases.overdue():
+            for name in list(self.leases.held):
+                self.leases.check(name)
+        for name in self.leases.take_lost():
+            session = self.session
+            if session is not None and name in session.running:
+                session.drop(name)
+                continue
+            held = self.admission.held.pop(name, None)
+            job = held.job if held is not None else self.admission.split.pop(name, None)
+            if job is not None:
+                try:
+                    job.ckpt.close()
+                except OSError:
+                    pass
+
+    def _coordinate(self, now: float) -> bool:
+        """The jobs in parts this daemon owns (jobs/parts.py): a cancel or expiry
+        ends one at once; one whose every part is done is published; the others
+        get a status line from their parts' progress every status interval."""
+        split = self.admission.split
+        if not split or self.watcher is not None and now < self.looked_parts + PARTS_SECONDS:
+            return False
+        self.looked_parts = now
+        worked = False
+        for name, job in list(split.items()):
+            try:
+                ending = requested_ending(job)
+                if ending is None:
+                    seen = parts.look(job, self.leases)
+                    if not seen.done:
+                        self._split_progress(job, seen)
+                        continue
+                    ending = COMPLETED
+                del split[name]
+                outcome = publish.end(job, ending)
+                job.ckpt.close()
+            except OSError as exc:
+                split.pop(name, None)
+                self.admission.job_stalled(name, now, exc)
+                continue
+            worked = True
+            self._ended([(name, outcome)])
+        return worked
+
+    def _split_progress(self, job: Job, seen: parts.Look) -> None:
+        assert job.plan is not None
+        if time.monotonic() - job.status.written_at < self.settings.status.interval:
+            return
+        elapsed = max(time.time() - job.plan.created, 1e-9)
+        answered = seen.counts["completed"] + seen.counts["failed"]
+        done = sum(bool(r.get("done")) for r in seen.by_part.values())
+        self._progress(job.status.write(
+            JobState.IN_PROGRESS, phase=Phase.GENERATING if seen.running else
+            Phase.WAITING_FOR_MODEL, message=f"{job.plan.parts} parts: {done} done, "
+            f"{seen.running} running", **{
+                **job.progress(), "request_counts": seen.counts, "tokens": seen.tokens,
+                "throughput": {"requests_per_s": round(answered / elapsed, 3),
+                               "output_tokens_per_s": round(
+                                   seen.tokens["completion"] / elapsed, 3)},
+                "eta_s": None, "parts": {"total": job.plan.parts, "done": done,
+                                         "running": seen.running}}))
 
     def _abandon(self, now: float, exc: OSError) -> None:
         """The session cannot go on (a disk full or gone read-only): what left it
@@ -227,6 +313,8 @@ class Daemon:
         for name, outcome in ended:
             self.admission.retry_at.pop(name, None)
             self.leases.release(name)  # finished: nothing left in work/ to own
+            if outcome.part:
+                continue  # a part: the job's owner publishes it, once
             self.notifier.status(f"finished {name}: {outcome.state.value}")
             self.metrics.finished(outcome.bench, outcome.state.value)
             self.hooks.wake()
@@ -291,7 +379,8 @@ class Daemon:
                         continue
                     if self.session is not None and self.session.stream is not None:
                         continue  # the stream itself waits for the engine's next answers
-                    if once and self.session is None and not self.admission.waiting():
+                    if once and self.session is None and not self.admission.split \
+                            and not self.admission.waiting():
                         break
                     now = self.clock()
                     if self.session is None:
@@ -312,6 +401,7 @@ class Daemon:
                                   error=str(exc))
                     self._end_session()
                 self.admission.release_held()
+                self.registry.remove()
                 self.watcher.stop()
                 self.leases.stop()
                 self.pool.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from array import array
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -14,7 +15,9 @@ from ..config import Settings
 from ..layout import Layout
 from ..profiles import Profile
 from ..spool.cache import ResultCache
+from ..spool import parts
 from ..spool.checkpoint import Checkpoint, LineSet, Tally
+from ..spool.parts import Plan
 from ..clock import utc_now
 from ..spool.outbox import StatusFile, anthropic_line
 from .order import PrefixOrder
@@ -66,16 +69,28 @@ class Job:
     cache_hits: int = 0
     cache_misses: int = 0
     cache_pending: dict[int, str] = field(default_factory=dict)
+    # a job in parts (batchd/jobs/parts.py): PLAN, on the daemon that owns the job;
+    # on the daemon running one of its parts (named JOB#K), the job it is a part of
+    # (ORIGIN), the part's number (PART), its requests (LINES: packed line and
+    # offset, in the order they run) and the answers other daemons gave before
+    plan: Plan | None = None
+    collected: Any = None  # its requests in run order, for cutting (jobs/order.py)
+    origin: str = ""
+    part: int | None = None
+    lines: array | None = None
+    before: tuple[int, int] = (0, 0)  # (answers, output tokens) in its checkpoint at the start
 
     def __post_init__(self) -> None:
+        self.origin = self.origin or self.name
         self.status = StatusFile(self.layout.status(self.name), self.name)
         self.log = structlog.get_logger().bind(job=self.name)
 
-    def open_checkpoint(self) -> Checkpoint:
-        """Read (or start) the checkpoint; answered lines are never asked again."""
+    def open_checkpoint(self, others: tuple[Path, ...] = ()) -> Checkpoint:
+        """Read (or start) the checkpoint, with OTHERS' answers to the same lines
+        (read only); answered lines are never asked again."""
         engine = self.settings.engine
         self.ckpt = Checkpoint(self.checkpoint, engine.checkpoint_every,
-                               engine.checkpoint_seconds)
+                               engine.checkpoint_seconds, others=others)
         return self.ckpt
 
     @property
@@ -84,15 +99,17 @@ class Job:
 
     @property
     def input(self) -> Path:
-        return self.layout.input(self.name)
+        return self.layout.input(self.origin)
 
     @property
     def checkpoint(self) -> Path:
+        if self.part is not None:
+            return parts.own_checkpoint(self.layout, self.origin, self.part)
         return self.layout.checkpoint(self.name)
 
     @property
     def sidecar(self) -> Path | None:
-        path = self.layout.sidecar(self.name)
+        path = self.layout.sidecar(self.origin)
         return path if path.exists() or path.is_symlink() else None
 
     @property

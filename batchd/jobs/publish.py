@@ -25,10 +25,13 @@ from ..config import Settings
 from ..clock import utc_now
 from ..layout import (BENCH, ERRORS, INPUT, JOB_TOML, PUBLISHED_INPUT, RESULTS, Ending,
                       JobState, Phase)
-from ..lines import LineError, open_regular
+from ..lines import LineError, open_regular, read_line_at
 from ..spool import events, inbox
-from ..spool.outbox import StatusFile, atomic_files, error_line, read_status, sync_dir, write_atomic
-from . import retry
+from ..spool import parts as spool_parts
+from ..spool.parts import unpack
+from ..spool.outbox import (OWNER, StatusFile, atomic_files, error_line, read_status, sync_dir,
+                            write_atomic)
+from . import parts, retry
 from .job import Job
 from .router import JobRejected, Sidecar
 from .validate import classified
@@ -43,12 +46,18 @@ class Outcome:
 
     state: JobState
     bench: dict[str, Any] | None
+    part: bool = False  # a part of a job ended (its owner publishes the job)
 
 
 def end(job: Job, ending: Ending) -> Outcome:
     """Publish JOB as ENDING says: every line not answered yet gets the ending's
     error line (``cancelled``, ``batch_expired``, or a failure's code), then
-    ``finish``."""
+    ``finish``. A part of a job ends as ``end_part`` says; a job in parts is
+    published with every part's answers."""
+    if job.part is not None:
+        return end_part(job, ending)
+    if job.plan is not None:
+        parts.merge(job)
     if ending.state == JobState.CANCELLED:
         _fill(job, "cancelled", "the job was cancelled before this line ran", 400)
         job.layout.cancel(job.name).unlink(missing_ok=True)
@@ -64,6 +73,32 @@ def end(job: Job, ending: Ending) -> Outcome:
         errors = [{"code": ending.code, "message": ending.message, "line": None}]
     record = finish(job, ending.state, job.settings.routing.models_dir, errors)
     return Outcome(ending.state, record)
+
+
+def end_part(job: Job, ending: Ending) -> Outcome:
+    """A part ends: all its lines answered, or failed (its unanswered lines get
+    the failure's error line: the owner then publishes the job with them), and
+    it says so in its progress file. Cancelled or expired, it only stops: the
+    job's owner gives the unanswered lines their error lines when it publishes."""
+    assert job.part is not None and job.lines is not None
+    if ending.state == JobState.FAILED:
+        assert ending.code is not None
+        with open_regular(job.input) as stream:
+            for entry in job.lines:
+                line, offset = unpack(entry)
+                if line not in job.ckpt.done:
+                    item = read_line_at(stream, offset, line, job.settings.limits.max_line_bytes)
+                    job.record(line, "error", error_line(LineError(
+                        line, item.custom_id, ending.code, ending.message, None, 500,
+                        "server_error")))
+    job.ckpt.sync()
+    done = ending.state in (JobState.COMPLETED, JobState.FAILED)
+    job.status.write(ending.state, phase=Phase.DONE, done=done,
+                     message=ending.message, **job.progress())
+    job.log.info("part_finished", part=job.part, state=ending.state.value,
+                 answered=job.answered, total=job.total)
+    job.ckpt.close()
+    return Outcome(ending.state, None, part=True)
 
 
 def reject(job: Job, exc: JobRejected) -> Outcome:
@@ -168,7 +203,13 @@ def outputs(job: Job, final: JobState, models_dir: Path) -> dict[str, Any]:
         resumed=job.ckpt.resumed_lines > 0, order=job.order_name,
         cached_tokens=tally.cached_tokens, concurrency=job.concurrency(),
         parts=[p.name for p in job.routes.parts] if job.routes else None,
-        cache=job.cache_counts(), by_model=tally.by_model)
+        cache=job.cache_counts(), by_model=tally.by_model,
+        workers=parts.workers(job) if job.plan is not None else [{
+            "daemon": OWNER, "parts": 0, "requests": tally.completed + tally.failed
+            - job.ckpt.resumed_lines, "output_tokens": tally.completion_tokens,
+            "generation_s": round(job.gen_s, 3)}],
+        split={"parts": job.plan.parts, "part_lines": job.settings.scheduling.part_lines}
+        if job.plan is not None else None)
     write_atomic(job.out(BENCH), [json.dumps(record, indent=2).encode() + b"\n"])
     return record
 
@@ -202,6 +243,7 @@ def cleanup(job: Job, final: JobState, rejected: bool | None = None) -> JobState
         job.input.unlink(missing_ok=True)
     for path in (job.checkpoint, layout.sidecar(job.name)):
         path.unlink(missing_ok=True)
+    spool_parts.remove(layout, job.name)  # a job in parts: its plan, leases, checkpoints
     sync_dir(layout.work)
     return final
 

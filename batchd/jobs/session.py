@@ -110,6 +110,13 @@ class Session:
         """End the running job NAME as ENDING says (cancel, expiry)."""
         self._leave(self.running[name], ending)
 
+    def drop(self, name: str) -> None:
+        """Take NAME out at once and write nothing more for it: another daemon
+        took its lease over (this one was cut off from the spool)."""
+        r = self.running.pop(name)
+        self._stopped(r)
+        _close_quietly(r.job)
+
     def take_left(self) -> list[Left]:
         """The jobs that left in the last call (``step``, ``leave``, ``drain``),
         handed over once: also after an error cut that call short."""

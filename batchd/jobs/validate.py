@@ -15,7 +15,7 @@ from ..layout import PUBLISHED_INPUT, JobState, Phase
 from ..lines import Dedup, LineError, NotRegularFile, Request, iter_file_at, open_regular
 from ..spool.outbox import error_line
 from .job import Job
-from .order import PrefixOrder
+from .order import InputOrder, PrefixOrder
 from .router import JobRejected, ModelVote, Sidecar, read_sidecar
 
 
@@ -73,12 +73,15 @@ def validate_job(job: Job) -> tuple[Sidecar, ModelVote]:
     sidecar = read_sidecar(job.sidecar)
     order = PrefixOrder() if (sidecar.order or settings.engine.order) == "prefix" \
         else None
+    # what a job in parts is cut along: its prefix order, or else its file order
+    collect = order if order is not None else \
+        InputOrder() if settings.scheduling.part_lines else None
 
     def on_request(item: Request, offset: int) -> None:
         if item.anthropic:
             job.anthropic.add(item.line)
-        if order is not None and item.line not in job.ckpt.done:
-            order.add(item, offset)
+        if collect is not None and item.line not in job.ckpt.done:
+            collect.add(item, offset)
 
     def on_error(item: LineError) -> None:
         if item.anthropic:
@@ -95,6 +98,7 @@ def validate_job(job: Job) -> tuple[Sidecar, ModelVote]:
     job.total, votes = validate(
         job.input, limits, on_error, on_request, every_8192)
     job.order = order if order is not None and not order.overflow else None
+    job.collected = collect if collect is not None and not collect.overflow else None
     return sidecar, votes
 
 def _published(job: Job, st: os.stat_result) -> bool:

@@ -24,6 +24,18 @@ from ..layout import Layout
 log = structlog.get_logger()
 
 
+def hostname() -> str:
+    """This host's name in leases, daemon records and status lines; BATCHD_HOSTNAME
+    overrides it (a second host simulated on one machine, a container whose
+    hostname changes at every start)."""
+    return os.environ.get("BATCHD_HOSTNAME") or socket.gethostname()
+
+
+def daemon_id() -> str:
+    """HOST:PID, how every file of the spool names a daemon."""
+    return f"{hostname()}:{os.getpid()}"
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -38,9 +50,11 @@ class Leases:
     def __init__(self, layout: Layout, lease_seconds: float):
         self.layout = layout
         self.lease_seconds = lease_seconds
-        self.host = socket.gethostname()
+        self.host = hostname()
         self.pid = os.getpid()
         self.held: set[str] = set()
+        self.lost: set[str] = set()  # leases another daemon took over while we held them
+        self.beaten = time.monotonic()  # the last heartbeat
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -89,28 +103,85 @@ class Leases:
         log.warning("job_taken_over", job=job, previous_owner=owner or "unknown")
         return self.create(job)
 
+    def free(self, job: str) -> bool:
+        """Whether JOB could be taken now: nobody holds it, or its owner is gone
+        (``acquire`` still decides who gets it)."""
+        path = self.path(job)
+        try:
+            raw, mtime = path.read_text(), path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        try:
+            owner = json.loads(raw)
+        except ValueError:
+            owner = {}
+        if owner.get("host") == self.host and owner.get("pid") == self.pid:
+            return False
+        return self._gone(owner, mtime)
+
     def _gone(self, owner: dict, mtime: float) -> bool:
         if owner.get("host") == self.host and isinstance(owner.get("pid"), int):
             return not pid_alive(owner["pid"])
         return time.time() - mtime > self.lease_seconds
 
     def release(self, job: str) -> None:
+        """Give JOB's lease up: removed, unless another daemon took it over
+        meanwhile (then it is that daemon's, and stays)."""
         with self._lock:
             self.held.discard(job)
+        path = self.path(job)
         try:
-            self.path(job).unlink()
+            owner = json.loads(path.read_text())
         except FileNotFoundError:
-            pass
+            return
+        except ValueError:
+            owner = {}  # torn by our own crash: ours to remove
+        if owner and (owner.get("host"), owner.get("pid")) != (self.host, self.pid):
+            return
+        path.unlink(missing_ok=True)
 
     def refresh(self) -> None:
-        """The heartbeat: touch every lease this daemon holds."""
+        """The heartbeat: touch every lease this daemon holds, after checking it is
+        still ours (a daemon cut off from the spool for over lease_seconds finds
+        its lease taken over: it is lost, never touched again)."""
         with self._lock:
             jobs = list(self.held)
         for job in jobs:
-            try:
-                os.utime(self.path(job))
-            except OSError:
-                pass
+            self.check(job)
+            if job in self.held:
+                try:
+                    os.utime(self.path(job))
+                except OSError:
+                    pass
+        self.beaten = time.monotonic()
+
+    def check(self, job: str) -> bool:
+        """Whether JOB's lease is still this daemon's; a lease found to be
+        another's (or gone) moves from held to lost."""
+        try:
+            owner = json.loads(self.path(job).read_text())
+        except FileNotFoundError:
+            owner = {}
+        except (OSError, ValueError):
+            return True  # unreadable for now (a torn write, NFS): not proof of a loss
+        if owner.get("host") == self.host and owner.get("pid") == self.pid:
+            return True
+        with self._lock:
+            if job in self.held:
+                self.held.discard(job)
+                self.lost.add(job)
+                log.warning("lease_lost", job=job, now_held_by=owner or None)
+        return False
+
+    def overdue(self) -> bool:
+        """Whether the heartbeat is late (the process was stopped, the spool hung):
+        held leases may have been taken over meanwhile; check before writing."""
+        return time.monotonic() - self.beaten > self.lease_seconds / 2
+
+    def take_lost(self) -> set[str]:
+        with self._lock:
+            lost, self.lost = self.lost, set()
+        return lost
 
     def start(self) -> None:
         def beat() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,12 +20,13 @@ import structlog
 from ..clock import utc_now
 from ..layout import TRANSITIONS, JobState, Phase
 from ..lines import LineError, Request
+from .lease import daemon_id
 
 log = structlog.get_logger()
 
 
 # Which daemon wrote a status line: several may share one spool.
-OWNER = f"{socket.gethostname()}:{os.getpid()}"
+OWNER = daemon_id()
 
 
 class StatusFile:
