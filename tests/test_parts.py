@@ -6,6 +6,7 @@ test_vllm_parts.py."""
 import json
 import os
 import signal
+import subprocess
 import time
 from array import array
 
@@ -16,7 +17,7 @@ from batchd.jobs.parts import cut
 from batchd.lines import Request
 from batchd.spool.parts import unpack
 
-from conftest import drop, final_state, outputs, read_jsonl, wait_for
+from conftest import BATCHD, drop, final_state, outputs, read_jsonl, wait_for
 
 
 def lines(prefix, n, **extra):
@@ -132,6 +133,14 @@ def test_two_daemons_share_a_job_and_a_late_one_joins(spool_config, tmp_path, da
     drop(spool / "inbox", "big.jsonl", sent)
     wait_for(lambda: part_events(first, "part_taken"), 30, what="the first part")
     second = daemons(config, env=FAKE_SLOW, fake=True)  # started after the job began
+    wait_for(lambda: part_events(second, "part_taken"), 30, what="the second's first part")
+    table = subprocess.run([BATCHD, "status", "--config", str(config)], capture_output=True,
+                           text=True, check=True).stdout
+    assert all(f":{d.proc.pid}" in table for d in (first, second))  # both daemons listed
+    shown = json.loads(subprocess.run([BATCHD, "status", "big", "--json", "--config",
+                                       str(config)], capture_output=True, text=True,
+                                      check=True).stdout)
+    assert len(shown["parts"]) == 10 and shown["state"] == "in_progress"
     assert wait_for(lambda: final_state(spool / "outbox", "big"), 120, what="big") == "completed"
     check_once_in_order(spool / "outbox", "big", sent)
     bench = json.loads((spool / "outbox" / "big.bench.json").read_text())
@@ -218,3 +227,31 @@ def test_a_stopped_daemon_of_another_host_loses_its_part(spool_config, tmp_path,
     time.sleep(0.5)
     assert hook.read_text().splitlines() == ["big completed"]
     assert frozen  # it had written its own checkpoint, which the taker read
+
+
+@pytest.mark.slow
+def test_the_last_parts_of_many_jobs_end_together_and_each_job_publishes_once(
+        spool_config, tmp_path, daemons):
+    """Three daemons, four jobs of four equal parts dropped at once: last parts
+    end at nearly the same moment on different daemons; each job has one final
+    status line, one writer of its status file, one hook run, every line once."""
+    config, hook = hook_config(spool_config, tmp_path, part_lines=100)
+    spool = tmp_path / "spool"
+    running = [daemons(config, env=FAKE_SLOW, fake=True) for _ in range(3)]
+    for daemon in running:
+        daemon.wait_ready()
+    sent = {f"j{j}": lines(f"j{j}-", 400) for j in range(4)}
+    for job, body in sent.items():
+        drop(spool / "inbox", f"{job}.jsonl", body)
+    for job, body in sent.items():
+        assert wait_for(lambda job=job: final_state(spool / "outbox", job), 120) == "completed"
+        check_once_in_order(spool / "outbox", job, body)
+        status = read_jsonl(spool / "outbox" / f"{job}.status.jsonl")
+        assert [s["state"] for s in status].count("completed") == 1
+        assert len({s["daemon"] for s in status}) == 1
+    wait_for(lambda: hook.exists() and len(hook.read_text().splitlines()) >= 4, 30)
+    time.sleep(0.5)
+    assert sorted(hook.read_text().splitlines()) == [f"j{j} completed" for j in range(4)]
+    ran = {e["job"] for d in running for e in part_events(d, "part_taken")}
+    assert len(ran) == 16
+    assert sum(bool(part_events(d, "part_taken")) for d in running) >= 2
