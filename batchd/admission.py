@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import structlog
 
@@ -24,7 +25,7 @@ from .jobs.job import Job
 from .jobs.prepare import prepare
 from .jobs.publish import Outcome
 from .jobs.session import Session
-from .layout import JobState, Phase
+from .layout import PART_SEP, JobState, Phase
 from .metrics import Metrics
 from .profiles import ProfileSet
 from .scheduler import Backlog, Waiting, order
@@ -40,6 +41,7 @@ log = structlog.get_logger()
 
 RENAME_GRACE_SECONDS = 0.02  # how soon a file first seen unsettled is looked at again
 DEFER_SECONDS = 2.0  # how long a cold daemon leaves a file to a warm one of the spool
+PARTS_AT_ONCE = 2  # parts of one job a daemon runs at once
 
 
 @dataclass
@@ -144,7 +146,7 @@ class Admission:
         max_wait = self.settings.scheduling.max_wait_seconds
         loaded = session.profile.name
         candidates = (self.ready(now) or []) + self.held_candidates(now) + \
-            self.part_candidates(now, loaded)
+            self.part_candidates(now, loaded, session.running)
         if session.running_for(now) >= max_wait and \
                 any(c.waited > max_wait and c.profile not in (loaded, None) for c in candidates):
             found.overdue = True  # its turn was at least max_wait long: the overdue file's now
@@ -170,7 +172,8 @@ class Admission:
                 job = self.held.pop(candidate.name).job
                 job.log.info("job_resuming", reason=reason)
                 found.jobs.append(job)
-            else:
+            elif not self._parts_enough(candidate.name, [*session.running,
+                                                         *(j.name for j in found.jobs)]):
                 self._claim(found, candidate, reason, now)
         # a prepared job joins when it routed to the loaded profile, else waits its turn
         joining = []
@@ -241,19 +244,32 @@ class Admission:
     def _warm_elsewhere(self, candidate: Waiting, loaded: str | None) -> bool:
         """Whether to leave CANDIDATE to another daemon of the spool that has its
         profile loaded and a free slot, while it has waited less than
-        DEFER_SECONDS (after that, whoever looks first takes it)."""
+        DEFER_SECONDS (after that, whoever looks first takes it). Never a part:
+        the warm daemon takes only PARTS_AT_ONCE of a job; the rest are for all."""
         if self.registry is None or candidate.profile in (loaded, None) or \
+                split_name(candidate.name) is not None or \
                 candidate.waited >= max(DEFER_SECONDS, 3 * self.settings.watch.poll_interval):
             return False
         return self.registry.warm_elsewhere(candidate.profile) is not None
 
-    def part_candidates(self, now: float, profile: str | None = None) -> list[Waiting]:
+    def part_candidates(self, now: float, profile: str | None = None,
+                        running: Iterable[str] = ()) -> list[Waiting]:
         """Free parts of jobs in parts (nobody runs them, or their daemon is gone)
         whose profiles this daemon has (of PROFILE only, when given), as
-        candidates beside the inbox's files: they wait from when they were cut."""
+        candidates beside the inbox's files: they wait from when they were cut.
+        A daemon runs at most PARTS_AT_ONCE parts of one job (RUNNING and held
+        here): one keeps its engine full while the other's last requests finish,
+        and the other parts are left to the spool's other daemons."""
         found = []
         layout = self.settings.layout
+        mine: dict[str, int] = {}
+        for name in [*running, *self.held]:
+            split = split_name(name)
+            if split is not None:
+                mine[split[0]] = mine.get(split[0], 0) + 1
         for job in spool_parts.split_jobs(layout):
+            if mine.get(job, 0) >= PARTS_AT_ONCE:
+                continue
             plan = spool_parts.read_plan(layout, job)
             if plan is None or (profile is not None and plan.profile != profile) or \
                     parts.profiles_of(plan, self.profiles) is None or \
@@ -261,14 +277,22 @@ class Admission:
                 continue  # gone, another profile, one this daemon lacks, or cancelled
             ended = {k for k, records in spool_parts.progress(layout, job).items()
                      if any(r.get("done") for r in records)}
+            waited = max(0.0, time.time() - plan.created)  # one wait for all: part 0 first
             for k in range(plan.parts):
                 name = spool_parts.part_name(job, k)
                 if k in ended or name in self.held or name in self.leases.held or \
                         self.retry_at.get(name, 0.0) > now or not self.leases.free(name):
                     continue
-                found.append(Waiting(name, max(0.0, time.time() - plan.created),
-                                     plan.priority, plan.profile))
+                found.append(Waiting(name, waited, plan.priority, plan.profile))
         return found
+
+    def _parts_enough(self, name: str, running: Iterable[str]) -> bool:
+        """Whether NAME is a part of a job this daemon already runs PARTS_AT_ONCE of."""
+        split = split_name(name)
+        if split is None:
+            return False
+        prefix = split[0] + PART_SEP
+        return sum(other.startswith(prefix) for other in running) >= PARTS_AT_ONCE
 
     def _take_part(self, found: Admitted, name: str, now: float) -> bool:
         """Take a free part's lease and open it; whether it was taken."""

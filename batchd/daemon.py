@@ -313,8 +313,10 @@ class Daemon:
         for name, outcome in ended:
             self.admission.retry_at.pop(name, None)
             self.leases.release(name)  # finished: nothing left in work/ to own
-            if outcome.part:
-                continue  # a part: the job's owner publishes it, once
+            if outcome.part:  # the job's owner publishes it, once
+                self.admission.next_look = float("-inf")  # the job's next part joins now
+                self.looked_parts = float("-inf")  # and its owner, if here, looks now
+                continue
             self.notifier.status(f"finished {name}: {outcome.state.value}")
             self.metrics.finished(outcome.bench, outcome.state.value)
             self.hooks.wake()

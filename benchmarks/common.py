@@ -94,8 +94,14 @@ def make_spool(base: Path, extra: str = "") -> Path:
     return config
 
 
+def batchd_command() -> list[str]:
+    """The batchd console script, or `python -m batchd` where none is installed
+    (the lent GPU machine runs batchd from the checkout)."""
+    return [BATCHD] if Path(BATCHD).exists() else [sys.executable, "-m", "batchd"]
+
+
 def ensure_tiny() -> None:
-    subprocess.run([BATCHD, "models", "prepare", "tiny-llama", "--config",
+    subprocess.run([*batchd_command(), "models", "prepare", "tiny-llama", "--config",
                     str(ROOT / "config.toml")], check=True, capture_output=True)
 
 

@@ -11,6 +11,8 @@
 #   device 2:  LIMIT_S=600 bash benchmarks/gpu_device.sh run   (within 30 s of call 1;
 #              LIMIT_S = the call's timeout_s)   carry: build/gpu/part1
 #              SWAPS=0 FITS=0 (and REPEATS=9): the whole budget goes to part 1
+#              SCENARIO=scaleout: the `scaleout` scenario instead (two daemons on
+#              the one GPU); carry models/tiny-llama too (`make test` builds it)
 #
 # The run writes the record, its logs and nvidia-smi's view to $OUT; commit
 # the record under benchmarks/results/.
@@ -57,7 +59,14 @@ run)
   # leaves after the unpacking, less a margin for the last load and the exit.
   budget=$(( ${LIMIT_S:-600} - SECONDS - 50 ))
   echo "unpacked after ${SECONDS}s; parts budget ${budget}s"
-  timeout $(( budget + 35 )) python3 -m benchmarks run gpu --repeats "${REPEATS:-3}" \
-    --budget-s "$budget" --swaps "${SWAPS:-6}" --fits "${FITS:-3}" 2>&1 | tee "$BATCHD_BENCH_RESULTS/gpu-run.log" ;;
+  if [ "${SCENARIO:-gpu}" = scaleout ]; then
+    # one big file on one daemon, in parts on one, in parts on two daemons sharing
+    # the GPU (docs/BENCHMARKING.md, "scaleout"); the tiny Llama carried in models/
+    timeout "$budget" python3 -m benchmarks run scaleout --repeats "${REPEATS:-3}" \
+      2>&1 | tee "$BATCHD_BENCH_RESULTS/scaleout-run.log"
+  else
+    timeout $(( budget + 35 )) python3 -m benchmarks run gpu --repeats "${REPEATS:-3}" \
+      --budget-s "$budget" --swaps "${SWAPS:-6}" --fits "${FITS:-3}" 2>&1 | tee "$BATCHD_BENCH_RESULTS/gpu-run.log"
+  fi ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
