@@ -271,10 +271,10 @@ class Admission:
             if mine.get(job, 0) >= PARTS_AT_ONCE:
                 continue
             plan = spool_parts.read_plan(layout, job)
-            if plan is None or (profile is not None and plan.profile != profile) or \
+            if plan is None or (profile is not None and profile not in plan.profiles) or \
                     parts.profiles_of(plan, self.profiles) is None or \
-                    layout.cancel(job).exists():
-                continue  # gone, another profile, one this daemon lacks, or cancelled
+                    layout.cancel(job).exists() or parts.expired(plan):
+                continue  # gone, another profile, one this daemon lacks, cancelled, expired
             ended = {k for k, records in spool_parts.progress(layout, job).items()
                      if any(r.get("done") for r in records)}
             waited = max(0.0, time.time() - plan.created)  # one wait for all: part 0 first
@@ -283,7 +283,7 @@ class Admission:
                 if k in ended or name in self.held or name in self.leases.held or \
                         self.retry_at.get(name, 0.0) > now or not self.leases.free(name):
                     continue
-                found.append(Waiting(name, waited, plan.priority, plan.profile))
+                found.append(Waiting(name, waited, plan.priority, profile or plan.profile))
         return found
 
     def _parts_enough(self, name: str, running: Iterable[str]) -> bool:
@@ -297,8 +297,11 @@ class Admission:
     def _take_part(self, found: Admitted, name: str, now: float) -> bool:
         """Take a free part's lease and open it; whether it was taken."""
         job, k = split_name(name)  # type: ignore[misc]
-        if not self.leases.acquire(name):
-            return False  # another daemon took it first
+        try:
+            if not self.leases.acquire(name):
+                return False  # another daemon took it first
+        except FileNotFoundError:
+            return False  # its job was published meanwhile
         try:
             part = parts.open_part(self.settings, job, k, self.profiles, self.results)
         except OSError as exc:
@@ -352,6 +355,9 @@ class Admission:
 
     def job_stalled(self, name: str, now: float, exc: OSError) -> None:
         self._stalled(name, now, exc, "job_stalled")
+        if split_name(name) is not None:  # a part: back to the spool, for any daemon
+            self.leases.release(name)
+            return
         publish.stalled(self.settings, name, exc)
 
     def _stalled(self, what: str, now: float, exc: OSError, event: str) -> None:

@@ -126,7 +126,10 @@ class Daemon:
         return worked
 
     def _beat(self, now: float) -> None:
-        """This daemon's record in the spool (spool/daemons.py)."""
+        """This daemon's record in the spool (spool/daemons.py), looked at once a
+        second, not on every turn."""
+        if not self.registry.due(now):
+            return
         session, engine = self.session, self.pool.engine
         running = list(session.running) if session is not None else []
         profile = session.profile.name if session is not None else \
@@ -142,6 +145,8 @@ class Daemon:
         if self.leases.overdue():
             for name in list(self.leases.held):
                 self.leases.check(name)
+        if not self.leases.lost:
+            return
         for name in self.leases.take_lost():
             session = self.session
             if session is not None and name in session.running:
@@ -294,6 +299,7 @@ class Daemon:
             self._progress(record)
         if not session.running:
             self._admit(now)  # what waits for this profile joins before the stream ends
+            self._left(session.take_left(), now)  # one the cache answered whole, at once
         self.metrics.running_jobs(len(session.running))
         if not session.running and self.session is session:
             self._end_session()

@@ -284,7 +284,10 @@ def part_rows(layout: Layout, job: str) -> list[dict[str, Any]]:
             holder = None
         total = best.get("total")
         if total is None:
-            total = len(parts.read_lines(layout, job, k))
+            try:
+                total = len(parts.read_lines(layout, job, k))
+            except OSError:
+                total = 0  # published and removed as we looked
         rows.append({"part": k, "lines": total, "answered": best.get("answered", 0),
                      "state": "done" if best.get("done") else best.get("state", "waiting"),
                      "phase": best.get("phase"), "daemon": holder,

@@ -202,12 +202,23 @@ def test_a_stopped_daemon_of_another_host_loses_its_part(spool_config, tmp_path,
     config, hook = hook_config(spool_config, tmp_path, lease_seconds=2.0, part_lines=500)
     spool = tmp_path / "spool"
     sent = lines("r", 3000, max_tokens=8)
-    # a part takes 8 steps of 0.3 s: it is stopped in the middle of one
-    cut_off = daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.3",
+    # a part of 500 lines takes about 3 s here: it is stopped in the middle of one
+    cut_off = daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.05",
                                    "BATCHD_HOSTNAME": "elsewhere"}, fake=True)
     cut_off.wait_ready()
     drop(spool / "inbox", "big.jsonl", sent)
-    wait_for(lambda: part_events(cut_off, "part_taken"), 30, what="its first part")
+
+    def running_a_part():
+        for path in (spool / "work" / "big.parts").glob("*elsewhere*.progress.json"):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not record["done"] and 0 < record["answered"] < record["total"] - 100:
+                return True
+        return False
+
+    wait_for(running_a_part, 30, interval=0.01, what="it to be in the middle of a part")
     os.kill(cut_off.proc.pid, signal.SIGSTOP)
     try:
         frozen = {p.name: p.stat().st_size for p in (spool / "work" / "big.parts").glob(
@@ -219,9 +230,12 @@ def test_a_stopped_daemon_of_another_host_loses_its_part(spool_config, tmp_path,
             taker, "job_taken_over")), 30, what="its part taken over")
     finally:
         os.kill(cut_off.proc.pid, signal.SIGCONT)
-    wait_for(lambda: part_events(cut_off, "lease_lost"), 30, what="the cut-off daemon to notice")
-    lost = {e["job"] for e in part_events(cut_off, "lease_lost")}
-    assert "big" in lost and any("#" in j for j in lost)
+
+    def lost():
+        return {e["job"] for e in part_events(cut_off, "lease_lost")}
+
+    wait_for(lambda: "big" in lost() and any("#" in j for j in lost()), 30,
+             what="the cut-off daemon to notice it lost the job and its part")
     assert wait_for(lambda: final_state(spool / "outbox", "big"), 120, what="big") == "completed"
     check_once_in_order(spool / "outbox", "big", sent)
     time.sleep(0.5)

@@ -79,6 +79,7 @@ class Job:
     part: int | None = None
     lines: array | None = None
     before: tuple[int, int] = (0, 0)  # (answers, output tokens) in its checkpoint at the start
+    resumed: bool | None = None  # for the bench record, when the checkpoint alone cannot say
 
     def __post_init__(self) -> None:
         self.origin = self.origin or self.name
@@ -118,6 +119,8 @@ class Job:
 
     @property
     def order_name(self) -> str:
+        if self.plan is not None:
+            return self.plan.order  # its parts run in it; the owner keeps no order
         return "input" if self.order is None else "prefix"
 
     def progress(self, done_now: int = 0, seconds: float = 0.0) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from array import array
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -38,6 +39,8 @@ from ..spool.parts import Plan, pack, part_name, read_plan
 from .job import Job
 from .order import family
 from .router import Routes
+
+MAX_PARTS = 256  # parts of one job at most: part_lines grows for a larger job
 
 
 def cut(grouped: Iterable[tuple[int, int, int]], part_lines: int) -> list[array]:
@@ -80,6 +83,8 @@ def plan(job: Job) -> bool:
     if not part_lines or collected is None or len(collected.offsets) <= part_lines:
         return False
     assert job.profile is not None
+    # at most MAX_PARTS parts: a publication opens every part's checkpoint at once
+    part_lines = max(part_lines, -(-len(collected.offsets) // MAX_PARTS))
     pieces = cut(((family(group), *collected._at(index))
                   for group, index in collected.grouped()), part_lines)
     job.plan = Plan(job=job.name, parts=len(pieces), profile=job.profile.name,
@@ -87,11 +92,18 @@ def plan(job: Job) -> bool:
                     routes=dict(job.routes.models) if job.routes else None,
                     sampling=job.sidecar_sampling, priority=job.priority,
                     deadline=job.deadline.isoformat() if job.deadline else None,
-                    cache=job.cache is not None, created=time.time())
+                    cache=job.cache is not None, created=time.time(),
+                    order=job.order_name)
     parts.write_plan(layout, job.plan, pieces)
     job.log.info("job_split", parts=len(pieces), part_lines=part_lines,
                  sizes=[len(p) for p in pieces][:64])
     return True
+
+
+def expired(plan: Plan) -> bool:
+    """Whether the job's completion window has passed (its owner then ends it)."""
+    deadline = parse_iso(plan.deadline) if plan.deadline else None
+    return deadline is not None and datetime.now(timezone.utc) >= deadline
 
 
 def profiles_of(plan: Plan, profiles: ProfileSet) -> list[Profile] | None:
@@ -224,6 +236,8 @@ def merge(job: Job) -> None:
     """Before the owner publishes: its checkpoint reopened with every part's
     beside it, so the job's counts and its published files hold every answer."""
     assert job.plan is not None
+    if job.resumed is None:
+        job.resumed = job.ckpt.resumed_lines > 0  # before the parts' answers count as read
     job.ckpt.close()
     job.open_checkpoint(tuple(parts.checkpoints(job.layout, job.name)))
     # the job generated from its cut to now, on however many daemons

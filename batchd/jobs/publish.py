@@ -60,7 +60,8 @@ def end(job: Job, ending: Ending) -> Outcome:
         parts.merge(job)
     if ending.state == JobState.CANCELLED:
         _fill(job, "cancelled", "the job was cancelled before this line ran", 400)
-        job.layout.cancel(job.name).unlink(missing_ok=True)
+        if job.plan is None:  # a job in parts keeps it until published: no part restarts
+            job.layout.cancel(job.name).unlink(missing_ok=True)
         job.log.info("job_cancelled")
     elif ending.state == JobState.EXPIRED:  # OpenAI's expiry: answered lines stay
         _fill(job, "batch_expired", "this request could not be executed before "
@@ -72,6 +73,7 @@ def end(job: Job, ending: Ending) -> Outcome:
         _fill(job, ending.code, ending.message, 500)
         errors = [{"code": ending.code, "message": ending.message, "line": None}]
     record = finish(job, ending.state, job.settings.routing.models_dir, errors)
+    job.layout.cancel(job.name).unlink(missing_ok=True)
     return Outcome(ending.state, record)
 
 
@@ -88,6 +90,8 @@ def end_part(job: Job, ending: Ending) -> Outcome:
                 line, offset = unpack(entry)
                 if line not in job.ckpt.done:
                     item = read_line_at(stream, offset, line, job.settings.limits.max_line_bytes)
+                    if item.anthropic:
+                        job.anthropic.add(line)
                     job.record(line, "error", error_line(LineError(
                         line, item.custom_id, ending.code, ending.message, None, 500,
                         "server_error")))
@@ -200,7 +204,8 @@ def outputs(job: Job, final: JobState, models_dir: Path) -> dict[str, Any]:
         total_s=job.waited + time.monotonic() - job.started,
         first_result_s=job.first_result_s,
         started_at=job.started_at, finished_at=utc_now(), state=final.value,
-        resumed=job.ckpt.resumed_lines > 0, order=job.order_name,
+        resumed=job.resumed if job.resumed is not None else job.ckpt.resumed_lines > 0,
+        order=job.order_name,
         cached_tokens=tally.cached_tokens, concurrency=job.concurrency(),
         parts=[p.name for p in job.routes.parts] if job.routes else None,
         cache=job.cache_counts(), by_model=tally.by_model,
@@ -232,6 +237,7 @@ def place_input(job: Job) -> None:
 def cleanup(job: Job, final: JobState, rejected: bool | None = None) -> JobState:
     """After the final status line: the input leaves work/, the checkpoint goes."""
     layout = job.layout
+    spool_parts.remove(layout, job.name)  # a job in parts: first, while its input is there
     if rejected is None:  # recovering after a crash: the status says how it ended
         last = read_status(job.status.path)[-1]
         rejected = final == JobState.FAILED and last.get("profile") is None
@@ -243,7 +249,6 @@ def cleanup(job: Job, final: JobState, rejected: bool | None = None) -> JobState
         job.input.unlink(missing_ok=True)
     for path in (job.checkpoint, layout.sidecar(job.name)):
         path.unlink(missing_ok=True)
-    spool_parts.remove(layout, job.name)  # a job in parts: its plan, leases, checkpoints
     sync_dir(layout.work)
     return final
 

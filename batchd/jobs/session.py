@@ -101,6 +101,9 @@ class Session:
         running = self.share.add(job, self.credit)
         if self.stream is not None:
             self.share.prime(running)
+            if running.answered:  # by the cache, or nothing was left: no engine time
+                self._part_done(running)
+                return
             self._start(running)
             if running.head is not None and self.pool.engine is not None:
                 # its first requests go in now, into running slots
@@ -116,6 +119,12 @@ class Session:
         r = self.running.pop(name)
         self._stopped(r)
         _close_quietly(r.job)
+        # the stream starts afresh with the others: what the engine held of the
+        # dropped job's requests goes with it (the others' unanswered lines are
+        # sent again; nothing is lost, nothing answered twice)
+        self.close()
+        for other in self.running.values():
+            self._stopped(other)
 
     def take_left(self) -> list[Left]:
         """The jobs that left in the last call (``step``, ``leave``, ``drain``),

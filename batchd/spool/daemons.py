@@ -33,12 +33,17 @@ class Registry:
         self.me = daemon_id()
         self.path = self.folder / f"{self.me.replace(':', '~')}.json"
         self.written: dict[str, Any] = {}
-        self.written_at = float("-inf")
+        self.written_at = self.looked_at = float("-inf")
         self.started = time.time()
+
+    def due(self, now: float) -> bool:
+        """Whether ``beat`` has anything to do: at most every RECORD_SECONDS."""
+        return now - self.looked_at >= RECORD_SECONDS
 
     def beat(self, now: float, profile: str | None, running: list[str], free: int) -> None:
         """Keep this daemon's record: at once when what it says changed (at most
         every RECORD_SECONDS), else as a heartbeat every lease_seconds / 4."""
+        self.looked_at = now
         record = {"daemon": self.me, "host": hostname(), "pid": os.getpid(),
                   "profile": profile, "running": sorted(running), "free": free}
         since = now - self.written_at

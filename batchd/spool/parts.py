@@ -45,6 +45,7 @@ class Plan:
     deadline: str | None = None  # ISO time the job expires, if it has a window
     cache: bool = False
     created: float = 0.0  # wall-clock seconds (time.time) the parts were cut
+    order: str = "input"  # the order its requests run in: "prefix" or "input"
 
 
 def pack(line: int, offset: int) -> int:
