@@ -29,7 +29,7 @@ from .layout import PART_SEP, JobState, Phase
 from .metrics import Metrics
 from .profiles import ProfileSet
 from .scheduler import Backlog, Waiting, order
-from .spool import inbox
+from .spool import inbox, media
 from .spool import parts as spool_parts
 from .spool.parts import split_name
 from .spool.cache import ResultCache
@@ -79,6 +79,7 @@ class Admission:
         self.wake = wake  # the watcher's: a change in the inbox
         self.registry = registry  # the spool's other daemons (spool/daemons.py)
         self.settler = inbox.Settler(settings.watch.settle_seconds)
+        self.media_settled: set[str] = set()  # inbox files whose media folder has settled
         self.backlog = Backlog(settings.layout, settings.routing.default_profile)
         self.reported: set[str] = set()  # non-regular entries that could not be moved
         self.retry_at: dict[str, float] = {}  # job or file -> when to try again after OSError
@@ -231,7 +232,19 @@ class Admission:
                 self.next_look = min(self.next_look, due)
                 settling += 1
                 continue
+            # its media folder, dropped first, still being written (rsync, a share);
+            # walked until seen settled once, not at every look while the file waits
+            if name not in self.media_settled:
+                wall = time.time()
+                unsettled = media.pending(self.settings.layout.inbox_media(name), wall,
+                                          self.settler.settle_seconds)
+                if unsettled is not None:
+                    self.next_look = min(self.next_look, now + unsettled - wall)
+                    settling += 1
+                    continue
+                self.media_settled.add(name)
             ready.append((name, st))
+        self.media_settled.intersection_update(name for name, _ in present)
         self.metrics.waiting(settling + len(ready), settling=settling)
         return [self.backlog.waiting(name, st, now, self.profiles) for name, st in ready]
 

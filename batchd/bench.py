@@ -68,7 +68,7 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
            completion_tokens: int, queued_s: float, model_load_s: float,
            generation_s: float, total_s: float, first_result_s: float | None,
            started_at: str, finished_at: str, state: str, resumed: bool,
-           order: str = "input", cached_tokens: int = 0,
+           order: str = "input", images: int = 0, cached_tokens: int = 0,
            concurrency: dict[str, Any] | None = None,
            parts: list[str] | None = None,
            cache: dict[str, int] | None = None,
@@ -96,6 +96,8 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
         # the order requests reached the engine, and how much of the prompts vLLM's
         # prefix cache already held (usage.prompt_tokens_details.cached_tokens)
         "order": order,
+        # image parts in the job's valid lines (data: URLs and media-folder files)
+        "images": images,
         "prefix_cache": {"cached_tokens": cached_tokens,
                          "hit_rate": round(cached_tokens / prompt_tokens, 4)
                          if prompt_tokens else 0.0},

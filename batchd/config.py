@@ -106,6 +106,14 @@ class CacheConfig(_Section):
     size_limit: ByteSize = Field(ByteSize(1024**3), gt=0)  # least recently used go first
 
 
+class MediaConfig(_Section):
+    # Images in lines (batchd/jobs/images.py): a job's media folder, inbox/NAME.media/,
+    # is kept as outbox/JOB.media/ at the end (false: removed). http(s) image URLs
+    # are fetched only from these hosts (vLLM's allowed_media_domains); none by default.
+    keep: bool = True
+    allowed_domains: list[str] = Field(default_factory=list)
+
+
 class HooksConfig(_Section):
     # A command run once per job final state: an argv list, no shell. Its
     # environment names the job, its state, counts and outbox files (docs/FORMATS.md).
@@ -166,6 +174,7 @@ class Settings(BaseSettings):
     engine: EngineConfig = EngineConfig()
     scheduling: SchedulingConfig = SchedulingConfig()
     cache: CacheConfig = CacheConfig()
+    media: MediaConfig = MediaConfig()
     hooks: HooksConfig = HooksConfig()
     status: StatusConfig = StatusConfig()
     metrics: MetricsConfig = MetricsConfig()

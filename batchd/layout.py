@@ -2,12 +2,14 @@
 and the states a job passes through. Every other module asks here; a name
 typed in two modules drifts apart the first time one changes.
 
-    ROOT/inbox/NAME.jsonl      dropped by users (NAME.toml sidecar, NAME.jsonl.ready)
+    ROOT/inbox/NAME.jsonl      dropped by users (NAME.toml sidecar, NAME.jsonl.ready,
+                               NAME.media/ its images)
     ROOT/inbox/JOB.cancel      a request to cancel JOB
     ROOT/work/JOB.jsonl        a claimed job's input (JOB.toml its sidecar)
     ROOT/work/JOB.ckpt.jsonl   its checkpoint; JOB.lease its owner
+    ROOT/work/media/JOB/       its media folder while it runs (vLLM reads images only here)
     ROOT/outbox/JOB.KIND       status.jsonl, results.jsonl, errors.jsonl, bench.json,
-                               input.jsonl, job.toml
+                               input.jsonl, job.toml; JOB.media/ its images, kept
     ROOT/failed/NAME           rejected inputs, untouched
     ROOT/api/files/, ROOT/api/batches/   what `batchd api` keeps
     ROOT/cache/                the result cache, when [cache] is enabled
@@ -104,6 +106,7 @@ JOB_TOML = "job.toml"
 MERGED = "merged.jsonl"  # a retry's answers merged into its original's (jobs/retry.py)
 CHECKPOINT = ".ckpt.jsonl"
 PARTS = ".parts"  # work/JOB.parts/: a job run in parts by the spool's daemons
+MEDIA = ".media"  # inbox/NAME.media/: the images of inbox/NAME.jsonl (spool/media.py)
 PART_SEP = "#"  # a part's name, as its daemon runs it: JOB#3
 CLAIM = ".claim~"  # work/.claim~PID~N~HOST~NAME: hidden, never a job
 ENGINE_PIDS = ".engine~"  # work/.engine~HOST~PID
@@ -136,6 +139,10 @@ class Layout:
     def ready_marker(self, name: str) -> Path:
         return self.inbox / f"{name}.ready"
 
+    def inbox_media(self, name: str) -> Path:
+        """inbox/NAME.media/ for inbox/NAME.jsonl."""
+        return self.inbox / (name.removesuffix(INPUT) + MEDIA)
+
     def inbox_sidecar(self, name: str) -> Path:
         """inbox/NAME.toml for inbox/NAME.jsonl."""
         return self.inbox / (name.removesuffix(INPUT) + ".toml")
@@ -150,6 +157,16 @@ class Layout:
 
     def sidecar(self, job: str) -> Path:
         return self.work / f"{job}.toml"
+
+    @property
+    def media_root(self) -> Path:
+        """work/media/: the running jobs' media folders, the one place vLLM may read
+        local images from (its allowed_local_media_path)."""
+        return self.work / "media"
+
+    def media(self, job: str) -> Path:
+        """work/media/JOB/: a running job's media folder."""
+        return self.media_root / job
 
     def lease(self, job: str) -> Path:
         """work/JOB.lease; a part's (JOB#K) is work/JOB.parts/K.lease."""
@@ -207,6 +224,10 @@ class Layout:
 
     def status(self, job: str) -> Path:
         return self.out(job, STATUS)
+
+    def out_media(self, job: str) -> Path:
+        """outbox/JOB.media/: the job's media folder, kept when it ended."""
+        return self.outbox / f"{job}{MEDIA}"
 
     def event(self, job: str) -> Path:
         return self.events / f"{job}.json"

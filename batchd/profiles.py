@@ -112,12 +112,16 @@ class MediaOptions(BaseModel):
     allowed_domains: list[str] = Field(default_factory=list)  # empty: any, when allowed
     local_folder: str = ""
 
-    def violation(self, body: dict[str, Any]) -> tuple[str, str] | None:
-        """(field path, message) for the first remote URL this profile refuses."""
+    def violation(self, body: dict[str, Any], allowed: list[str] | tuple[str, ...] = ()
+                  ) -> tuple[str, str] | None:
+        """(field path, message) for the first remote URL this profile refuses
+        (ALLOWED: hosts config's [media] allows for every profile)."""
         for path, url in _media_urls(body, ""):
             if not url[:8].lower().startswith(("http://", "https://")):
                 continue
             host = urlsplit(url).hostname or ""
+            if host.lower() in allowed:
+                continue
             if not self.allow_remote:
                 return path, (f"{path}: remote media URLs are not fetched by this profile; "
                               "send the data as a data: URL")

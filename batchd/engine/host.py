@@ -34,9 +34,9 @@ def serve(conn: Connection) -> int:
     """Load the profile's model, then answer streams until told to close."""
     from .vllm_engine import VllmEngine
 
-    profile, models_dir = conn.recv()
+    profile, models_dir, media = conn.recv()
     try:
-        engine = VllmEngine(profile, models_dir)
+        engine = VllmEngine(profile, models_dir, media=media)
     except Exception as exc:  # noqa: BLE001 - the daemon reports it as the job's error
         text = f"{type(exc).__name__}: {exc}"
         # vLLM's engine core killed (the OOM killer) is a death, not a model

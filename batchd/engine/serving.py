@@ -34,19 +34,23 @@ _LAUNCH = ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.open
 _CLI = ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args")
 
 
-def server_args(profile: Profile, models_dir: Path) -> Any:
+def server_args(profile: Profile, models_dir: Path, media: dict[str, Any] | None = None
+                ) -> Any:
     """The argparse Namespace ``vllm serve`` would build for this profile.
 
     The server's own flags (tool and reasoning parsers, chat template) are
     parsed from a command line; the profile's [engine] table is set on the
     result as the keyword arguments ``vllm.LLM`` takes, so dict values need no
     command-line spelling. A key vLLM's engine does not know is an error here,
-    not something silently ignored.
+    not something silently ignored. MEDIA is the spool's: ``root``, the one
+    folder local images are read from (the running jobs' media folders, unless
+    the profile names its own ``local_folder``), and ``domains``, the hosts
+    http(s) images may be fetched from.
     """
     parser_cls = _first(("vllm.utils.argparse_utils", "vllm.utils"), "FlexibleArgumentParser")
     make_parser = _first(_CLI, "make_arg_parser")
     engine_args_cls = _first(("vllm.engine.arg_utils",), "AsyncEngineArgs")
-    chat, media = profile.chat, profile.media
+    chat = profile.chat
     argv = ["--model", profile.model_location(models_dir),
             "--served-model-name", profile.model, "--disable-log-stats",
             # usage.prompt_tokens_details.cached_tokens, as OpenAI reports it: the
@@ -62,10 +66,18 @@ def server_args(profile: Profile, models_dir: Path) -> Any:
         argv += ["--chat-template", chat.template_argument(profile.source)]
     if chat.template_kwargs:
         argv += ["--default-chat-template-kwargs", json.dumps(chat.template_kwargs)]
-    if media.local_folder:
-        argv += ["--allowed-local-media-path", str(Path(media.local_folder).expanduser())]
-    if media.allow_remote and media.allowed_domains:
-        argv += ["--allowed-media-domains", *media.allowed_domains]
+    spool_media, options = media or {}, profile.media
+    local = str(Path(options.local_folder).expanduser()) if options.local_folder \
+        else spool_media.get("root")
+    if local:
+        argv += ["--allowed-local-media-path", local]
+    # batchd refuses per line the hosts it does not allow (jobs/images.py); vLLM
+    # gets the same list, a second fence (none: only a reserved name that never
+    # resolves, as vLLM without the flag would fetch from any host)
+    domains = [*spool_media.get("domains", ()),
+               *(options.allowed_domains if options.allow_remote else ())]
+    if not (options.allow_remote and not options.allowed_domains):
+        argv += ["--allowed-media-domains", *(domains or ["nothing.invalid"])]
     lora = profile.lora
     if lora.adapters:
         adapters = lora.paths(profile.source)
@@ -92,9 +104,10 @@ def server_args(profile: Profile, models_dir: Path) -> Any:
 class Serving:
     """The engine client and serving objects of one loaded profile (async side)."""
 
-    def __init__(self, profile: Profile, models_dir: Path):
+    def __init__(self, profile: Profile, models_dir: Path,
+                 media: dict[str, Any] | None = None):
         self.profile = profile
-        self.args = server_args(profile, models_dir)
+        self.args = server_args(profile, models_dir, media)
         self._stack = contextlib.AsyncExitStack()
         self.client: Any = None
         self.endpoints: dict[str, Endpoint] = {}

@@ -34,7 +34,8 @@ class VllmEngine:
     anything with ``async answer(request, sampling)``, ``dead``, ``client`` and
     ``async close()``, as the bridge's own tests do without vLLM)."""
 
-    def __init__(self, profile: Profile, models_dir: Path, serving: Any = None):
+    def __init__(self, profile: Profile, models_dir: Path, serving: Any = None,
+                 media: dict[str, Any] | None = None):
         self.profile = profile
         self._refill: int | None = None  # a job joined: how many of its requests start now
         started = time.monotonic()
@@ -47,7 +48,7 @@ class VllmEngine:
                 os.environ.update(profile.environment)
                 from .serving import Serving  # imports vLLM: not at module import
 
-                serving = self._call(Serving(profile, models_dir).open())
+                serving = self._call(Serving(profile, models_dir, media).open())
         except BaseException:
             self.loop.call_soon_threadsafe(self.loop.stop)
             raise

@@ -4,7 +4,8 @@ the daemon's side, ``host.py`` the engine process's).
 They travel over a socket pair with multiprocessing's message framing, each a
 tuple whose first item is a ``Msg``:
 
-    daemon -> host   (profile, models_dir)                once, at start
+    daemon -> host   (profile, models_dir, media)         once, at start (media: the
+                                                          spool's image folder and hosts)
     host -> daemon   (READY, load_seconds, (capabilities, problems), max_num_seqs)
                      | (ERROR, text)                      a load that failed by itself
                      | (DEAD, text)                       vLLM's processes killed mid-load

@@ -80,6 +80,7 @@ class Job:
     lines: array | None = None
     before: tuple[int, int] = (0, 0)  # (answers, output tokens) in its checkpoint at the start
     resumed: bool | None = None  # for the bench record, when the checkpoint alone cannot say
+    images: int = 0  # in its valid lines, for the bench record (jobs/images.py)
 
     def __post_init__(self) -> None:
         self.origin = self.origin or self.name
@@ -107,6 +108,12 @@ class Job:
         if self.part is not None:
             return parts.own_checkpoint(self.layout, self.origin, self.part)
         return self.layout.checkpoint(self.name)
+
+    @property
+    def media(self) -> Path | None:
+        """work/media/JOB/, the job's media folder, when one came with the file."""
+        path = self.layout.media(self.origin)
+        return path if path.is_dir() else None
 
     @property
     def sidecar(self) -> Path | None:

@@ -19,7 +19,7 @@ from ..spool import cache
 from ..spool.cache import ResultCache
 from ..spool.parts import unpack
 from ..spool.outbox import error_line, read_status, result_line
-from . import parts, publish
+from . import images, parts, publish
 from .job import Job
 from .publish import Outcome
 from .router import JobRejected, route, routes
@@ -113,6 +113,7 @@ def runnable(job: Job) -> Iterator[Request]:
     answered here."""
     assert job.profile is not None
     sampling = job.sampling
+    allowed_domains = job.settings.media.allowed_domains
     # what answers depend on besides the request, read once per pass over the
     # job: a profile reloaded (SIGHUP) or a model rebuilt since is another key
     identity = cache.identity(job.profile, job.settings.routing.models_dir) \
@@ -128,8 +129,17 @@ def runnable(job: Job) -> Iterator[Request]:
             continue
         if target != job.profile.name:
             continue  # another part's line: it runs when that profile is loaded
-        over = job.profile.limits.violation({**sampling, **item.body}) \
-            or job.profile.media.violation(item.body)
+        over = job.profile.limits.violation({**sampling, **item.body})
+        if over:
+            job.record(item.line, "error", error_line(LineError(
+                item.line, item.custom_id, "invalid_request", over[1], over[0])))
+            continue
+        sent = images.for_engine(item, job.media, job.profile.media, allowed_domains)
+        if isinstance(sent, LineError):
+            job.record(item.line, "error", error_line(sent))
+            continue
+        item = sent
+        over = job.profile.media.violation(item.body, allowed_domains)  # audio, video
         if over:
             job.record(item.line, "error", error_line(LineError(
                 item.line, item.custom_id, "invalid_request", over[1], over[0])))
@@ -146,7 +156,8 @@ def _cached(job: Job, item: Request, sampling: dict[str, Any], identity: str) ->
     request = {**sampling, **item.body}
     if not cache.cacheable(item.url, request):
         return False
-    key = cache.key(identity, item.url, request)
+    # a picture of the media folder keys by its bytes, not its name
+    key = cache.key(identity, item.url, images.cache_body(request, job.media))
     body = job.cache.get(key)
     if body is not None:
         job.record(item.line, "result", result_line(item, cache.fresh(body)))

@@ -26,7 +26,7 @@ from ..clock import utc_now
 from ..layout import (BENCH, ERRORS, INPUT, JOB_TOML, PUBLISHED_INPUT, RESULTS, Ending,
                       JobState, Phase)
 from ..lines import LineError, open_regular, read_line_at
-from ..spool import events, inbox
+from ..spool import events, inbox, media
 from ..spool import parts as spool_parts
 from ..spool.parts import unpack
 from ..spool.outbox import (OWNER, StatusFile, atomic_files, error_line, read_status, sync_dir,
@@ -173,6 +173,8 @@ def finish(job: Job, final: JobState, models_dir: Path,
             problem or job.out(retry.MERGED).name
     if not rejected:
         place_input(job)
+    media.publish(job.layout, job.name, job.settings.media.keep)
+    if not rejected:
         sync_dir(job.layout.outbox)
     # before the final line: a daemon killed right after it still signals the end
     events.record(job.settings, job.name, final, {"total": job.total,
@@ -205,7 +207,7 @@ def outputs(job: Job, final: JobState, models_dir: Path) -> dict[str, Any]:
         first_result_s=job.first_result_s,
         started_at=job.started_at, finished_at=utc_now(), state=final.value,
         resumed=job.resumed if job.resumed is not None else job.ckpt.resumed_lines > 0,
-        order=job.order_name,
+        order=job.order_name, images=job.images,
         cached_tokens=tally.cached_tokens, concurrency=job.concurrency(),
         parts=[p.name for p in job.routes.parts] if job.routes else None,
         cache=job.cache_counts(), by_model=tally.by_model,
@@ -247,6 +249,7 @@ def cleanup(job: Job, final: JobState, rejected: bool | None = None) -> JobState
     else:
         place_input(job)
         job.input.unlink(missing_ok=True)
+    media.publish(layout, job.name, job.settings.media.keep)
     for path in (job.checkpoint, layout.sidecar(job.name)):
         path.unlink(missing_ok=True)
     sync_dir(layout.work)

@@ -17,6 +17,8 @@ in the merged file.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tomllib
 from pathlib import Path
 from typing import Any, Iterator
@@ -83,10 +85,26 @@ def drop_retry(settings: Settings, job: str, codes: tuple[str, ...] | list[str] 
             if raw.number in lines:
                 assert raw.data is not None
                 data.append(raw.data if raw.data.endswith(b"\n") else raw.data + b"\n")
-    # The sidecar first, then the file by rename: the daemon claims them together.
+    # The media folder and the sidecar first, then the file by rename: the
+    # daemon claims them together.
+    kept = layout.out_media(job)
+    if kept.is_dir():  # its images, as hard links where the filesystem has them
+        _link_tree(kept, layout.inbox_media(f"{name}{INPUT}"))
     write_atomic(layout.inbox_sidecar(f"{name}{INPUT}"), [tomli_w.dumps(sidecar).encode()])
     write_atomic(layout.inbox / f"{name}{INPUT}", data)
     return name, len(data)
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(src, dst, follow_symlinks=False)
+
+    temp = target.with_name(f".{target.name}.{os.getpid()}")
+    shutil.copytree(source, temp, symlinks=True, copy_function=link)
+    os.rename(temp, target)
 
 
 def _free_name(layout: Layout, stem: str) -> str:

@@ -13,7 +13,9 @@ from typing import Callable, Iterator
 from ..config import LimitsConfig
 from ..layout import PUBLISHED_INPUT, JobState, Phase
 from ..lines import Dedup, LineError, NotRegularFile, Request, iter_file_at, open_regular
+from ..spool import media
 from ..spool.outbox import error_line
+from . import images
 from .job import Job
 from .order import InputOrder, PrefixOrder
 from .router import JobRejected, ModelVote, Sidecar, read_sidecar
@@ -76,10 +78,19 @@ def validate_job(job: Job) -> tuple[Sidecar, ModelVote]:
     # what a job in parts is cut along: its prefix order, or else its file order
     collect = order if order is not None else \
         InputOrder() if settings.scheduling.part_lines else None
+    folder = media.recover(job.layout, job.name)
 
     def on_request(item: Request, offset: int) -> None:
         if item.anthropic:
             job.anthropic.add(item.line)
+        if images.count(item.body):
+            # each image path checked now, so a missing one is known before a load
+            bad = images.check(item, folder)
+            if bad is not None:
+                if item.line not in job.ckpt.done:
+                    job.record(item.line, "error", error_line(bad))
+                return
+            job.images += images.count(item.body, settings.media.allowed_domains)
         if collect is not None and item.line not in job.ckpt.done:
             collect.add(item, offset)
 

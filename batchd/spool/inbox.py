@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..config import Settings
 from ..layout import INPUT, Layout
+from . import media
 from .lease import Leases, pid_alive
 
 IGNORED_SUFFIXES = (".part", ".tmp", "~")
@@ -143,6 +144,7 @@ def claim(settings: Settings, name: str, leases: Leases) -> Claimed | None:
     except OSError:
         os.rename(temp, source)  # outbox full or read-only: give the file back
         raise
+    media.claim(settings.layout, name, job)  # its images (jobs/images.py)
     sidecar = None
     side_source = settings.layout.inbox_sidecar(name)
     if side_source.exists() or side_source.is_symlink():
