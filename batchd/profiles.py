@@ -63,7 +63,7 @@ def _only(allowed: frozenset[str], what: str) -> AfterValidator:
 
 
 FIT_KEYS = frozenset({"params_b", "weight_bits", "weight_bytes", "layers", "kv_heads",
-                      "head_size"})
+                      "head_size", "vision_params_b", "image_tokens"})
 EngineArgs = Annotated[dict[str, Any], _only(ENGINE_KEYS, "engine")]
 FitFacts = Annotated[dict[str, float], _only(FIT_KEYS, "fit")]
 SamplingDefaults = Annotated[dict[str, Any], _only(SAMPLING_KEYS, "sampling")]
@@ -207,6 +207,15 @@ class Profile(BaseModel):
     limits: RequestLimits = Field(default_factory=RequestLimits)
     lora: LoraOptions = Field(default_factory=LoraOptions)
     source: Path | None = None
+
+    @property
+    def images(self) -> int:
+        """Images one prompt may carry: ``[engine] limit_mm_per_prompt``'s ``image``
+        (vLLM's own limit); 0 for a profile that does not say (text models)."""
+        limits = self.engine.get("limit_mm_per_prompt") or {}
+        value = limits.get("image", 0) if isinstance(limits, dict) else 0
+        return value if isinstance(value, int) else int(value.get("count", 0) or 0) \
+            if isinstance(value, dict) else 0
 
     def names(self) -> set[str]:
         """Every name a job may use to ask for this profile (its adapters' too)."""

@@ -188,7 +188,7 @@ def print_fit(profiles: list[Profile], models_dir: Path, vram: int) -> int:
     from .engine.fit import FitError, check
 
     print(f"{'PROFILE':14} {'WEIGHTS':>8} {'BUDGET':>7} {'KV CACHE':>9} {'KV/TOKEN':>9} "
-          f"{'MAX LEN':>8} {'FULL SEQS':>9}  FITS {vram / 1024**3:g} GiB")
+          f"{'MAX LEN':>8} {'FULL SEQS':>9} {'IMAGES':>11}  FITS {vram / 1024**3:g} GiB")
     ok = True
     for profile in sorted(profiles, key=lambda p: p.name):
         try:
@@ -199,9 +199,12 @@ def print_fit(profiles: list[Profile], models_dir: Path, vram: int) -> int:
             continue
         ok = ok and r["fits"]
         lora = f"  (LoRA slots {r['lora_gb']:.2f}G)" if r["lora_gb"] else ""
+        # images a prompt may carry, and the tokens each takes of max_model_len
+        seen = "no" if not r["images"] else f"{r['images']} x {r['image_tokens']}t" \
+            if r["image_tokens"] else f"{r['images']}"
         print(f"{r['profile']:14} {r['weights_gb']:7.1f}G {r['budget_gb']:6.1f}G "
               f"{r['kv_cache_gb']:8.1f}G {r['kv_kib_per_token']:7.0f}Ki {r['max_model_len']:8d} "
-              f"{r['full_length_sequences']:9.1f}  {'yes' if r['fits'] else 'NO'}{lora}")
+              f"{r['full_length_sequences']:9.1f} {seen:>11}  {'yes' if r['fits'] else 'NO'}{lora}")
     return 0 if ok else 1
 
 

@@ -1,10 +1,13 @@
 """Will a profile fit a GPU? An estimate from the model's shape, no hub needed.
 
 Budget = ``gpu_memory_utilization`` x card memory. KV cache = budget - weights
+(with the vision tower, ``vision_params_b``, when the profile takes images)
 - runtime overhead. KV bytes per token = 2 (K and V) x layers x KV heads x
 head size x bytes per cached value. Full-length sequences = KV cache /
 (KV bytes per token x ``max_model_len``), counting every layer as full
-attention (sliding-window layers make the real figure larger).
+attention (sliding-window layers make the real figure larger). A profile
+that takes images spends ``image_tokens`` (256 for Gemma 3) of a sequence on
+each: its images per prompt must leave room in ``max_model_len``.
 
 The shape comes from the profile's ``[fit]`` table, or from ``config.json`` of a
 local model folder.
@@ -61,7 +64,8 @@ def shape(profile: Profile, models_dir: Path) -> Shape:
                "weight_bytes": sum(p.stat().st_size for p in config.parent.glob("*.safetensors"))}
     if "weight_bytes" not in fit:
         bits = fit.get("weight_bits", 8 * BYTES.get(profile.engine.get("dtype", "auto"), 2))
-        fit["weight_bytes"] = int(fit["params_b"] * 1e9 * bits / 8)
+        params = fit["params_b"] + (fit.get("vision_params_b", 0) if profile.images else 0)
+        fit["weight_bytes"] = int(params * 1e9 * bits / 8)
     return Shape(int(fit["weight_bytes"]), int(fit["layers"]), int(fit["kv_heads"]),
                  int(fit["head_size"]))
 
@@ -90,7 +94,10 @@ def check(profile: Profile, models_dir: Path, vram: int) -> dict:
     lora = lora_bytes(profile)
     kv = budget - s.weight_bytes - lora - OVERHEAD_BYTES
     sequences = kv / (per_token * max_len) if kv > 0 else 0.0
+    image_tokens = int(profile.fit.get("image_tokens", 0))
+    images_fit = profile.images * image_tokens < max_len
     return {"profile": profile.name, "weights_gb": s.weight_bytes / 1e9, "lora_gb": lora / 1e9,
+            "images": profile.images, "image_tokens": image_tokens,
             "budget_gb": budget / 1e9, "kv_cache_gb": max(kv, 0) / 1e9,
             "kv_kib_per_token": per_token / 1024, "max_model_len": max_len,
-            "full_length_sequences": sequences, "fits": sequences >= 1.0}
+            "full_length_sequences": sequences, "fits": sequences >= 1.0 and images_fit}
