@@ -66,3 +66,25 @@ def test_a_parser_the_installed_vllm_lacks_fails_the_check_with_the_list(tmp_pat
     assert "'no-such-reasoner' is not a reasoning parser" in problems[1]
     assert "qwen3" in problems[1]
     assert "missing.jinja does not exist" in problems[2]
+
+
+def test_the_engine_reads_local_images_only_from_the_spools_media_folder(tmp_path):
+    """What vLLM is started with: allowed_local_media_path is work/media/ (the
+    running jobs' pictures) unless the profile names its own folder, and
+    allowed_media_domains the config's hosts, or a name that never resolves."""
+    from batchd.engine.serving import server_args
+    from batchd.profiles import Profile
+
+    root = str(tmp_path / "spool" / "work" / "media")
+    plain = Profile(name="p", model="m", path=str(tmp_path))
+    args = server_args(plain, tmp_path, {"root": root, "domains": []})
+    assert args.allowed_local_media_path == root
+    assert args.allowed_media_domains == ["nothing.invalid"]
+    args = server_args(plain, tmp_path, {"root": root, "domains": ["images.example"]})
+    assert args.allowed_media_domains == ["images.example"]
+    own = Profile(name="p", model="m", path=str(tmp_path),
+                  media={"local_folder": "/srv/pictures"})
+    assert server_args(own, tmp_path, {"root": root}).allowed_local_media_path == \
+        "/srv/pictures"
+    anywhere = Profile(name="p", model="m", path=str(tmp_path), media={"allow_remote": True})
+    assert server_args(anywhere, tmp_path, {"root": root}).allowed_media_domains is None

@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -162,6 +163,19 @@ def test_a_job_with_its_media_folder_answers_as_vllm_serves_it(served):
                 served_body = json.loads(reply.read())
             assert comparable(bodies[line["custom_id"]]) == comparable(served_body), \
                 line["custom_id"]
+        # vLLM's own fence, as batchd starts its engine (work/media/ there): a
+        # file outside the allowed folder, or a link inside it that leads out,
+        # is refused by vLLM itself
+        for url in (secret.as_uri(), (kept / "out.png").as_uri(),
+                    (kept / ".." / "secret.png").as_uri()):
+            body = {**chat("x", url)["body"]}
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                {"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused_by_vllm:
+                urllib.request.urlopen(request, timeout=120)
+            assert refused_by_vllm.value.code == 400
+            assert "allowed-local-media-path" in refused_by_vllm.value.read().decode(), url
     finally:
         server.terminate()
         server.wait(120)
