@@ -15,7 +15,7 @@ from .config import ConfigError, Settings, load_settings
 from .jobs.router import JobRejected, Sidecar, route
 from .jobs.validate import validate
 from .layout import INPUT, is_final
-from .lines import LineError
+from .lines import LineError, Request
 from .profiles import ProfileSet, shipped_profiles
 from .spool import inbox
 
@@ -214,9 +214,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if bad <= 100:
             print(f"{path.name} line {item.line}: {item.code}: {item.message}")
 
+    # its pictures, in the media folder beside it (NAME.media/), as the daemon checks them
+    from .jobs import images
+
+    folder = path.with_name(path.name.removesuffix(INPUT) + ".media")
+    media = folder if folder.is_dir() else None
+
+    def on_request(item: Request, _offset: int) -> None:
+        if images.count(item.body):
+            problem = images.check(item, media)
+            if problem is not None:
+                on_error(problem)
+
     total = 0
     try:
-        total, votes = validate(path, settings.limits, on_error)
+        total, votes = validate(path, settings.limits, on_error, on_request)
         job = path.name.removesuffix(INPUT) if path.name.endswith(INPUT) else path.stem
         profile, reason = route(job, Sidecar(profile=args.profile), votes, profiles,
                                 settings.routing.default_profile)

@@ -18,6 +18,7 @@ SCENARIOS = {
     "rerun": "the result cache: a file, then the same file with 1 % of its lines changed",
     "window": "a bulk job's time on the auto window against fixed ones",
     "scaleout": "one big file on one daemon, in parts on one, and in parts on two",
+    "images": "daemon RSS for a 50-image job vs a 5,000-image one (media folder, tiny-vision)",
 }
 
 

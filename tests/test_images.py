@@ -231,3 +231,22 @@ def test_a_media_folder_can_be_removed_at_the_end(spool_config):
         == ["a"]
     assert not settings.layout.out_media("gone").exists() and not pics.exists()
     assert not settings.layout.media("gone").exists()
+
+
+def test_batchd_validate_checks_the_pictures_beside_the_file(tmp_path, spool_config):
+    import subprocess
+
+    from conftest import BATCHD
+
+    folder = tmp_path / "snap.media"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png())
+    path = tmp_path / "snap.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in (chat("a", "a.png"),
+                                                      chat("b", "b.png"))) + "\n")
+    done = subprocess.run([BATCHD, "validate", str(path), "--config", str(spool_config())],
+                          capture_output=True, text=True)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "snap.jsonl line 2: invalid_image: line 2: image 'b.png' is not in the media " \
+        "folder" in done.stdout
+    assert "2 requests, 1 valid, 1 invalid" in done.stdout
