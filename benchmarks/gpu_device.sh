@@ -13,6 +13,8 @@
 #              SWAPS=0 FITS=0 (and REPEATS=9): the whole budget goes to part 1
 #              SCENARIO=scaleout: the `scaleout` scenario instead (two daemons on
 #              the one GPU); carry models/tiny-llama too (`make test` builds it)
+#              SCENARIO=images: the `images` scenario (REPEATS=1); carry
+#              models/tiny-vision (`batchd models prepare tiny-vision`)
 #
 # The run writes the record, its logs and nvidia-smi's view to $OUT; commit
 # the record under benchmarks/results/.
@@ -59,11 +61,12 @@ run)
   # leaves after the unpacking, less a margin for the last load and the exit.
   budget=$(( ${LIMIT_S:-600} - SECONDS - 50 ))
   echo "unpacked after ${SECONDS}s; parts budget ${budget}s"
-  if [ "${SCENARIO:-gpu}" = scaleout ]; then
-    # one big file on one daemon, in parts on one, in parts on two daemons sharing
-    # the GPU (docs/BENCHMARKING.md, "scaleout"); the tiny Llama carried in models/
-    timeout "$budget" python3 -m benchmarks run scaleout --repeats "${REPEATS:-3}" \
-      2>&1 | tee "$BATCHD_BENCH_RESULTS/scaleout-run.log"
+  if [ "${SCENARIO:-gpu}" = scaleout ] || [ "${SCENARIO:-gpu}" = images ]; then
+    # scaleout: one big file on one daemon, in parts on one, in parts on two daemons
+    # sharing the GPU; images: the daemon's RSS for 50 against 5,000 pictures
+    # (docs/BENCHMARKING.md); the tiny model carried in models/
+    timeout "$budget" python3 -m benchmarks run "$SCENARIO" --repeats "${REPEATS:-3}" \
+      2>&1 | tee "$BATCHD_BENCH_RESULTS/$SCENARIO-run.log"
   else
     timeout $(( budget + 35 )) python3 -m benchmarks run gpu --repeats "${REPEATS:-3}" \
       --budget-s "$budget" --swaps "${SWAPS:-6}" --fits "${FITS:-3}" 2>&1 | tee "$BATCHD_BENCH_RESULTS/gpu-run.log"
