@@ -168,6 +168,11 @@ class Layout:
         """work/media/JOB/: a running job's media folder."""
         return self.media_root / job
 
+    def media_pointer(self, job: str) -> Path:
+        """work/.JOB.media: the inbox name of JOB's media folder, from its claim
+        until the folder is in work/media/ (spool/media.py)."""
+        return self.work / f".{job}{MEDIA}"
+
     def lease(self, job: str) -> Path:
         """work/JOB.lease; a part's (JOB#K) is work/JOB.parts/K.lease."""
         folder, name = self._owned(job)

@@ -123,6 +123,44 @@ def test_what_goes_to_the_engine(folder):
     assert item.body["messages"][0]["content"][1]["source"]["url"] == "sub/dog.png"
 
 
+def test_pictures_vllm_would_find_anywhere_in_a_line_are_checked(folder):
+    """Parts without a type, Anthropic tool results, audio by file://, a uuid
+    (vLLM's cache key, shared across jobs), a NUL byte: refused or checked, never
+    passed through."""
+    none = MediaOptions()
+    other = (folder.parent / "OTHER.png")
+    other.write_bytes(png())
+    typeless = {"custom_id": "t", "url": "/v1/chat/completions", "body": {"messages": [
+        {"role": "user", "content": [{"image_url": "sub/dog.png"}]}]}}
+    sent = images.for_engine(request(typeless), folder, none, [])
+    assert isinstance(sent, Request)
+    assert sent.body["messages"][0]["content"][0]["image_url"] == \
+        (folder / "sub/dog.png").as_uri()
+    refused = {
+        "typeless file": {"messages": [{"role": "user", "content": [
+            {"image_url": other.as_uri()}]}]},
+        "tool result": {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": [
+                {"type": "image", "source": {"type": "url", "url": other.as_uri()}}]}]}]},
+        "audio": {"messages": [{"role": "user", "content": [
+            {"type": "audio_url", "audio_url": {"url": " FILE:///etc/passwd"}}]}]},
+        "uuid": {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "cat.png"}, "uuid": "shared"}]}]},
+        "nul": {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "a\x00.png"}}]}]},
+        "surrogate": {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "\ud800.png"}}]}]},
+    }
+    for what, body in refused.items():
+        item = Request(3, what, "/v1/chat/completions", body)
+        error = images.for_engine(item, folder, none, [])
+        assert not isinstance(error, Request) and error.code == "invalid_image", what
+        assert error.message.startswith("line 3: "), (what, error.message)
+    at_validation = images.check(Request(3, "n", "/v1/chat/completions", refused["nul"]),
+                                 folder)
+    assert at_validation is not None and "not a valid file name" in at_validation.message
+
+
 def test_the_cache_keys_a_picture_by_its_bytes(folder):
     (folder / "copy.png").write_bytes((folder / "cat.png").read_bytes())
     key = {name: images.cache_body(images.for_engine(request(chat("x", name)), folder,
@@ -142,6 +180,18 @@ def test_a_media_folder_still_being_written_holds_its_file(tmp_path):
     (root / "a" / ".two.png.Xy12Ab").write_bytes(b"half")  # rsync's temp file
     assert media.pending(root, now + 5, 1.0) is not None
     assert media.pending(tmp_path / "none.media", now, 1.0) is None
+    os.unlink(root / "a" / ".two.png.Xy12Ab")
+    for name in (".DS_Store", "._one.png", ".gitkeep"):  # what desktops leave: no transfer
+        (root / name).write_bytes(b"x")
+    assert media.pending(root, time.time() + 5, 1.0) is None
+    (root / "a" / ".three.png.Qw34Er").write_bytes(b"half")
+    assert media.pending(root, time.time() + 5, 1.0) is not None
+    assert media.pending(root, time.time() + media.ABANDONED_SECONDS + 5, 1.0) is None
+    (root / "a").chmod(0o600)  # listed but not entered: validation's to report
+    try:
+        assert media.pending(root, time.time() + media.ABANDONED_SECONDS + 5, 1.0) is None
+    finally:
+        (root / "a").chmod(0o755)
 
 
 class Recording(FakeEngine):
@@ -250,3 +300,50 @@ def test_batchd_validate_checks_the_pictures_beside_the_file(tmp_path, spool_con
     assert "snap.jsonl line 2: invalid_image: line 2: image 'b.png' is not in the media " \
         "folder" in done.stdout
     assert "2 requests, 1 valid, 1 invalid" in done.stdout
+
+
+def test_a_crash_between_the_claims_renames_and_a_reused_name(spool_config, monkeypatch):
+    """The daemon dies after the input reached work/ but before its media
+    folder did (the job is p-2: the inbox name is p): whoever takes the job up
+    moves the folder. A job name whose outbox still holds a media folder (its
+    other files deleted by hand) is not given again."""
+    settings = load_settings(spool_config())
+    d = Daemon(settings, factory=lambda profile: FakeEngine(profile, per_step=64),
+               clock=lambda: 1000.0)
+    d.setup()
+    inbox = settings.inbox
+    drop(inbox, "p.jsonl", [{"custom_id": "a", "messages": [{"role": "user", "content": "hi"}]}])
+    drain(d)
+    pics = inbox / "p.media"
+    pics.mkdir()
+    (pics / "a.png").write_bytes(png())
+    time.sleep(settings.watch.settle_seconds + 0.05)
+    drop(inbox, "p.jsonl", [chat("img", "a.png")])
+
+    def dies(layout, job):
+        raise SystemExit("killed between the renames")
+
+    monkeypatch.setattr(media, "move", dies)
+    with pytest.raises(SystemExit):
+        drain(d)
+    monkeypatch.undo()
+    assert settings.layout.input("p-2").exists() and pics.is_dir()
+    again = Daemon(settings, factory=lambda profile: FakeEngine(profile, per_step=64),
+                   clock=lambda: 2000.0)
+    again.setup()
+    drain(again)
+    assert final_state(settings.outbox, "p-2") == "completed"
+    results, errors = outputs(settings.outbox, "p-2")
+    assert [r["custom_id"] for r in results] == ["img"] and errors == []
+    assert (settings.layout.out_media("p-2") / "a.png").is_file() and not pics.exists()
+    assert not settings.layout.media_pointer("p-2").exists()
+    # outbox/q.media left behind by hand: the next q is q-2, its folder its own
+    (settings.outbox / "q.media").mkdir()
+    qpics = inbox / "q.media"
+    qpics.mkdir()
+    (qpics / "b.png").write_bytes(png())
+    time.sleep(settings.watch.settle_seconds + 0.05)
+    drop(inbox, "q.jsonl", [chat("b", "b.png")])
+    drain(again)
+    assert final_state(settings.outbox, "q-2") == "completed"
+    assert (settings.layout.out_media("q-2") / "b.png").is_file()

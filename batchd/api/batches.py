@@ -16,6 +16,7 @@ request is checked against a strict pattern before it names a path.
 from __future__ import annotations
 
 import json
+import shutil
 import secrets
 import threading
 import time
@@ -140,6 +141,7 @@ class Store:
     def delete_job(self, job: str) -> None:
         """An ended job's files gone from the outbox (its status file last) and
         the API's record of it: it is no batch any more."""
+        shutil.rmtree(self.layout.out_media(job), ignore_errors=True)  # its pictures
         for kind in (RESULTS, ERRORS, BENCH, PUBLISHED_INPUT, JOB_TOML, MERGED, STATUS_FILE):
             self.layout.out(job, kind).unlink(missing_ok=True)
         self.layout.batch_request(job).unlink(missing_ok=True)

@@ -64,36 +64,57 @@ class Ref:
                 "file": "file"}.get(scheme, "scheme")
 
 
+# What describes the answer, not the input: never an image.
+NOT_INPUT = frozenset({"tools", "tool_choice", "response_format", "structured_outputs",
+                       "text", "metadata"})
+
+
 def refs(body: dict[str, Any]) -> Iterator[Ref]:
-    """Every image of a chat, responses or Anthropic body, in prompt order."""
-    for top in ("messages", "input"):
-        items = body.get(top)
-        if not isinstance(items, list):
-            continue
-        for i, message in enumerate(items):
-            content = message.get("content") if isinstance(message, dict) else None
-            if not isinstance(content, list):
-                continue
-            for j, part in enumerate(content):
-                if isinstance(part, dict):
-                    yield from _part_refs(f"{top}.{i}.content.{j}", part)
+    """Every image of a body, in prompt order, wherever vLLM's parsers would find
+    one: any part with an ``image_url`` (typed ``image_url`` or ``input_image``,
+    or with no type at all, as vLLM's chat parser takes it), and Anthropic's
+    ``image`` blocks, tool results' included."""
+    for key, value in body.items():
+        if key not in NOT_INPUT:
+            yield from _walk(value, key)
 
 
-def _part_refs(where: str, part: dict[str, Any]) -> Iterator[Ref]:
-    kind = part.get("type")
-    if kind in ("image_url", "input_image"):
-        value = part.get("image_url")
-        if isinstance(value, dict) and isinstance(value.get("url"), str):
-            yield Ref(f"{where}.image_url.url", value["url"], value, "url")
-        elif isinstance(value, str):
-            yield Ref(f"{where}.image_url", value, part, "image_url")
-    elif kind == "image":  # Anthropic's block
-        source = part.get("source")
-        if isinstance(source, dict):
-            if isinstance(source.get("url"), str):
-                yield Ref(f"{where}.source.url", source["url"], source, "url")
-            elif source.get("type") == "base64":
-                yield Ref(f"{where}.source", f"data:{source.get('media_type')};base64,")
+def _walk(value: Any, where: str) -> Iterator[Ref]:
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _walk(item, f"{where}.{i}")
+        return
+    if not isinstance(value, dict):
+        return
+    image = value.get("image_url")
+    if isinstance(image, dict) and isinstance(image.get("url"), str):
+        yield Ref(f"{where}.image_url.url", image["url"], image, "url")
+    elif isinstance(image, str):
+        yield Ref(f"{where}.image_url", image, value, "image_url")
+    source = value.get("source")
+    if value.get("type") == "image" and isinstance(source, dict):  # Anthropic's block
+        if isinstance(source.get("url"), str):
+            yield Ref(f"{where}.source.url", source["url"], source, "url")
+        elif source.get("type") == "base64":
+            yield Ref(f"{where}.source", f"data:{source.get('media_type')};base64,")
+    for key, item in value.items():
+        if isinstance(item, (dict, list)) and key not in ("image_url", "source"):
+            yield from _walk(item, f"{where}.{key}")
+
+
+def local_files(value: Any, where: str = "") -> Iterator[str]:
+    """Where in VALUE a string names a local file (``file:``): an image part's
+    URL, audio, video or a field no walk above knows. vLLM would read it under
+    its allowed folder, which holds every running job's pictures."""
+    if isinstance(value, str):
+        if value.lstrip()[:5].lower() == "file:":
+            yield where
+        return
+    items = value.items() if isinstance(value, dict) else \
+        enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if not (where == "" and key in NOT_INPUT):
+            yield from local_files(item, f"{where}.{key}" if where else str(key))
 
 
 def count(body: dict[str, Any], allowed_domains: list[str] | None = None) -> int:
@@ -102,7 +123,8 @@ def count(body: dict[str, Any], allowed_domains: list[str] | None = None) -> int
     found = list(refs(body))
     if allowed_domains is not None and any(
             ref.kind in ("file", "scheme") or ref.kind == "remote" and
-            (urlsplit(ref.url).hostname or "").lower() not in allowed_domains
+            (urlsplit(ref.url).hostname or "").lower() not in
+            {d.lower() for d in allowed_domains}
             for ref in found):
         return 0
     return len(found)
@@ -134,8 +156,12 @@ def resolve(folder: Path | None, path: str) -> Path | str:
         return f"image {shown} is an absolute path; give a path inside the media folder"
     if ".." in re.split(r"[/\\]", path):
         return f"image {shown} leaves the media folder (..)"
-    root = os.path.realpath(folder)
-    real = os.path.realpath(os.path.join(root, path))
+    try:
+        os.fsencode(path)
+        root = os.path.realpath(folder)
+        real = os.path.realpath(os.path.join(root, path))
+    except (ValueError, UnicodeError):  # a NUL byte, a lone surrogate
+        return f"image {shown} is not a valid file name"
     if not real.startswith(root + os.sep):
         return f"image {shown} is a symbolic link out of the media folder"
     try:
@@ -169,22 +195,28 @@ def for_engine(item: Request, folder: Path | None, media: MediaOptions,
     """ITEM as it goes to vLLM: its media-folder paths as file:// URLs (resolved
     again), or the line's invalid_image error for an image it may not read."""
     found = list(refs(item.body))
+    if not media.local_folder:
+        for where in local_files(item.body):
+            return _error(item, where, f"{where}: file:// URLs are not read; put the "
+                          "image in the media folder and give its path there")
     if not found:
         return item
+    domains = {d.lower() for d in allowed_domains}
     local: dict[str, Path] = {}
     for ref in found:
         kind = ref.kind
+        if ref.holder is not None and "uuid" in ref.holder or "uuid" in _part(item.body,
+                                                                              ref.param):
+            return _error(item, ref.param, "an image's uuid is not taken: images share "
+                          "the engine's cache with other jobs by their bytes only")
         if kind == "remote":
             host = (urlsplit(ref.url).hostname or "").lower()
-            if host not in allowed_domains and not (
+            if host not in domains and not (
                     media.allow_remote and (not media.allowed_domains
                                             or host in media.allowed_domains)):
                 return _error(item, ref.param, f"image {ref.url[:200]!r}: {host or 'a host'} "
                               "is not in [media] allowed_domains; remote images are not "
                               "fetched (send a data: URL or a file in the media folder)")
-        elif kind == "file" and not media.local_folder:
-            return _error(item, ref.param, f"image {ref.url[:200]!r}: file:// URLs are not "
-                          "read; put the image in the media folder and give its path there")
         elif kind == "scheme":
             return _error(item, ref.param, f"image {ref.url[:200]!r}: not a data:, http(s) "
                           "URL or a path in the media folder")
@@ -203,6 +235,18 @@ def for_engine(item: Request, folder: Path | None, media: MediaOptions,
         if ref.param in local and ref.holder is not None:
             ref.holder[ref.key] = local[ref.param].as_uri()
     return replace(item, body=body)
+
+
+def _part(body: dict[str, Any], param: str) -> dict[str, Any]:
+    """The content part that holds the image at PARAM (its own dict)."""
+    node: Any = body
+    for step in param.split("."):
+        if step in ("image_url", "source", "url"):
+            break
+        node = node[int(step)] if isinstance(node, list) else node.get(step)
+        if not isinstance(node, (dict, list)):
+            return {}
+    return node if isinstance(node, dict) else {}
 
 
 def cache_body(body: dict[str, Any], folder: Path | None) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def validate_job(job: Job) -> tuple[Sidecar, ModelVote]:
     # what a job in parts is cut along: its prefix order, or else its file order
     collect = order if order is not None else \
         InputOrder() if settings.scheduling.part_lines else None
-    folder = media.recover(job.layout, job.name)
+    folder = media.move(job.layout, job.name)  # after a crash mid-claim too
 
     def on_request(item: Request, offset: int) -> None:
         if item.anthropic:

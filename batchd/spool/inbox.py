@@ -133,6 +133,7 @@ def claim(settings: Settings, name: str, leases: Leases) -> Claimed | None:
         os.rename(source, temp)
     except FileNotFoundError:
         return None
+    job = ""
     try:
         job = reserve_name(settings, safe_stem(name))
         # The lease exists before work/JOB.jsonl does, so no other daemon ever
@@ -140,11 +141,15 @@ def claim(settings: Settings, name: str, leases: Leases) -> Claimed | None:
         if not leases.create(job):
             raise FileExistsError(f"lease for new job {job} exists")
         target = settings.layout.input(job)
+        pictures = media.claim(settings.layout, name, job)  # its images (jobs/images.py)
         os.rename(temp, target)
     except OSError:
         os.rename(temp, source)  # outbox full or read-only: give the file back
+        if job:
+            settings.layout.media_pointer(job).unlink(missing_ok=True)
         raise
-    media.claim(settings.layout, name, job)  # its images (jobs/images.py)
+    if pictures:
+        media.move(settings.layout, job)
     sidecar = None
     side_source = settings.layout.inbox_sidecar(name)
     if side_source.exists() or side_source.is_symlink():
@@ -180,7 +185,7 @@ def reserve_name(settings: Settings, stem: str) -> str:
     """The first free job name for STEM, reserved by creating its status file."""
     for n in range(1, 1_000_000):
         job = stem if n == 1 else f"{stem}-{n}"
-        if settings.layout.input(job).exists():
+        if settings.layout.input(job).exists() or settings.layout.out_media(job).exists():
             continue
         try:
             fd = os.open(settings.layout.status(job),
