@@ -128,3 +128,33 @@ def test_vanished_inbox_does_not_crash_the_daemon(running, tmp_path):
     drop(inbox, "back.jsonl", [{"prompt": "x"}])
     assert wait_for(lambda: final_state(running.spool / "outbox", "back"), 30) == "completed"
     assert running.proc.poll() is None
+
+
+@pytest.mark.slow  # rsync is held to a slow writer on purpose
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync (make test installs it)")
+def test_one_rsync_of_a_file_and_its_media_folder(running, tmp_path):
+    """`rsync -a --delay-updates src/ inbox/` sends photos.jsonl before photos.media/
+    (name order), but creates the folder first and renames every file at the end:
+    the file waits for the folder, and every picture is found."""
+    import io
+
+    from PIL import Image
+
+    src = tmp_path / "src"
+    (src / "photos.media").mkdir(parents=True)
+    lines = []
+    for i in range(30):
+        out = io.BytesIO()
+        Image.new("RGB", (32, 32), (i * 8, 0, 0)).save(out, format="PNG")
+        (src / "photos.media" / f"{i}.png").write_bytes(out.getvalue() + b"\0" * 20_000)
+        lines.append(json.dumps({"custom_id": f"p{i}", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is it?"},
+            {"type": "image_url", "image_url": {"url": f"{i}.png"}}]}]}))
+    (src / "photos.jsonl").write_text("\n".join(lines) + "\n")
+    subprocess.run(["rsync", "-a", "--delay-updates", "--bwlimit=300", f"{src}/",
+                    str(running.spool / "inbox") + "/"], check=True)
+    outbox = running.spool / "outbox"
+    assert wait_for(lambda: final_state(outbox, "photos"), 60, what="photos") == "completed"
+    assert len(read_jsonl(outbox / "photos.results.jsonl")) == 30
+    assert read_jsonl(outbox / "photos.errors.jsonl") == []
+    assert len(list((outbox / "photos.media").iterdir())) == 30
