@@ -6,6 +6,7 @@ import time
 from array import array
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +110,10 @@ class Job:
             return parts.own_checkpoint(self.layout, self.origin, self.part)
         return self.layout.checkpoint(self.name)
 
-    @property
+    @cached_property
     def media(self) -> Path | None:
-        """work/media/JOB/, the job's media folder, when one came with the file."""
+        """work/media/JOB/, the job's media folder, when one came with the file
+        (looked up once: after validation has moved it in, for every request)."""
         path = self.layout.media(self.origin)
         return path if path.is_dir() else None
 
