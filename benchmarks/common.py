@@ -23,11 +23,16 @@ BATCHD = str(Path(sys.executable).parent / "batchd")
 FAKE_BATCHD = [sys.executable, "-m", "batchd.testing"]
 MODELS = ROOT / "models"
 
+# The tiny random Llama, as the shipped CPU profile runs a model: vLLM's worker
+# inside its engine core process (VLLM_ENABLE_V1_MULTIPROCESSING = "0"; on the
+# CPU build each load then spawns one process importing vLLM, not two:
+# docs/MODELS.md). On a GPU the flag changes nothing for batchd's engine.
 TINY_PROFILE = """
 model = "batchd/tiny-llama"
 recipe = "tiny-llama"
 [environment]
 VLLM_CPU_KVCACHE_SPACE = "1"
+VLLM_ENABLE_V1_MULTIPROCESSING = "0"
 [engine]
 dtype = "float32"
 max_model_len = 512

@@ -19,7 +19,8 @@ record is rewritten after each part, so a run cut short keeps what it measured.
 Without a GPU the same steps run on the CPU build with tiny shapes (`--quick`
 for the smallest), so CI keeps the script working; memory is then the RSS of
 the daemon's engine processes, and the fit part shows only what vLLM reports;
-every engine then runs vLLM's engine core in its own process (no spawned core).
+every engine then runs vLLM's worker inside its engine core process (one
+spawned process a load, not two).
 """
 
 from __future__ import annotations
@@ -400,7 +401,7 @@ def run(repeats: int = 3, n: int = 5000, swaps: int = 6, fits: int = 3,
     if gpu.total_mib is None and not quick:
         n = min(n, 200)  # the CPU build: the same steps at a size it runs in minutes
     if gpu.total_mib is None:
-        # the CPU build: vLLM's engine core in each engine's own process, as the
+        # the CPU build: vLLM's worker inside its engine core process, as the
         # shipped CPU profile runs it (docs/MODELS.md); every engine here inherits it
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     state: dict = {"settings": {"n": n, "repeats": repeats, "swaps": swaps, "fits": fits,

@@ -47,9 +47,6 @@ class Spool:
         profile = TINY_PROFILE
         if _gpu():  # two engines share the one GPU's memory
             profile = profile.replace("[engine]\n", "[engine]\ngpu_memory_utilization = 0.4\n")
-        elif not fake:
-            profile = profile.replace("[environment]\n",
-                                      '[environment]\nVLLM_ENABLE_V1_MULTIPROCESSING = "0"\n')
         config = make_spool(base, f"[status]\ninterval = 0.5\n[scheduling]\n"
                             f"part_lines = {part_lines}\nmax_running_jobs = 4\n")
         (base / "profiles" / "tiny.toml").write_text(profile)

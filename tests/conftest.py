@@ -25,22 +25,16 @@ MODELS = ROOT / "models"
 sys.path.insert(0, str(ROOT))  # the benchmarks package, run from any folder
 from benchmarks.common import TINY_PROFILE as BENCH_TINY  # noqa: E402
 
-# The tests' engines run vLLM's engine core inside batchd's engine process, as
-# the shipped CPU profile does (a load of 2-5 s, not 27-30 s: no two more spawned
-# processes importing vLLM); the tests that kill vLLM's own engine core process
-# use the benchmarks' profile as it is (vLLM's default: a process of its own).
-IN_PROCESS = '[environment]\nVLLM_ENABLE_V1_MULTIPROCESSING = "0"\n'
-TINY_IN_PROCESS = BENCH_TINY.replace("[environment]\n", IN_PROCESS)
-assert TINY_IN_PROCESS != BENCH_TINY
-
-# The tiny-Llama profile, with an alias and a short default length; TINY_PROFILE_MP
-# the same with vLLM's engine core in a process of its own.
-TINY_PROFILE = 'aliases = ["tiny"]\n' + TINY_IN_PROCESS + "[sampling]\nmax_tokens = 16\n"
-TINY_PROFILE_MP = 'aliases = ["tiny"]\n' + BENCH_TINY + "[sampling]\nmax_tokens = 16\n"
+# The tests' tiny-Llama profile is the benchmarks' one (BENCH_TINY): vLLM's worker
+# inside its engine core process, as the shipped CPU profile runs it (a load
+# spawns one process importing vLLM, not two). vLLM's async engine keeps its
+# engine core in a process of its own, the one the poison test kills.
+# TINY_PROFILE adds an alias and a short default length.
+TINY_PROFILE = 'aliases = ["tiny"]\n' + BENCH_TINY + "[sampling]\nmax_tokens = 16\n"
 
 # A second profile of the same tiny Llama under another name: a real swap on CPU.
-OTHER_PROFILE = TINY_IN_PROCESS.replace('model = "batchd/tiny-llama"',
-                                        'model = "org/other-model"')
+OTHER_PROFILE = BENCH_TINY.replace('model = "batchd/tiny-llama"',
+                                   'model = "org/other-model"')
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):

@@ -22,7 +22,7 @@ import urllib.request
 
 import pytest
 
-from conftest import (TINY_IN_PROCESS, DaemonProcess, drop, final_state, free_port, read_jsonl,
+from conftest import (BENCH_TINY, DaemonProcess, drop, final_state, free_port, read_jsonl,
                       served_spool, wait_for)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -38,7 +38,7 @@ SERVER_FLAGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager
                 "--reasoning-parser", "qwen3",
                 "--structured-outputs-config", '{"enable_in_reasoning": true}']
 # The tests' tiny profile (its [engine] table last), with the same options added.
-PROFILE = TINY_IN_PROCESS + """max_num_seqs = 256
+PROFILE = BENCH_TINY + """max_num_seqs = 256
 max_num_batched_tokens = 4096
 structured_outputs_config = { enable_in_reasoning = true }
 [chat]

@@ -11,7 +11,7 @@ import pytest
 
 from batchd.spool.outbox import read_status
 
-from conftest import TINY_PROFILE_MP, drop, final_state, read_jsonl, wait_for
+from conftest import drop, final_state, read_jsonl, wait_for
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -32,10 +32,7 @@ def make_crash_spool(spool_config, prompt):
 
 @pytest.fixture
 def crash_spool(tiny_model, spool_config):
-    config, spool = make_crash_spool(spool_config, lambda i: f"line {i}")
-    # vLLM's engine core in a process of its own: the poison test kills it
-    (config.parent / "profiles" / "tiny.toml").write_text(TINY_PROFILE_MP)
-    return config, spool
+    return make_crash_spool(spool_config, lambda i: f"line {i}")
 
 
 @pytest.fixture

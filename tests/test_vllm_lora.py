@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (BATCHD, TINY_IN_PROCESS, DaemonProcess, drop, final_state, free_port,
+from conftest import (BATCHD, BENCH_TINY, DaemonProcess, drop, final_state, free_port,
                       outputs, served_spool, wait_for)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -62,9 +62,9 @@ def lines() -> list[dict]:
 def test_lines_run_with_their_adapters_as_vllm_serves_them(tiny_model, tmp_path):
     (tmp_path / "base-config.json").write_text((tiny_model / "config.json").read_text())
     a, b = adapter(tmp_path / "ad-a", 1), adapter(tmp_path / "ad-b", 2)
-    profile = TINY_IN_PROCESS + (f'[lora]\nadapters = {{ "ad-a" = "{a}", "ad-b" = "{b}" }}\n'
+    profile = BENCH_TINY + (f'[lora]\nadapters = {{ "ad-a" = "{a}", "ad-b" = "{b}" }}\n'
                             "max_lora_rank = 8\nmax_loras = 2\n")
-    bad = TINY_IN_PROCESS.replace('model = "batchd/tiny-llama"', 'model = "org/broken"') + \
+    bad = BENCH_TINY.replace('model = "batchd/tiny-llama"', 'model = "org/broken"') + \
         f'[lora]\nadapters = {{ "ad-gone" = "{tmp_path / "missing"}" }}\n'
     # window = 1: one request in vLLM at a time, on both sides. A batch that mixes
     # adapters and the base model is vLLM's to get right, and on this noise model
