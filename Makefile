@@ -2,7 +2,8 @@
 #   make demo   virtualenv + vLLM build for this machine + SmolLM2, then a first job
 #   make test   the same set-up, then the whole test suite
 # and one for the edit-test loop, with no vLLM needed (under a minute):
-#   make check  lint (ruff) + types (mypy) + the tests marked neither vllm nor slow
+#   make check  lint (ruff) + types (mypy) + the tests marked neither vllm nor slow,
+#               in two pytest workers
 SHELL := /bin/bash
 VENV := .venv
 # The interpreter the virtualenv is made from. For the service it must be one
@@ -45,7 +46,7 @@ $(CHECK_STAMP): pyproject.toml
 check: $(CHECK_STAMP)
 	$(PY) -m ruff check batchd tests benchmarks
 	$(PY) -m mypy batchd
-	$(PY) -m pytest -q -m "not vllm and not slow" tests
+	$(PY) -m pytest -q -n 2 -m "not vllm and not slow" tests
 
 model: $(STAMP)
 	$(BATCHD) models prepare smollm2-135m --config config.toml

@@ -60,16 +60,22 @@ class NotifySocket:
         return any(key in m and (value is None or m[key] == value) for m in self.pump())
 
 
-@pytest.mark.parametrize("abstract", [False, True])
-def test_notify_protocol(spool_config, tmp_path, abstract, daemons):
+def test_notify_on_an_abstract_socket(spool_config, daemons):
+    """NOTIFY_SOCKET=@name (an abstract socket, as systemd may hand it): READY
+    when ready, STOPPING on SIGTERM."""
+    name = f"batchd-test-{os.getpid()}-{time.monotonic_ns()}"
+    listener = NotifySocket("\0" + name)
+    daemon = daemons(spool_config(), env={"NOTIFY_SOCKET": "@" + name}, fake=True)
+    wait_for(lambda: listener.has("READY", "1"), 30, what="READY=1")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0
+    assert listener.has("STOPPING", "1")
+
+
+def test_notify_protocol(spool_config, tmp_path, daemons):
     config = spool_config("[engine]\nidle_unload_seconds = 1\n")
-    if abstract:
-        name = f"batchd-test-{os.getpid()}-{time.monotonic_ns()}"
-        listener = NotifySocket("\0" + name)
-        address = "@" + name
-    else:
-        address = str(tmp_path / "notify.sock")
-        listener = NotifySocket(address)
+    address = str(tmp_path / "notify.sock")
+    listener = NotifySocket(address)
     daemon = daemons(config, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000",
                                   "BATCHD_FAKE_STEP_SECONDS": "0.05"}, fake=True)
     wait_for(lambda: listener.has("READY", "1"), 30, what="READY=1")
