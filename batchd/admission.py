@@ -3,34 +3,33 @@
 With no session, the daemon's loop asks ``first()`` for the job to start one
 with; while a session runs it asks ``admit()`` every turn for jobs to join it.
 Both draw on the same candidates: unfinished jobs in ``work/`` (resumed
-first), settled files in the inbox, and prepared jobs held here while their
-profile is not loaded (they made way, or a part of them routes elsewhere).
-``scheduler.order`` decides among them. The spool is looked at again when the
+first), settled files in the inbox and free parts of jobs in parts
+(candidates.py), and prepared jobs held here while their profile is not loaded
+(they made way, or a part of them routes elsewhere). ``scheduler.order``
+decides among them. The spool is looked at again when the
 watcher wakes the loop, when a file seen changing should have settled, and
 every ``poll_interval`` otherwise (``due``), not on every engine step.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import structlog
 
+from .candidates import Candidates
 from .config import Settings
 from .jobs import parts, publish
 from .jobs.job import Job
 from .jobs.prepare import prepare
 from .jobs.publish import Outcome
 from .jobs.session import Session
-from .layout import PART_SEP, JobState, Phase
+from .layout import JobState, Phase
 from .metrics import Metrics
 from .profiles import ProfileSet
-from .scheduler import Backlog, Waiting, order
-from .spool import inbox, media
-from .spool import parts as spool_parts
+from .scheduler import Waiting, order
+from .spool import inbox
 from .spool.parts import split_name
 from .spool.cache import ResultCache
 from .spool.daemons import Registry
@@ -38,10 +37,6 @@ from .spool.lease import Leases
 from .spool.watcher import Wakeup, Watcher
 
 log = structlog.get_logger()
-
-RENAME_GRACE_SECONDS = 0.02  # how soon a file first seen unsettled is looked at again
-DEFER_SECONDS = 2.0  # how long a cold daemon leaves a file to a warm one of the spool
-PARTS_AT_ONCE = 2  # parts of one job a daemon runs at once
 
 
 @dataclass
@@ -77,11 +72,7 @@ class Admission:
         self.profiles = profiles  # the daemon's set; reloaded() on SIGHUP
         self.results = results  # the result cache, None when off
         self.wake = wake  # the watcher's: a change in the inbox
-        self.registry = registry  # the spool's other daemons (spool/daemons.py)
-        self.settler = inbox.Settler(settings.watch.settle_seconds)
-        self.media_settled: set[str] = set()  # inbox files whose media folder has settled
-        self.backlog = Backlog(settings.layout, settings.routing.default_profile)
-        self.reported: set[str] = set()  # non-regular entries that could not be moved
+        self.candidates = Candidates(settings, leases, metrics, profiles, registry)
         self.retry_at: dict[str, float] = {}  # job or file -> when to try again after OSError
         self.retry_seconds = 10.0
         self.held: dict[str, Held] = {}  # job -> a prepared job waiting for its profile
@@ -91,7 +82,7 @@ class Admission:
 
     def reloaded(self, profiles: ProfileSet) -> None:
         self.profiles = profiles
-        self.backlog.reloaded()
+        self.candidates.reloaded(profiles)
 
     def due(self, now: float) -> bool:
         """Whether to look at the spool this turn: the watcher woke the loop, a
@@ -130,7 +121,7 @@ class Admission:
                 found.jobs.append(held)
                 found.worked = True
                 return found
-            if self._warm_elsewhere(candidate, loaded):
+            if self.candidates.warm_elsewhere(candidate, loaded):
                 continue
             if self._claim(found, candidate, reason, now):
                 return found
@@ -173,7 +164,7 @@ class Admission:
                 job = self.held.pop(candidate.name).job
                 job.log.info("job_resuming", reason=reason)
                 found.jobs.append(job)
-            elif not self._parts_enough(candidate.name, [*session.running,
+            elif not Candidates.parts_enough(candidate.name, [*session.running,
                                                          *(j.name for j in found.jobs)]):
                 self._claim(found, candidate, reason, now)
         # a prepared job joins when it routed to the loaded profile, else waits its turn
@@ -200,53 +191,14 @@ class Admission:
         self.next_look = now + self.settings.watch.poll_interval
         if self.watcher is not None:
             for name in self.watcher.take_renamed():
-                self.settler.mark_renamed(name)
+                self.candidates.settler.mark_renamed(name)
 
     def ready(self, now: float) -> list[Waiting] | None:
-        """The inbox's files ready to claim, as the scheduler sees them; None when
-        an entry that is not a regular file was put aside instead (work done)."""
-        ready: list[tuple[str, os.stat_result]] = []
-        settling = 0
-        present = inbox.scan(self.settings.inbox)
-        self.backlog.present([name for name, _ in present], now)
-        for name, st in present:
-            why = inbox.refusal(st)
-            if why:
-                if name not in self.reported:
-                    if not publish.reject_entry(self.settings, name, why):
-                        self.reported.add(name)  # not movable: reported once
-                    return None
-                continue
-            if self.settings.watch.require_ready_marker and \
-                    not inbox.has_marker(self.settings.layout, name):
-                continue
-            if self.retry_at.get(name, 0.0) > now:
-                continue
-            if not self.settler.settled(name, st, now):
-                # look again the moment it would have settled, not a poll later;
-                # one seen just now may have come by a rename whose event is a
-                # moment behind this scan: look again at once for that too
-                due = self.settler.due(name)
-                if due - now >= self.settler.settle_seconds:
-                    due = min(due, now + RENAME_GRACE_SECONDS)
-                self.next_look = min(self.next_look, due)
-                settling += 1
-                continue
-            # its media folder, dropped first, still being written (rsync, a share);
-            # walked until seen settled once, not at every look while the file waits
-            if name not in self.media_settled:
-                wall = time.time()
-                unsettled = media.pending(self.settings.layout.inbox_media(name), wall,
-                                          self.settler.settle_seconds)
-                if unsettled is not None:
-                    self.next_look = min(self.next_look, now + unsettled - wall)
-                    settling += 1
-                    continue
-                self.media_settled.add(name)
-            ready.append((name, st))
-        self.media_settled.intersection_update(name for name, _ in present)
-        self.metrics.waiting(settling + len(ready), settling=settling)
-        return [self.backlog.waiting(name, st, now, self.profiles) for name, st in ready]
+        """The inbox's files ready to claim (candidates.py); the spool is looked at
+        again the moment the first one still settling would have settled."""
+        ready = self.candidates.ready(now, self.retry_at)
+        self.next_look = min(self.next_look, self.candidates.look_at)
+        return ready
 
     def held_candidates(self, now: float) -> list[Waiting]:
         """Yielded jobs (and claimed ones whose profile was not loaded), as
@@ -254,58 +206,9 @@ class Admission:
         return [Waiting(name, now - held.since, held.job.priority, held.job.profile.name)
                 for name, held in self.held.items() if held.job.profile is not None]
 
-    def _warm_elsewhere(self, candidate: Waiting, loaded: str | None) -> bool:
-        """Whether to leave CANDIDATE to another daemon of the spool that has its
-        profile loaded and a free slot, while it has waited less than
-        DEFER_SECONDS (after that, whoever looks first takes it). Never a part:
-        the warm daemon takes only PARTS_AT_ONCE of a job; the rest are for all."""
-        if self.registry is None or candidate.profile in (loaded, None) or \
-                split_name(candidate.name) is not None or \
-                candidate.waited >= max(DEFER_SECONDS, 3 * self.settings.watch.poll_interval):
-            return False
-        return self.registry.warm_elsewhere(candidate.profile) is not None
-
     def part_candidates(self, now: float, profile: str | None = None,
                         running: Iterable[str] = ()) -> list[Waiting]:
-        """Free parts of jobs in parts (nobody runs them, or their daemon is gone)
-        whose profiles this daemon has (of PROFILE only, when given), as
-        candidates beside the inbox's files: they wait from when they were cut.
-        A daemon runs at most PARTS_AT_ONCE parts of one job (RUNNING and held
-        here): one keeps its engine full while the other's last requests finish,
-        and the other parts are left to the spool's other daemons."""
-        found = []
-        layout = self.settings.layout
-        mine: dict[str, int] = {}
-        for name in [*running, *self.held]:
-            split = split_name(name)
-            if split is not None:
-                mine[split[0]] = mine.get(split[0], 0) + 1
-        for job in spool_parts.split_jobs(layout):
-            if mine.get(job, 0) >= PARTS_AT_ONCE:
-                continue
-            plan = spool_parts.read_plan(layout, job)
-            if plan is None or (profile is not None and profile not in plan.profiles) or \
-                    parts.profiles_of(plan, self.profiles) is None or \
-                    layout.cancel(job).exists() or parts.expired(plan):
-                continue  # gone, another profile, one this daemon lacks, cancelled, expired
-            ended = {k for k, records in spool_parts.progress(layout, job).items()
-                     if any(r.get("done") for r in records)}
-            waited = max(0.0, time.time() - plan.created)  # one wait for all: part 0 first
-            for k in range(plan.parts):
-                name = spool_parts.part_name(job, k)
-                if k in ended or name in self.held or name in self.leases.held or \
-                        self.retry_at.get(name, 0.0) > now or not self.leases.free(name):
-                    continue
-                found.append(Waiting(name, waited, plan.priority, profile or plan.profile))
-        return found
-
-    def _parts_enough(self, name: str, running: Iterable[str]) -> bool:
-        """Whether NAME is a part of a job this daemon already runs PARTS_AT_ONCE of."""
-        split = split_name(name)
-        if split is None:
-            return False
-        prefix = split[0] + PART_SEP
-        return sum(other.startswith(prefix) for other in running) >= PARTS_AT_ONCE
+        return self.candidates.parts(now, self.retry_at, self.held, profile, running)
 
     def _take_part(self, found: Admitted, name: str, now: float) -> bool:
         """Take a free part's lease and open it; whether it was taken."""
@@ -334,7 +237,7 @@ class Admission:
         name = candidate.name
         if split_name(name) is not None:
             return self._take_part(found, name, now)
-        self.settler.forget(name)
+        self.candidates.settler.forget(name)
         try:
             claimed = inbox.claim(self.settings, name, self.leases)
         except OSError as exc:
@@ -401,5 +304,4 @@ class Admission:
 
     def waiting(self) -> bool:
         """Whether eligible files are still settling in the inbox."""
-        return any(inbox.is_regular(st) and name not in self.reported
-                   for name, st in inbox.scan(self.settings.inbox))
+        return self.candidates.waiting()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import stat
 import threading
-import time
 from typing import Callable
 
 import structlog
@@ -27,27 +26,22 @@ from .config import Settings
 from .engine import Engine, EnginePool
 from .engine.hosted import engine_factory, reap_engines
 from .hooks import Hooks
-from .jobs import parts, publish
 from .jobs.job import Job
 from .jobs.prepare import requested_ending
 from .jobs.publish import Outcome
 from .jobs.session import Drain, Left, Session
-from .layout import COMPLETED, JobState, Phase
-from .metrics import Metrics
-from .notify import Notifier, keep_alive_while, watchdog_interval
-from .signals import handle_signals
+from .owner import CHECK_SECONDS, Owned
 from .profiles import Profile, ProfileSet
+from .report import Report
+from .signals import handle_signals
 from .spool import inbox
 from .spool.cache import ResultCache
-from .spool.daemons import Registry
 from .spool.lease import Leases
 from .spool.watcher import Wakeup, Watcher
 
 log = structlog.get_logger()
 
 REAP_SECONDS = 60.0  # how often an idle daemon ends engines left by daemons killed since
-CHECK_SECONDS = 0.1  # how often the loop looks for cancel markers and expiries
-PARTS_SECONDS = 0.5  # how often an owner of jobs in parts reads their parts' progress
 
 
 class Daemon:
@@ -59,23 +53,21 @@ class Daemon:
         self.stop = threading.Event()
         self.reload = threading.Event()
         self.wake = Wakeup()  # the watcher's "look again", also heard inside a stream
-        self.notifier = Notifier()
-        self.beat = watchdog_interval()
-        self.pool = EnginePool(self._keepalive(factory or engine_factory(settings, self.wake)))
+        self.report = Report(settings)
+        self.pool = EnginePool(self.report.loading(factory or engine_factory(settings,
+                                                                             self.wake)))
         self.leases = Leases(settings.layout, settings.scheduling.lease_seconds)
-        self.metrics = Metrics(settings.metrics.textfile)
         cache = settings.cache
         results = ResultCache(cache.folder or settings.layout.cache, int(cache.size_limit)) \
             if cache.enabled else None
-        self.registry = Registry(settings.layout, settings.scheduling.lease_seconds)
-        self.admission = Admission(settings, self.leases, self.metrics, self.profiles,
-                                   results, self.wake, self.registry)
-        self.hooks = Hooks(settings, self.metrics.webhook)
+        self.admission = Admission(settings, self.leases, self.report.metrics, self.profiles,
+                                   results, self.wake, self.report.registry)
+        self.owned = Owned(settings, self.admission, self.leases)
+        self.hooks = Hooks(settings, self.report.metrics.webhook)
         self.watcher: Watcher | None = None
         self.unloaded: str | None = None  # the idle status after an idle unload
         self.session: Session | None = None  # the jobs running now
-        self.pinged = self.reaped = self.checked = self.checked_held = float("-inf")
-        self.looked_parts = float("-inf")
+        self.reaped = self.checked = float("-inf")
 
     def setup(self) -> None:
         os.umask(self.settings.spool.umask)
@@ -106,8 +98,8 @@ class Daemon:
             return False
         if self.reload.is_set():
             self._reload()
-        self._ping(now)
-        self._check_leases()
+        self.report.ping(now)
+        self.owned.lost(self.session)
         try:
             worked = self._admit(now)
         except OSError as exc:  # the spool itself failed (a scan, a lease): look later
@@ -120,92 +112,15 @@ class Daemon:
             except OSError as exc:  # a checkpoint failed (disk full): all wait, retried later
                 self._abandon(now, exc)
                 worked = True
-        self._end_held(now)
-        worked = self._coordinate(now) or worked
-        self._beat(now)
-        return worked
-
-    def _beat(self, now: float) -> None:
-        """This daemon's record in the spool (spool/daemons.py), looked at once a
-        second, not on every turn."""
-        if not self.registry.due(now):
-            return
+        looked = self.owned.look(now, paced=self.watcher is not None)
+        for record in looked.progress:
+            self.report.progress(record)
+        self._ended(looked.ended)
         session, engine = self.session, self.pool.engine
-        running = list(session.running) if session is not None else []
-        profile = session.profile.name if session is not None else \
-            engine.profile.name if engine is not None else None
-        self.registry.beat(now, profile, running,
-                           self.settings.scheduling.max_running_jobs - len(running))
-
-    def _check_leases(self) -> None:
-        """Jobs and parts whose lease another daemon took over (this one was
-        stopped or cut off from the spool for over lease_seconds) go, with
-        nothing more written for them. After a late heartbeat every lease is
-        checked before the turn writes anything."""
-        if self.leases.overdue():
-            for name in list(self.leases.held):
-                self.leases.check(name)
-        if not self.leases.lost:
-            return
-        for name in self.leases.take_lost():
-            session = self.session
-            if session is not None and name in session.running:
-                session.drop(name)
-                continue
-            held = self.admission.held.pop(name, None)
-            job = held.job if held is not None else self.admission.split.pop(name, None)
-            if job is not None:
-                try:
-                    job.ckpt.close()
-                except OSError:
-                    pass
-
-    def _coordinate(self, now: float) -> bool:
-        """The jobs in parts this daemon owns (jobs/parts.py): a cancel or expiry
-        ends one at once; one whose every part is done is published; the others
-        get a status line from their parts' progress every status interval."""
-        split = self.admission.split
-        if not split or self.watcher is not None and now < self.looked_parts + PARTS_SECONDS:
-            return False
-        self.looked_parts = now
-        worked = False
-        for name, job in list(split.items()):
-            try:
-                ending = requested_ending(job)
-                if ending is None:
-                    seen = parts.look(job, self.leases)
-                    if not seen.done:
-                        self._split_progress(job, seen)
-                        continue
-                    ending = COMPLETED
-                del split[name]
-                outcome = publish.end(job, ending)
-                job.ckpt.close()
-            except OSError as exc:
-                split.pop(name, None)
-                self.admission.job_stalled(name, now, exc)
-                continue
-            worked = True
-            self._ended([(name, outcome)])
-        return worked
-
-    def _split_progress(self, job: Job, seen: parts.Look) -> None:
-        assert job.plan is not None
-        if time.monotonic() - job.status.written_at < self.settings.status.interval:
-            return
-        elapsed = max(time.time() - job.plan.created, 1e-9)
-        answered = seen.counts["completed"] + seen.counts["failed"]
-        done = sum(bool(r.get("done")) for r in seen.by_part.values())
-        self._progress(job.status.write(
-            JobState.IN_PROGRESS, phase=Phase.GENERATING if seen.running else
-            Phase.WAITING_FOR_MODEL, message=f"{job.plan.parts} parts: {done} done, "
-            f"{seen.running} running", **{
-                **job.progress(), "request_counts": seen.counts, "tokens": seen.tokens,
-                "throughput": {"requests_per_s": round(answered / elapsed, 3),
-                               "output_tokens_per_s": round(
-                                   seen.tokens["completion"] / elapsed, 3)},
-                "eta_s": None, "parts": {"total": job.plan.parts, "done": done,
-                                         "running": seen.running}}))
+        self.report.alive(now, session.profile.name if session is not None else
+                          engine.profile.name if engine is not None else None,
+                          list(session.running) if session is not None else [])
+        return looked.worked or worked
 
     def _abandon(self, now: float, exc: OSError) -> None:
         """The session cannot go on (a disk full or gone read-only): what left it
@@ -218,26 +133,6 @@ class Daemon:
         for name in session.abandon():
             self.admission.job_stalled(name, now, exc)
         self._end_session()
-
-    def _end_held(self, now: float) -> None:
-        """Cancels and expiries of jobs that wait here (yielded, for their model,
-        to run alone): they end now, not when their turn comes."""
-        if self.watcher is not None and now < self.checked_held + CHECK_SECONDS:
-            return
-        self.checked_held = now
-        for name, held in list(self.admission.held.items()):
-            job = held.job
-            ending = requested_ending(job)
-            if ending is None:
-                continue
-            del self.admission.held[name]
-            try:
-                outcome = publish.end(job, ending)
-                job.ckpt.close()
-            except OSError as exc:
-                self.admission.job_stalled(name, now, exc)
-                continue
-            self._ended([(name, outcome)])
 
     def _admit(self, now: float) -> bool:
         session = self.session
@@ -296,11 +191,11 @@ class Daemon:
         turn = session.step(now)
         self._left(session.take_left(), now)
         for record in turn.progress:
-            self._progress(record)
+            self.report.progress(record, len(session.running))
         if not session.running:
             self._admit(now)  # what waits for this profile joins before the stream ends
             self._left(session.take_left(), now)  # one the cache answered whole, at once
-        self.metrics.running_jobs(len(session.running))
+        self.report.metrics.running_jobs(len(session.running))
         if not session.running and self.session is session:
             self._end_session()
         return turn.worked
@@ -321,47 +216,16 @@ class Daemon:
             self.leases.release(name)  # finished: nothing left in work/ to own
             if outcome.part:  # the job's owner publishes it, once
                 self.admission.next_look = float("-inf")  # the job's next part joins now
-                self.looked_parts = float("-inf")  # and its owner, if here, looks now
+                self.owned.look_soon()  # and its owner, if here, looks now
                 continue
-            self.notifier.status(f"finished {name}: {outcome.state.value}")
-            self.metrics.finished(outcome.bench, outcome.state.value)
+            self.report.finished(name, outcome)
             self.hooks.wake()
 
     def _end_session(self) -> None:
         if self.session is not None:
             self.session.close()
             self.session = None
-        self.metrics.running_jobs(0)
-
-    def _ping(self, now: float) -> None:
-        """The watchdog: at most every second, from the loop itself."""
-        if self.beat and now - self.pinged >= min(1.0, self.beat / 4):
-            self.notifier.send(WATCHDOG=1)
-            self.pinged = now
-
-    def _keepalive(self, factory: Callable[[Profile], Engine]) -> Callable[[Profile], Engine]:
-        """Model loading, told to systemd (notify.keep_alive_while); the metrics say
-        which model is loaded."""
-
-        def load(profile: Profile) -> Engine:
-            engine = keep_alive_while(self.notifier, self.beat,
-                                      f"loading {profile.name} ({profile.model})",
-                                      lambda: factory(profile))
-            self.metrics.model(profile.name, profile.model)
-            return engine
-
-        return load
-
-    def _progress(self, record: dict) -> None:
-        """A progress line was written: say what the loop does."""
-        self.metrics.progress(record)
-        counts = record.get("request_counts") or {}
-        rate = (record.get("throughput") or {}).get("requests_per_s") or 0
-        done = counts.get("completed", 0) + counts.get("failed", 0)
-        running = len(self.session.running) if self.session is not None else 1
-        others = f" (+{running - 1} more running)" if running > 1 else ""
-        self.notifier.status(f"{record['job']}: {done}/{counts.get('total', 0)}, "
-                             f"{rate:.1f} req/s, {record.get('profile')}{others}")
+        self.report.metrics.running_jobs(0)
 
     # -- the loop --------------------------------------------------------------
 
@@ -374,7 +238,7 @@ class Daemon:
         self.leases.start()
         self.hooks.start()
         idle = f"idle, watching {self.settings.inbox}"
-        self.notifier.send(READY=1, STATUS=idle)
+        self.report.notifier.send(READY=1, STATUS=idle)
         log.info("daemon_ready", inbox=str(self.settings.inbox), once=once)
         last_work = self.clock()
         # The handlers stay in place through the shutdown below, so a second
@@ -392,14 +256,14 @@ class Daemon:
                         break
                     now = self.clock()
                     if self.session is None:
-                        self.notifier.status(self._unload_if_idle(last_work) or idle)
+                        self.report.notifier.status(self._unload_if_idle(last_work) or idle)
                         self._reap(now)
                     self.wake.wait(self._wait(now))
             finally:
                 # Releasing the engine can take a while on a large model: ask systemd
                 # for time beyond TimeoutStopSec rather than be killed mid-shutdown.
-                self.notifier.send(STOPPING=1, STATUS="stopping",
-                                   EXTEND_TIMEOUT_USEC=60_000_000)
+                self.report.notifier.send(STOPPING=1, STATUS="stopping",
+                                          EXTEND_TIMEOUT_USEC=60_000_000)
                 log.info("daemon_stopping")
                 if self.session is not None:
                     try:
@@ -409,7 +273,7 @@ class Daemon:
                                   error=str(exc))
                     self._end_session()
                 self.admission.release_held()
-                self.registry.remove()
+                self.report.registry.remove()
                 self.watcher.stop()
                 self.leases.stop()
                 self.pool.close()
@@ -422,8 +286,7 @@ class Daemon:
         until = self.admission.next_look
         if self.session is not None:
             until = min(until, self.session.load_at)
-        if self.beat:
-            until = min(until, self.pinged + min(1.0, self.beat / 4))
+        until = min(until, self.report.next_ping())
         return min(max(until - now, 0.0), self.settings.watch.poll_interval)
 
     def _reap(self, now: float) -> None:
@@ -440,7 +303,7 @@ class Daemon:
         if engine is not None and after and self.clock() - last_work >= after:
             log.info("engine_idle_unloaded", profile=engine.profile.name, idle_s=after)
             self.pool.close()
-            self.metrics.model(None, None)
+            self.report.metrics.model(None, None)
             self.unloaded = f"idle, {engine.profile.name} unloaded after {after:g}s " \
                             f"without work, watching {self.settings.inbox}"
         if self.pool.engine is not None:

@@ -62,8 +62,8 @@ def test_a_hard_link_made_after_the_scan_is_refused_at_the_open(daemon, settings
     """The file was plain when scanned, then got a second name: the runner's
     check on the opened descriptor refuses it."""
     drop(settings.inbox, "late.jsonl", [GOOD])
-    scan = daemon.admission.settler.settled
-    daemon.admission.settler.settled = lambda name, st, now: (
+    scan = daemon.admission.candidates.settler.settled
+    daemon.admission.candidates.settler.settled = lambda name, st, now: (
         os.link(settings.inbox / name, tmp_path / "other-name")
         if not (tmp_path / "other-name").exists() else None) or scan(name, st, now) or True
     drain(daemon)

@@ -21,7 +21,8 @@ LAYERS = [
     ("jobs", ["batchd.jobs"]),
     ("api", ["batchd.api"]),
     ("daemon", ["batchd.daemon", "batchd.admission", "batchd.hooks", "batchd.scheduler",
-                "batchd.views", "batchd.metrics", "batchd.notify", "batchd.signals"]),
+                "batchd.views", "batchd.metrics", "batchd.notify", "batchd.signals",
+                "batchd.owner", "batchd.report", "batchd.candidates"]),
     ("command line", ["batchd.cli", "batchd.__main__"]),
     ("testing", ["batchd.testing"]),  # for tests only: nothing in the package imports it
 ]
