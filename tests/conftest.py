@@ -351,28 +351,12 @@ def apis():
             api.proc.wait(30)
 
 
-# -- two workers, one for the engines ------------------------------------------------
-# `make test` runs the suite in two pytest-xdist workers with `--dist loadgroup`:
-# every test that starts real vLLM or uses a built model (the model fixtures
-# build into one shared folder) is in the group "engines", which one worker runs
-# in file order, one test at a time, as before; the fake-engine tests, which
-# mostly wait on daemons' timers, share the two workers.
-
-MODEL_FIXTURES = {"tiny_model", "smollm2", "vision_model"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("vllm") or MODEL_FIXTURES & set(item.fixturenames):
-            item.add_marker(pytest.mark.xdist_group("engines"))
-
-
 # -- where the suite's time goes ---------------------------------------------------
 # `pytest --durations-file PATH` (make test passes build/test-durations.json) writes
 # every test's seconds and the vLLM engines it started, summed per file: the list
 # of what to make faster, kept from every run instead of scrolled away. Engines
-# are counted where the test runs (a worker, or this process without xdist) and
-# travel in the teardown report's user_properties.
+# are counted where the test runs (this process, or an xdist worker: `make
+# check`) and travel in the teardown report's user_properties.
 
 def pytest_addoption(parser):
     parser.addoption("--durations-file", default=None,

@@ -169,8 +169,10 @@ def test_hooks_run_once_and_webhooks_arrive_signed_across_a_restart(spool):
         spool.release.write_text("")  # the old daemon's hook of held ends now
         released = True
         ended = ["first", "second", "third", "fourth", "long", "long-retry", "held", "after"]
+        # the first jobs' deliveries back off (0.5 s, doubling) for as long as the
+        # receiver was down: this module's whole run
         wait_for(lambda: {json.loads(b)["data"]["id"] for _, b in receiver.got} >= set(ended),
-                 120, what="every job's webhook")
+                 300, what="every job's webhook")
         wait_for(lambda: not list((spool.base / "spool" / "events").glob("*.json")), 60,
                  what="every event record done")
         runs = [r["BATCHD_JOB"] for r in spool.hooks_run()]
