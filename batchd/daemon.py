@@ -113,13 +113,15 @@ class Daemon:
                 self._abandon(now, exc)
                 worked = True
         looked = self.owned.look(now, paced=self.watcher is not None)
-        for record in looked.progress:
-            self.report.progress(record)
-        self._ended(looked.ended)
         session, engine = self.session, self.pool.engine
-        self.report.alive(now, session.profile.name if session is not None else
-                          engine.profile.name if engine is not None else None,
-                          list(session.running) if session is not None else [])
+        for record in looked.progress:
+            self.report.progress(record, len(session.running) if session is not None else 1)
+        self._ended(looked.ended)
+        if self.report.registry.due(now):  # once a second, not built every turn
+            session = self.session
+            self.report.alive(now, session.profile.name if session is not None else
+                              engine.profile.name if engine is not None else None,
+                              list(session.running) if session is not None else [])
         return looked.worked or worked
 
     def _abandon(self, now: float, exc: OSError) -> None:

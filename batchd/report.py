@@ -63,7 +63,7 @@ class Report:
         self.metrics.finished(outcome.bench, outcome.state.value)
 
     def alive(self, now: float, profile: str | None, running: list[str]) -> None:
-        """This daemon's record in the spool, written once a second, not every turn."""
-        if self.registry.due(now):
-            self.registry.beat(now, profile, running,
-                               self.settings.scheduling.max_running_jobs - len(running))
+        """This daemon's record in the spool (the loop calls it when the registry
+        is due: once a second)."""
+        self.registry.beat(now, profile, running,
+                           self.settings.scheduling.max_running_jobs - len(running))
