@@ -104,17 +104,27 @@ demo: model
 
 # Two pytest runs at once: the real-vLLM tests one at a time (each engine wants
 # a core), and beside them the fake-engine tests, which mostly wait on daemons'
-# timers (their output follows when both are done). Every run keeps its
-# timings: build/test-durations.json (vLLM) and build/test-durations-fake.json
-# have each test's and each file's seconds and vLLM engine starts
-# (docs/TESTING.md).
+# timers. Both runs' whole output stays under build/ (test-vllm.log, the
+# real-vLLM run, also shown as it goes; test-fake.log, printed when both are
+# done), and the end repeats every failure's traceback, with the logs of the
+# daemons it ran, from both. Every run keeps its timings:
+# build/test-durations.json (vLLM) and build/test-durations-fake.json have each
+# test's and each file's seconds and vLLM engine starts (docs/TESTING.md).
 test: $(STAMP) system-deps
 	@mkdir -p build
 	@$(PY) -m pytest -m "not vllm" tests --durations-file build/test-durations-fake.json \
 	  > build/test-fake.log 2>&1 & fake=$$!; \
-	$(PY) -m pytest -m vllm tests --durations-file build/test-durations.json; vllm=$$?; \
+	$(PY) -m pytest -m vllm tests --durations-file build/test-durations.json 2>&1 \
+	  | tee build/test-vllm.log; vllm=$${PIPESTATUS[0]}; \
 	wait $$fake; fakes=$$?; echo "== the tests not marked vllm (build/test-fake.log) =="; \
-	cat build/test-fake.log; echo "vllm tests: exit $$vllm; the others: exit $$fakes"; \
+	cat build/test-fake.log; \
+	for run in vllm fake; do \
+	  if grep -q '^=* FAILURES =*$$\|^=* ERRORS =*$$' build/test-$$run.log; then \
+	    echo "== failures of the $$run run again (build/test-$$run.log) =="; \
+	    sed -n '/^=* \(FAILURES\|ERRORS\) =*$$/,/^=* short test summary/p' build/test-$$run.log; \
+	  fi; \
+	done; \
+	echo "vllm tests: exit $$vllm; the others: exit $$fakes"; \
 	test $$vllm = 0 && test $$fakes = 0
 
 # The oldest vLLM release CI tests (pyproject's range starts at 0.26 for the

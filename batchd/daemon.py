@@ -55,7 +55,8 @@ class Daemon:
         self.wake = Wakeup()  # the watcher's "look again", also heard inside a stream
         self.report = Report(settings)
         self.pool = EnginePool(self.report.loading(factory or engine_factory(settings,
-                                                                             self.wake)))
+                                                                             self.wake)),
+                               clock)
         self.leases = Leases(settings.layout, settings.scheduling.lease_seconds)
         cache = settings.cache
         results = ResultCache(cache.folder or settings.layout.cache, int(cache.size_limit)) \

@@ -8,7 +8,13 @@ benchmarks do; ``tests/test_layering.py`` checks this). Tests run it in process
     python -m batchd.testing run --config X [--once]
 
 which is the ``batchd`` command line with every model loaded as a
-``FakeEngine``; ``BATCHD_FAKE_STEP_SECONDS`` makes each of its steps take time.
+``FakeEngine``; ``BATCHD_FAKE_STEP_SECONDS`` makes each of its steps take time,
+and while the file ``BATCHD_FAKE_HOLD`` names exists it answers nothing.
+
+Tests whose assertions are about order or overlap drive time themselves, so
+they hold at any speed of the machine: a ``FakeClock`` is the daemon's clock
+and the fake engine's sleep (in process), and a hold keeps jobs running until
+the test has seen what it looks for (in process or as a daemon process).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Generator, Iterable
 
 from .engine import Answer, Engine, fail, sampling_of, take
@@ -24,18 +31,38 @@ from .lines import CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, Request
 from .profiles import Profile
 
 
+class FakeClock:
+    """Time that moves only when told: the daemon's clock (``Daemon(clock=...)``)
+    and the fake engine's ``sleep``, so a step of 10 ms is 10 ms of this clock
+    however long the machine took for it."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class FakeEngine:
     """A deterministic engine for plumbing tests: answers echo the request.
 
     Its completions are a hash of the prompt, with token counts from word
-    counts; ``step_seconds`` makes each step take time, to test progress,
-    cancel and stop without a model.
+    counts; ``step_seconds`` makes each step take time (on ``sleep``: a
+    ``FakeClock``'s to take none), to test progress, cancel and stop without a
+    model. While ``held()`` is true it takes requests but answers none.
     """
 
-    def __init__(self, profile: Profile, step_seconds: float = 0.0, per_step: int = 8):
+    def __init__(self, profile: Profile, step_seconds: float = 0.0, per_step: int = 8,
+                 sleep: Callable[[float], None] = time.sleep,
+                 held: Callable[[], bool] = lambda: False):
         self.profile = profile
         self.step_seconds = step_seconds
         self.per_step = per_step
+        self.sleep = sleep
+        self.held = held
         self.closed = False
         self.answered = 0  # requests it answered: what reached the engine
 
@@ -54,11 +81,15 @@ class FakeEngine:
             if not pending:
                 if exhausted:
                     return
-                time.sleep(self.step_seconds or 0.01)  # the source holds
+                self.sleep(self.step_seconds or 0.01)  # the source holds
+                yield []
+                continue
+            if self.held():
+                self.sleep(self.step_seconds or 0.01)
                 yield []
                 continue
             if self.step_seconds:
-                time.sleep(self.step_seconds)
+                self.sleep(self.step_seconds)
             done, pending = pending[: self.per_step], pending[self.per_step:]
             yield [self._answer(r, sampling_of(r, sampling)) for r in done]
 
@@ -104,12 +135,16 @@ class FakeEngine:
 
 def fake_factory() -> Callable[[Profile], Engine]:
     """Every profile loaded as a FakeEngine, its step time from
-    ``BATCHD_FAKE_STEP_SECONDS`` (default 0). Without a step time it answers
-    64 a step, as a real engine process hands answers over in bunches (8 a
-    step made a million-line file a million-line loop of tiny turns)."""
+    ``BATCHD_FAKE_STEP_SECONDS`` (default 0), held while the file
+    ``BATCHD_FAKE_HOLD`` names exists. Without a step time it answers 64 a
+    step, as a real engine process hands answers over in bunches (8 a step
+    made a million-line file a million-line loop of tiny turns)."""
     step = float(os.environ.get("BATCHD_FAKE_STEP_SECONDS", "0"))
     per_step = 8 if step else 64
-    return lambda profile: FakeEngine(profile, step_seconds=step, per_step=per_step)
+    hold = os.environ.get("BATCHD_FAKE_HOLD")
+    held = (lambda: Path(hold).exists()) if hold else (lambda: False)
+    return lambda profile: FakeEngine(profile, step_seconds=step, per_step=per_step,
+                                      held=held)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,6 +142,19 @@ def one_pass(d, now=None):
     raise AssertionError("the session never ended")
 
 
+def turns(d, clock, until, idle: float = 0.01, limit: int = 200_000) -> None:
+    """Turns of D's loop on CLOCK (a batchd.testing.FakeClock, D's clock) until
+    UNTIL() holds; a turn that did no work moves the clock IDLE seconds, as
+    the loop's wait would. Counted in turns, not seconds: the machine's speed
+    changes nothing."""
+    for _ in range(limit):
+        if until():
+            return
+        if not d.run_once():
+            clock.sleep(idle)
+    raise AssertionError(f"not done after {limit} turns")
+
+
 def drain(d):
     """Run passes on an advancing clock until nothing is left to claim."""
     done = 0
@@ -194,6 +207,38 @@ def daemons():
             daemon.kill_tree()
 
 
+# Every daemon and API process the tests start: a failed test's report ends
+# with the last lines of the logs of those that ran during it (build/test-*.log
+# keeps them), so a failure on CI can be read afterwards.
+_PROCESSES: list = []
+LOG_TAIL_LINES = 60
+
+
+def pytest_runtest_setup(item):
+    item.stash[_RAN_BEFORE] = [p for p in _PROCESSES if p.proc.poll() is None]
+    item.stash[_STARTED_FROM] = len(_PROCESSES)
+    if _TIMING:  # runs where the test runs
+        if "cores" not in _TIMING:
+            _TIMING["cores"] = _EngineCores()
+        _TIMING["cores"].current = item.nodeid
+
+
+_RAN_BEFORE = pytest.StashKey[list]()
+_STARTED_FROM = pytest.StashKey[int]()
+
+
+def _log_sections(item) -> list[tuple[str, str]]:
+    ran = item.stash.get(_RAN_BEFORE, []) + _PROCESSES[item.stash.get(_STARTED_FROM, 0):]
+    sections = []
+    for process in dict.fromkeys(ran):
+        try:
+            lines = process.log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        except OSError:
+            continue
+        sections.append((f"last {len(lines)} lines of {process.log}", "\n".join(lines)))
+    return sections
+
+
 class DaemonProcess:
     """A real `batchd run` subprocess on a temp spool; FAKE: on the fake engine
     (`python -m batchd.testing run`), its step time BATCHD_FAKE_STEP_SECONDS."""
@@ -207,6 +252,7 @@ class DaemonProcess:
         self.proc = subprocess.Popen([*command, "run", "--config", str(config), *args],
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"),
                                      env=full_env)
+        _PROCESSES.append(self)
 
     def logs(self) -> list[dict]:
         out = []
@@ -308,6 +354,7 @@ class ApiProcess:
         self.proc = subprocess.Popen(
             [BATCHD, "api", "--config", str(config), "--listen", f"127.0.0.1:{self.port}",
              *args], stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+        _PROCESSES.append(self)
 
     def wait_ready(self, timeout: float = 30) -> None:
         import urllib.request
@@ -424,16 +471,12 @@ def pytest_configure(config):
         _TIMING.update(tests={}, start=time.time(), worker=_worker(config))
 
 
-def pytest_runtest_setup(item):
-    if _TIMING:  # runs where the test runs
-        if "cores" not in _TIMING:
-            _TIMING["cores"] = _EngineCores()
-        _TIMING["cores"].current = item.nodeid
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.extend(_log_sections(item))
     if _TIMING and call.when == "teardown" and "cores" in _TIMING:
         started = _TIMING["cores"].counts.get(item.nodeid, 0)
         outcome.get_result().user_properties.append(("engine_cores", started))

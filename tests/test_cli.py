@@ -137,25 +137,39 @@ def test_profiles_check_fit_table():
 
 
 def test_status_follow_until_the_job_ends(spool_config, tmp_path, daemons):
+    """Two jobs held running by the fake engine until the spool's follower has
+    shown both at once; then it follows them until none is left, and the job's
+    follower ends with its final line. At any speed of the machine."""
     import os
     from conftest import drop, wait_for
+    from batchd.spool.outbox import read_status
     config = spool_config()
-    daemon = daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.05"}, fake=True)
+    hold = tmp_path / "hold"
+    hold.touch()
+    daemon = daemons(config, env={"BATCHD_FAKE_HOLD": str(hold)}, fake=True)
     daemon.wait_ready()
+    outbox = tmp_path / "spool" / "outbox"
     drop(tmp_path / "spool" / "inbox", "watched.jsonl", [{"prompt": "x"}] * 200)
     drop(tmp_path / "spool" / "inbox", "beside.jsonl", [{"prompt": "y"}] * 100)
-    wait_for(lambda: (tmp_path / "spool" / "outbox" / "watched.status.jsonl").exists(), 30)
+
+    def running(job):
+        return any(r.get("phase") == "generating" for r in read_status(
+            outbox / f"{job}.status.jsonl"))
+
+    wait_for(lambda: running("watched") and running("beside"), 30, what="both jobs running")
     spool = subprocess.Popen([BATCHD, "status", "--follow", "--json", "--config", str(config)],
                              stdout=subprocess.PIPE, text=True)
-    follow = subprocess.run([BATCHD, "status", "watched", "--follow", "--json", "--config",
-                             str(config)], capture_output=True, text=True, timeout=120)
-    # the whole spool, followed: both jobs running at once, until none is left
-    frames = [json.loads(l) for l in spool.communicate(timeout=60)[0].splitlines()]
+    follow = subprocess.Popen([BATCHD, "status", "watched", "--follow", "--json", "--config",
+                               str(config)], stdout=subprocess.PIPE, text=True)
+    first = json.loads(spool.stdout.readline())  # the spool as it is: both held running
+    assert {j["job"] for j in first["jobs"] if j["state"] == "in_progress"} == \
+        {"watched", "beside"}
+    hold.unlink()
+    # the whole spool, followed until no job is left
+    frames = [first] + [json.loads(l) for l in spool.communicate(timeout=60)[0].splitlines()]
     assert spool.returncode == 0 and frames[-1]["jobs"] == []
-    running = [{j["job"] for j in f["jobs"] if j["state"] == "in_progress"} for f in frames]
-    assert {"watched", "beside"} in running
+    records = [json.loads(l) for l in follow.communicate(timeout=60)[0].splitlines()]
     assert follow.returncode == 0
-    records = [json.loads(l) for l in follow.stdout.splitlines()]
     assert records[-1]["state"] == "completed"
     assert any(r["state"] == "in_progress" for r in records)
     live = subprocess.run([BATCHD, "status", "watched", "--follow", "--config", str(config)],

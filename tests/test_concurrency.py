@@ -9,9 +9,9 @@ import time
 from collections import Counter
 
 from batchd.daemon import Daemon
-from batchd.testing import FakeEngine
+from batchd.testing import FakeClock, FakeEngine
 from batchd.jobs.share import weight
-from conftest import one_pass, drop, final_state, outputs, read_jsonl, wait_for
+from conftest import one_pass, turns, drop, final_state, outputs, read_jsonl, wait_for
 
 
 class Recording(FakeEngine):
@@ -260,30 +260,27 @@ def test_turns_make_progress_when_loads_outlast_max_wait(settings):
     """Loads of 0.3 s, max_wait 0.2 s: the jobs made to wait are overdue before
     the next engine is even loaded. Each session still runs max_wait before it
     makes way, so both profiles' files finish; without that floor each turn ran
-    one engine step (2 lines) and the swapping went on for minutes."""
+    one engine step (2 lines) and the swapping went on for minutes. The loads
+    and steps take their time on a FakeClock, so this holds at any speed."""
     settings.watch.settle_seconds = 0
     settings.engine.window = 4
     settings.scheduling.max_wait_seconds = 0.2
     Recording.fed = []
-
+    clock = FakeClock()
     loads = []
 
     def slow_load(profile):
         loads.append(profile.name)
-        time.sleep(0.3)
-        return Recording(profile, step_seconds=0.01, per_step=2)
+        clock.sleep(0.3)
+        return Recording(profile, step_seconds=0.01, per_step=2, sleep=clock.sleep)
 
-    d = Daemon(settings, factory=slow_load, clock=time.monotonic)
+    d = Daemon(settings, factory=slow_load, clock=clock)
     d.setup()
     outbox = settings.outbox
     drop(settings.inbox, "bulk.jsonl", lines("bulk", 400))
-
-    def later():
-        wait_for(lambda: Recording.fed.count("bulk") > 10, 30, what="bulk running")
-        drop(settings.inbox, "other__x.jsonl", lines("x", 30))
-
-    run_with(d, later, lambda: final_state(outbox, "bulk") and final_state(outbox, "other__x"),
-             timeout=30)
+    turns(d, clock, lambda: Recording.fed.count("bulk") > 10)
+    drop(settings.inbox, "other__x.jsonl", lines("x", 30))
+    turns(d, clock, lambda: final_state(outbox, "bulk") and final_state(outbox, "other__x"))
     assert final_state(outbox, "bulk") == final_state(outbox, "other__x") == "completed"
     assert len(outputs(outbox, "bulk")[0]) == 400 and len(outputs(outbox, "other__x")[0]) == 30
     assert loads == ["tiny", "other", "tiny"]  # one turn each way, not a swap per step

@@ -97,10 +97,13 @@ def fail(request: Request, code: str, message: str, status: int = 400,
 
 
 class EnginePool:
-    """Keeps one engine warm; a different profile replaces it."""
+    """Keeps one engine warm; a different profile replaces it. A load is timed
+    on CLOCK, the loop's own (a session's turn begins when its load ends)."""
 
-    def __init__(self, factory: Callable[[Profile], Engine]):
+    def __init__(self, factory: Callable[[Profile], Engine],
+                 clock: Callable[[], float] = time.monotonic):
         self.factory = factory
+        self.clock = clock
         self.engine: Engine | None = None
 
     def get(self, profile: Profile) -> tuple[Engine, float]:
@@ -109,9 +112,9 @@ class EnginePool:
             return self.engine, 0.0
         self.close()
         log.info("engine_loading", profile=profile.name, model=profile.model)
-        started = time.monotonic()
+        started = self.clock()
         self.engine = self.factory(profile)
-        seconds = time.monotonic() - started
+        seconds = self.clock() - started
         log.info("engine_loaded", profile=profile.name, seconds=round(seconds, 2))
         return self.engine, seconds
 
