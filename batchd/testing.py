@@ -9,7 +9,9 @@ benchmarks do; ``tests/test_layering.py`` checks this). Tests run it in process
 
 which is the ``batchd`` command line with every model loaded as a
 ``FakeEngine``; ``BATCHD_FAKE_STEP_SECONDS`` makes each of its steps take time,
-and while the file ``BATCHD_FAKE_HOLD`` names exists it answers nothing.
+while the file ``BATCHD_FAKE_HOLD`` names exists it answers nothing, and
+``BATCHD_FAKE_STOP_AT=PHASE[:N]`` stops the process where it writes the Nth
+status line of PHASE (for a kill -9 there).
 
 Tests whose assertions are about order or overlap drive time themselves, so
 they hold at any speed of the machine: a ``FakeClock`` is the daemon's clock
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -147,10 +150,33 @@ def fake_factory() -> Callable[[Profile], Engine]:
                                       held=held)
 
 
+def stop_at(where: str) -> None:
+    """The process stops itself (SIGSTOP) right after it writes the Nth status
+    line of PHASE (``BATCHD_FAKE_STOP_AT=PHASE[:N]``, N=1 by default): a
+    test's kill -9 then lands in that phase however fast or slow the machine."""
+    from .spool.outbox import StatusFile
+
+    phase, _, nth = where.partition(":")
+    left = [int(nth or 1)]
+    write = StatusFile.write
+
+    def stopping(self: StatusFile, *args: Any, **fields: Any) -> dict[str, Any]:
+        record = write(self, *args, **fields)
+        if record.get("phase") == phase:
+            left[0] -= 1
+            if left[0] == 0:
+                os.kill(os.getpid(), signal.SIGSTOP)
+        return record
+
+    StatusFile.write = stopping  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``batchd`` command line, its daemon on the fake engine."""
     from .cli import main as batchd_main
 
+    if os.environ.get("BATCHD_FAKE_STOP_AT"):
+        stop_at(os.environ["BATCHD_FAKE_STOP_AT"])
     return batchd_main(argv, factory=fake_factory())
 
 

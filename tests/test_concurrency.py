@@ -4,14 +4,12 @@ session, a yield to another profile, cancel of one of several. The same events
 on real vLLM are in test_vllm_concurrency.py."""
 
 import json
-import threading
-import time
 from collections import Counter
 
 from batchd.daemon import Daemon
 from batchd.testing import FakeClock, FakeEngine
 from batchd.jobs.share import weight
-from conftest import one_pass, turns, drop, final_state, outputs, read_jsonl, wait_for
+from conftest import one_pass, turns, drop, final_state, outputs, read_jsonl
 
 
 class Recording(FakeEngine):
@@ -92,29 +90,18 @@ def test_running_jobs_are_capped(settings):
     assert all(final_state(settings.outbox, j) == "completed" for j in "abc")
 
 
-def run_with(d, action, until, timeout=60):
-    """Run the daemon's passes on the real clock while ACTION runs in a thread,
-    until UNTIL() holds."""
-    thread = threading.Thread(target=action, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not until():
-        assert time.monotonic() < deadline, "timed out"
-        if not d.run_once():
-            time.sleep(0.02)
-    thread.join(timeout)
-
-
 def slow_daemon(settings, max_wait=600.0):
-    """An in-process daemon on the real clock, its fake engine 10 ms a step."""
+    """An in-process daemon whose fake engine takes 10 ms a step, on a
+    FakeClock (its own clock): drive it with conftest.turns."""
     settings.watch.settle_seconds = 0
     settings.engine.window = 4
     settings.scheduling.max_wait_seconds = max_wait
     Recording.fed = []
-    d = Daemon(settings, factory=lambda p: Recording(p, step_seconds=0.01, per_step=2),
-               clock=time.monotonic)
+    clock = FakeClock()
+    d = Daemon(settings, factory=lambda p: Recording(p, step_seconds=0.01, per_step=2,
+                                                     sleep=clock.sleep), clock=clock)
     d.setup()
-    return d
+    return d, clock
 
 
 def phases(outbox, job):
@@ -122,16 +109,13 @@ def phases(outbox, job):
 
 
 def test_cancel_one_of_several(settings):
-    d = slow_daemon(settings)
+    d, clock = slow_daemon(settings)
     outbox = settings.outbox
     drop(settings.inbox, "keep.jsonl", lines("keep", 200))
     drop(settings.inbox, "doomed.jsonl", lines("doomed", 200))
-
-    def cancel():
-        wait_for(lambda: Recording.fed.count("doomed") > 10, 30, what="doomed running")
-        (settings.inbox / "doomed.cancel").touch()
-
-    run_with(d, cancel, lambda: final_state(outbox, "keep"))
+    turns(d, clock, lambda: Recording.fed.count("doomed") > 10)
+    (settings.inbox / "doomed.cancel").touch()
+    turns(d, clock, lambda: final_state(outbox, "keep"))
     assert final_state(outbox, "doomed") == "cancelled"
     assert final_state(outbox, "keep") == "completed"
     results, errors = outputs(outbox, "keep")
@@ -147,15 +131,12 @@ def test_cancel_one_of_several(settings):
 def test_an_overdue_file_of_another_profile_makes_the_running_jobs_yield(settings):
     """A file for 'other' waits 0.3 s (max_wait_seconds) during a long tiny job:
     the job yields, 'other' runs, then the job resumes from its checkpoint."""
-    d = slow_daemon(settings, max_wait=0.3)
+    d, clock = slow_daemon(settings, max_wait=0.3)
     outbox = settings.outbox
     drop(settings.inbox, "bulk.jsonl", lines("bulk", 300))
-
-    def later():
-        wait_for(lambda: Recording.fed.count("bulk") > 10, 30, what="bulk running")
-        drop(settings.inbox, "other__x.jsonl", lines("x", 3))
-
-    run_with(d, later, lambda: final_state(outbox, "bulk"))
+    turns(d, clock, lambda: Recording.fed.count("bulk") > 10)
+    drop(settings.inbox, "other__x.jsonl", lines("x", 3))
+    turns(d, clock, lambda: final_state(outbox, "bulk"))
     assert final_state(outbox, "other__x") == "completed"
     assert "yielded" in phases(outbox, "bulk")
     x_done = read_jsonl(outbox / "other__x.status.jsonl")[-1]["ts"]

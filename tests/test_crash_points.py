@@ -39,12 +39,18 @@ def exactly_once(spool):
     assert [e["line"] for e in errors] == [6]
 
 
-@pytest.mark.parametrize("phase", ["validating", "publishing"])
-def test_kill9_at_phase_then_resume(big_job, daemons, phase):
+@pytest.mark.parametrize("phase,where", [("validating", "validating:2"),  # mid-way
+                                         ("publishing", "publishing")])  # one line
+def test_kill9_at_phase_then_resume(big_job, daemons, phase, where):
     config, spool = big_job
-    daemon = daemons(config, env={"BATCHD_STATUS__INTERVAL": "0.05"}, fake=True)
-    wait_for(lambda: last_state(spool).get("phase") == phase, 120, interval=0.005,
-             what=f"phase {phase}")
+    import psutil
+    # the daemon stops itself where it writes the phase's status line: the kill
+    # lands in that phase, not after it, however slow the machine
+    daemon = daemons(config, env={"BATCHD_FAKE_STOP_AT": where,
+                                  "BATCHD_STATUS__INTERVAL": "0.05"}, fake=True)
+    wait_for(lambda: psutil.Process(daemon.proc.pid).status() == psutil.STATUS_STOPPED,
+             120, what=f"the daemon stopped at phase {phase}")
+    assert last_state(spool).get("phase") == phase
     daemon.kill()
     assert final_state(spool / "outbox", "big") is None
     again = daemons(config, args=("--once",), fake=True)

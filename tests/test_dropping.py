@@ -14,7 +14,7 @@ import pytest
 from conftest import drop, final_state, read_jsonl, wait_for
 
 SETTLE = 1.5
-POLL = 0.2
+POLL = 0.2  # a writer stalls SETTLE / 3: over a poll, a second short of the settle time
 
 
 @pytest.fixture(params=["inotify", "poll"])
@@ -68,7 +68,7 @@ def test_slow_in_place_writer(running, tmp_path):
         for i in range(0, len(data), len(data) // 4 + 1):
             out.write(data[i:i + len(data) // 4 + 1])
             out.flush()
-            time.sleep(SETTLE / 2)  # a writer that stalls, as SMB copies do
+            time.sleep(SETTLE / 3)  # a writer that stalls, as SMB copies do
     claimed_once_complete(running.spool, "slow", digest, 3000)
 
 
@@ -76,7 +76,7 @@ def test_slow_in_place_writer(running, tmp_path):
 def test_zero_byte_file_that_grows(running, tmp_path):
     target = running.spool / "inbox" / "grows.jsonl"
     target.touch()
-    time.sleep(SETTLE / 2)
+    time.sleep(SETTLE / 3)
     src = tmp_path / "grows.jsonl"
     digest = make_source(src, 500)
     target.write_bytes(src.read_bytes())
@@ -95,7 +95,7 @@ def test_preallocated_file_written_in_place(running, tmp_path):
         out.flush()
         step = len(data) // 3 + 1
         for i in range(0, len(data), step):
-            time.sleep(SETTLE / 2)
+            time.sleep(SETTLE / 3)
             out.seek(i)
             out.write(data[i:i + step])
             out.flush()

@@ -116,15 +116,27 @@ VOLATILE = {"id", "created", "created_at", "system_fingerprint", "call_id", "cac
             "signature"}
 
 
+class Near(float):
+    """A float equal to any within 1e-3 (batch order may move the last bits of a
+    logprob; rounding both sides would still split two values at a boundary)."""
+
+    def __eq__(self, other):
+        return isinstance(other, (int, float)) and abs(self - other) <= 1e-3
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = float.__hash__
+
+
 def comparable(value):
-    """A body without ids and timestamps, floats rounded (batch order may move
-    the last bits of a logprob)."""
+    """A body without ids and timestamps, floats compared within 1e-3."""
     if isinstance(value, dict):
         return {k: comparable(v) for k, v in value.items() if k not in VOLATILE}
     if isinstance(value, list):
         return [comparable(v) for v in value]
     if isinstance(value, float):
-        return round(value, 3)
+        return Near(value)
     if isinstance(value, str) and value.startswith(("chatcmpl-tool-", "call_", "msg_", "rs_")):
         return "<id>"
     return value

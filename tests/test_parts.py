@@ -128,11 +128,16 @@ def test_two_daemons_share_a_job_and_a_late_one_joins(spool_config, tmp_path, da
     config, hook = hook_config(spool_config, tmp_path)
     spool = tmp_path / "spool"
     sent = lines("r", 3000, max_tokens=8)
-    first = daemons(config, env=FAKE_SLOW, fake=True)
+    # the engines answer nothing until the late daemon has a part, however slow
+    # its start: then the job is shared at any speed of the machine
+    hold = tmp_path / "hold"
+    hold.touch()
+    env = {**FAKE_SLOW, "BATCHD_FAKE_HOLD": str(hold)}
+    first = daemons(config, env=env, fake=True)
     first.wait_ready()
     drop(spool / "inbox", "big.jsonl", sent)
     wait_for(lambda: part_events(first, "part_taken"), 30, what="the first part")
-    second = daemons(config, env=FAKE_SLOW, fake=True)  # started after the job began
+    second = daemons(config, env=env, fake=True)  # started after the job began
     wait_for(lambda: part_events(second, "part_taken"), 30, what="the second's first part")
     table = subprocess.run([BATCHD, "status", "--config", str(config)], capture_output=True,
                            text=True, check=True).stdout
@@ -141,6 +146,7 @@ def test_two_daemons_share_a_job_and_a_late_one_joins(spool_config, tmp_path, da
                                        str(config)], capture_output=True, text=True,
                                       check=True).stdout)
     assert len(shown["parts"]) == 10 and shown["state"] == "in_progress"
+    hold.unlink()
     assert wait_for(lambda: final_state(spool / "outbox", "big"), 120, what="big") == "completed"
     check_once_in_order(spool / "outbox", "big", sent)
     bench = json.loads((spool / "outbox" / "big.bench.json").read_text())
@@ -164,13 +170,17 @@ def test_kill9_of_a_daemon_mid_job_and_a_cancel(spool_config, tmp_path, daemons)
     config, hook = hook_config(spool_config, tmp_path)
     spool = tmp_path / "spool"
     sent = lines("r", 3000, max_tokens=8)
-    owner = daemons(config, env=FAKE_SLOW, fake=True)
+    hold = tmp_path / "hold"  # nothing answered until the kill: the owner dies mid-job
+    hold.touch()
+    env = {**FAKE_SLOW, "BATCHD_FAKE_HOLD": str(hold)}
+    owner = daemons(config, env=env, fake=True)
     owner.wait_ready()
     drop(spool / "inbox", "big.jsonl", sent)
     wait_for(lambda: part_events(owner, "part_taken"), 30, what="the owner's first part")
-    other = daemons(config, env=FAKE_SLOW, fake=True)
+    other = daemons(config, env=env, fake=True)
     wait_for(lambda: part_events(other, "part_taken"), 30, what="the other's first part")
     owner.kill()
+    hold.unlink()
     assert wait_for(lambda: final_state(spool / "outbox", "big"), 120, what="big") == "completed"
     check_once_in_order(spool / "outbox", "big", sent)
     assert any(e.get("job") == "big" for e in part_events(other, "job_taken_over"))
@@ -178,6 +188,7 @@ def test_kill9_of_a_daemon_mid_job_and_a_cancel(spool_config, tmp_path, daemons)
     assert len({s["daemon"] for s in status}) == 2  # the owner's lines, then its successor's
 
     more = lines("c", 3000, max_tokens=8)
+    hold.touch()  # held running until cancelled
     drop(spool / "inbox", "tocancel.jsonl", more)
     wait_for(lambda: (spool / "work" / "tocancel.parts" / "plan.json").exists()
              and part_events(other, "part_taken")[-1].get("job", "").startswith("tocancel"),

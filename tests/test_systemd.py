@@ -113,16 +113,20 @@ def test_hung_loop_stops_watchdog_pings(spool_config, tmp_path, daemons):
     drop(tmp_path / "spool" / "inbox", "stuck.jsonl", [{"prompt": "x"}])
     wait_for(lambda: (tmp_path / "spool" / "work" / "stuck.ckpt.jsonl").exists(), 30,
              what="the job to start")
-    listener.pump()
-    stuck_since = time.monotonic()
-    wait_for(lambda: time.monotonic() - stuck_since > 2.0, 5, what="two seconds")
-    listener.pump()
+
+    def pings():
+        listener.pump()  # every message stamped as it is read, a pump every 50 ms
+        return [t for t, m in listener.messages if m.get("WATCHDOG") == "1"]
+
+    # once the loop is in the step (a turn or two after the job starts, however
+    # slow the machine), the pings stop: 2 s of silence against a 0.4 s
+    # watchdog, and systemd would restart it. A loop that pinged from anywhere
+    # but its own turn would never fall silent.
+    wait_for(lambda: pings() and time.monotonic() - pings()[-1] > 2.0, 30,
+             what="two seconds without a watchdog ping")
     # Silence only counts from a daemon that is alive and had been pinging.
     assert daemon.proc.poll() is None, daemon.log.read_text()[-3000:]
-    pings = [t for t, m in listener.messages if m.get("WATCHDOG") == "1"]
-    assert any(t <= stuck_since for t in pings)
-    late = [t for t in pings if t > stuck_since + 0.3]
-    assert late == []  # 2 s of silence against a 0.4 s watchdog: systemd would restart it
+    assert len(pings()) >= 2
     daemon.kill_tree()
 
 
