@@ -110,18 +110,20 @@ demo: model
 # daemons it ran, from both. Every run keeps its timings:
 # build/test-durations.json (vLLM) and build/test-durations-fake.json have each
 # test's and each file's seconds and vLLM engine starts (docs/TESTING.md).
+# TESTS narrows both runs (e.g. make test TESTS=tests/test_cli.py).
+TESTS ?= tests
 test: $(STAMP) system-deps
 	@mkdir -p build
-	@$(PY) -m pytest -m "not vllm" tests --durations-file build/test-durations-fake.json \
+	@$(PY) -m pytest -m "not vllm" $(TESTS) --durations-file build/test-durations-fake.json \
 	  > build/test-fake.log 2>&1 & fake=$$!; \
-	$(PY) -m pytest -m vllm tests --durations-file build/test-durations.json 2>&1 \
+	$(PY) -m pytest -m vllm $(TESTS) --durations-file build/test-durations.json 2>&1 \
 	  | tee build/test-vllm.log; vllm=$${PIPESTATUS[0]}; \
 	wait $$fake; fakes=$$?; echo "== the tests not marked vllm (build/test-fake.log) =="; \
 	cat build/test-fake.log; \
 	for run in vllm fake; do \
 	  if grep -q '^=* FAILURES =*$$\|^=* ERRORS =*$$' build/test-$$run.log; then \
 	    echo "== failures of the $$run run again (build/test-$$run.log) =="; \
-	    sed -n '/^=* \(FAILURES\|ERRORS\) =*$$/,/^=* short test summary/p' build/test-$$run.log; \
+	    sed -n '/^=* \(FAILURES\|ERRORS\) =*$$/,$$p' build/test-$$run.log; \
 	  fi; \
 	done; \
 	echo "vllm tests: exit $$vllm; the others: exit $$fakes"; \
