@@ -74,7 +74,8 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
            cache: dict[str, int] | None = None,
            by_model: dict[str, int] | None = None,
            workers: list[dict[str, Any]] | None = None,
-           split: dict[str, int] | None = None) -> dict[str, Any]:
+           split: dict[str, int] | None = None,
+           replicas: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The contract's bench record (section 6)."""
     gen = generation_s if generation_s > 0 else None
     return {
@@ -115,6 +116,10 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
         # every part once, its rates are over the job's time since it was cut
         "workers": workers or [],
         "split": split,
+        # each engine replica that answered lines of the job (engine/replicas.py):
+        # where it runs, its requests and output tokens, and the seconds from its
+        # first answer of the job to its last; empty on a single engine
+        "replicas": replicas or [],
         # answers the result cache gave (hits) and lines it could not (misses,
         # cacheable lines sent to the engine); null when the cache is off
         "cache": cache,

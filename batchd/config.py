@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import (BaseModel, ByteSize, ConfigDict, Field, HttpUrl, ValidationError,
-                      model_validator)
+                      field_validator, model_validator)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .layout import Layout
@@ -81,6 +81,18 @@ class EngineConfig(_Section):
     # prompt prefix for vLLM's prefix cache (batchd/jobs/order.py); "input" is file order.
     # Results are published in input order either way; a sidecar may choose.
     order: Literal["prefix", "input"] = "prefix"
+    # Engine processes of the loaded profile on this host, dealt one stream by
+    # prefix family (batchd/engine/replicas.py): a number, or "auto" = one per
+    # tensor_parallel_size x pipeline_parallel_size visible GPUs (1 without GPUs).
+    # On the CPU build each replica runs on its own share of the cores.
+    replicas: int | Literal["auto"] = "auto"
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("replicas must be 1 or more, or \"auto\"")
+        return value
 
 
 class SchedulingConfig(_Section):

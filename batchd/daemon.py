@@ -120,9 +120,11 @@ class Daemon:
         self._ended(looked.ended)
         if self.report.registry.due(now):  # once a second, not built every turn
             session = self.session
+            replicas = getattr(engine, "replica_lines", None)  # engine replicas
             self.report.alive(now, session.profile.name if session is not None else
                               engine.profile.name if engine is not None else None,
-                              list(session.running) if session is not None else [])
+                              list(session.running) if session is not None else [],
+                              replicas() if replicas is not None else [])
         return looked.worked or worked
 
     def _abandon(self, now: float, exc: OSError) -> None:

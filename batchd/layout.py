@@ -209,9 +209,11 @@ class Layout:
             if len(parts) == 4 and parts[0].isdigit():
                 yield path, int(parts[0]), parts[2], parts[3]
 
-    def engine_pidfile(self, host: str, pid: int) -> Path:
-        """The engine processes the daemon HOST:PID started, for a reaper after kill -9."""
-        return self.work / f"{ENGINE_PIDS}{host}~{pid}"
+    def engine_pidfile(self, host: str, pid: int, replica: int = 0) -> Path:
+        """The engine processes the daemon HOST:PID started (its REPLICA), for a
+        reaper after kill -9."""
+        return self.work / (f"{ENGINE_PIDS}{host}~{pid}" if not replica
+                            else f"{ENGINE_PIDS}{host}~r{replica}~{pid}")
 
     def engine_pidfiles(self, host: str) -> Iterator[tuple[Path, str]]:
         """(pidfile, the owning daemon's pid as written) for the daemons of HOST."""

@@ -313,3 +313,29 @@ class Dedup:
                              "custom_id", anthropic=item.anthropic)
         self.seen.add(key)
         return item
+
+
+PREFIX_FAMILY_CHARS = 256  # the prefix text lines of one family share (jobs/order.py)
+
+
+def prefix_text(body: dict[str, Any]) -> str:
+    """What a prompt template renders first, as one comparable string."""
+    # a prefix cached under one LoRA adapter does not serve another: lines that
+    # name a model (an adapter) group by it first
+    parts: list[str] = [str(body["model"])] if body.get("model") else []
+    for key in ("tools", "instructions"):
+        if body.get(key):
+            parts.append(json.dumps(body[key], sort_keys=True))
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, dict):
+                content = message.get("content")
+                parts.append(str(message.get("role")))
+                parts.append(content if isinstance(content, str)
+                             else json.dumps(content, sort_keys=True))
+    for key in ("prompt", "input", "query", "text_1"):
+        value = body.get(key)
+        if value is not None:
+            parts.append(value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+    return "\x1f".join(parts)

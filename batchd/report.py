@@ -6,7 +6,7 @@ daemons (spool/daemons.py). The loop calls it; nothing here decides anything.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from .config import Settings
 from .engine import Engine
@@ -25,6 +25,7 @@ class Report:
         self.metrics = Metrics(settings.metrics.textfile)
         self.registry = Registry(settings.layout, settings.scheduling.lease_seconds)
         self.pinged = float("-inf")
+        self.replicas_up = ""  # ", replicas 2/2 up" in the STATUS line, with several
 
     def ping(self, now: float) -> None:
         """The watchdog: at most every second, from the loop itself."""
@@ -56,14 +57,19 @@ class Report:
         done = counts.get("completed", 0) + counts.get("failed", 0)
         others = f" (+{running - 1} more running)" if running > 1 else ""
         self.notifier.status(f"{record['job']}: {done}/{counts.get('total', 0)}, "
-                             f"{rate:.1f} req/s, {record.get('profile')}{others}")
+                             f"{rate:.1f} req/s, {record.get('profile')}{others}"
+                             f"{self.replicas_up}")
 
     def finished(self, name: str, outcome: Outcome) -> None:
         self.notifier.status(f"finished {name}: {outcome.state.value}")
         self.metrics.finished(outcome.bench, outcome.state.value)
 
-    def alive(self, now: float, profile: str | None, running: list[str]) -> None:
+    def alive(self, now: float, profile: str | None, running: list[str],
+              replicas: list[dict[str, Any]] | None = None) -> None:
         """This daemon's record in the spool (the loop calls it when the registry
-        is due: once a second)."""
+        is due: once a second), with its engine replicas when it has several."""
         self.registry.beat(now, profile, running,
-                           self.settings.scheduling.max_running_jobs - len(running))
+                           self.settings.scheduling.max_running_jobs - len(running),
+                           replicas or [])
+        up = sum(1 for line in replicas or [] if line.get("state") == "ready")
+        self.replicas_up = f", replicas {up}/{len(replicas)} up" if replicas else ""

@@ -322,3 +322,15 @@ def print_daemons(records: list[dict[str, Any]]) -> None:
                       ", ".join(r.get("running") or []) or "-", str(r.get("free", "-")),
                       f"{r.get('age_s', 0):.0f}s ago")
     Console().print(table)
+    replicas = [(r.get("daemon"), line) for r in live for line in r.get("replicas") or []]
+    if replicas:
+        table = Table(box=None, header_style="bold")
+        for column in ("DAEMON", "REPLICA", "WHERE", "STATE", "REQUESTS", "TOK/S", "DEATHS"):
+            table.add_column(column)
+        for daemon, line in replicas:
+            seconds = line.get("generation_s") or 0
+            tps = line.get("output_tokens", 0) / seconds if seconds else 0
+            table.add_row(str(daemon), str(line.get("replica")), str(line.get("where")),
+                          str(line.get("state")), str(line.get("requests", 0)),
+                          f"{tps:.1f}" if tps else "-", str(line.get("deaths", 0)))
+        Console().print(table)

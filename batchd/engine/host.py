@@ -174,6 +174,9 @@ def _stream(conn: Connection, engine: Any, sampling: dict[str, Any], window: int
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    cpus = os.environ.pop("BATCHD_ENGINE_CPUS", "")
+    if cpus:  # a replica's own cores (engine/replicas.py): vLLM's auto thread binding reads them
+        os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})
     conn = Connection(int(sys.argv[1]))
     try:
         return serve(conn)

@@ -36,6 +36,7 @@ from ..config import Settings
 from ..lines import Request
 from ..profiles import Profile
 from . import Answer, Engine, EngineDead, take
+from ..spool.watcher import Wakeup
 from .wire import Msg
 
 log = structlog.get_logger()
@@ -65,9 +66,59 @@ def engine_factory(settings: Settings, wake: Waker | None = None
              "domains": list(settings.media.allowed_domains)}
 
     def load(profile: Profile) -> Engine:
-        return HostedEngine(profile, settings.routing.models_dir, pidfile, wake, media)
+        count, places = replica_places(profile, settings.engine.replicas)
+        if count == 1:
+            return HostedEngine(profile, settings.routing.models_dir, pidfile, wake, media)
+        from .replicas import ReplicaSet
+
+        def start(profile: Profile, replica: int) -> Engine:
+            own = settings.layout.engine_pidfile(socket.gethostname(), os.getpid(), replica)
+            return HostedEngine(profile, settings.routing.models_dir, own, Wakeup(), media,
+                                env=places[replica][1])
+
+        return ReplicaSet(profile, count, start, lambda replica: places[replica][0],
+                          settings.engine.restart_backoff_seconds,
+                          settings.engine.max_engine_failures)
 
     return load
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES, else those the
+    NVIDIA driver lists (none on a host without one)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        return [str(i) for i in range(len(os.listdir("/proc/driver/nvidia/gpus")))]
+    except OSError:
+        return []
+
+
+def replica_places(profile: Profile, replicas: int | str
+                   ) -> tuple[int, list[tuple[str, dict[str, str]]]]:
+    """How many replicas of PROFILE and, for each, where it runs (for `batchd
+    status`) and its environment: its GPUs (tensor x pipeline parallel of them),
+    or on a host without GPUs its own share of the cores."""
+    from .replicas import cpu_slices
+
+    host = socket.gethostname()
+    gpus = visible_gpus()
+    width = int(profile.engine.get("tensor_parallel_size", 1) or 1) * \
+        int(profile.engine.get("pipeline_parallel_size", 1) or 1)
+    if replicas == "auto":
+        count = max(1, len(gpus) // width) if gpus else 1
+    else:
+        count = int(replicas)
+    if gpus:
+        groups = [gpus[i * width:(i + 1) * width] for i in range(count)]
+        if any(len(group) < width for group in groups):
+            groups = [gpus[:width]] * count  # more replicas than GPUs: they share
+        return count, [(f"{host} gpu {','.join(group)}",
+                        {"CUDA_VISIBLE_DEVICES": ",".join(group)}) for group in groups]
+    cores = cpu_slices(count)
+    return count, [(f"{host} cpu {','.join(map(str, own))}",
+                    {"BATCHD_ENGINE_CPUS": ",".join(map(str, own))}) for own in cores]
 
 
 def reap_engines(settings: Settings, starting: bool = True) -> None:
@@ -99,7 +150,8 @@ class HostedEngine:
     """An engine whose model lives in a child process; see the module text."""
 
     def __init__(self, profile: Profile, models_dir: Path, pidfile: Path | None = None,
-                 wake: Waker | None = None, media: dict[str, Any] | None = None):
+                 wake: Waker | None = None, media: dict[str, Any] | None = None,
+                 env: dict[str, str] | None = None):
         self.profile = profile
         self.pidfile = pidfile
         self.wake = wake
@@ -113,7 +165,7 @@ class HostedEngine:
             # its own process group: vLLM's engine core and workers join it, so
             # they end with it even when it was killed alone (the OOM killer,
             # mid-load), instead of holding the model's memory as orphans
-            start_new_session=True)
+            start_new_session=True, env={**os.environ, **(env or {})})
         theirs.close()
         if pidfile is not None:
             record_children(pidfile, self.proc.pid)  # the engine process, from the start

@@ -61,6 +61,8 @@ class Job:
     # what it shared the engine with while it ran (batchd/jobs/session.py)
     overlapped: set[str] = field(default_factory=set)
     engine_tokens: list[int] = field(default_factory=lambda: [0, 0])  # prompt, completion
+    # what each engine replica answered of it (engine/replicas.py), by where it runs
+    replicas: dict[str, dict[str, Any]] = field(default_factory=dict)
     # the result cache, unless off (config or sidecar); lines sent to the engine
     # whose answers are to be stored: line -> key
     anthropic: LineSet = field(default_factory=LineSet)  # lines in Anthropic's batch format
@@ -203,6 +205,15 @@ class Job:
         self.profile = self.parts[0]
         self.log = self.log.bind(profile=self.profile.name)
         return True
+
+    def count_replicas(self, lines: list[dict[str, Any]]) -> None:
+        """Add a stream's account by replica (ReplicaSet.take_job) to the job's."""
+        for line in lines:
+            mine = self.replicas.setdefault(line["where"], {
+                "where": line["where"], "requests": 0, "output_tokens": 0, "generation_s": 0.0})
+            mine["requests"] += line["requests"]
+            mine["output_tokens"] += line["output_tokens"]
+            mine["generation_s"] = round(mine["generation_s"] + line["generation_s"], 3)
 
     def concurrency(self) -> dict[str, Any]:
         """The bench record's account of a shared engine: the jobs that ran beside

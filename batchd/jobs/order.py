@@ -33,40 +33,16 @@ results are published in input order.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from array import array
 from typing import Any, Iterator
 
-from ..lines import Request
+from ..lines import PREFIX_FAMILY_CHARS, Request, prefix_text
 
-LEVELS = (256, 1024, 4096, 16384)  # characters of prefix text hashed at each level
+LEVELS = (PREFIX_FAMILY_CHARS, 1024, 4096, 16384)  # characters of prefix text hashed at each level
 BITS = (12, 10, 8, 4)  # bits kept of each level's hash
 OUT_BITS = 6  # expected output length, log-scaled, longest first
 INDEX_BITS = 24  # the line's index in the file: at most 16.7 million lines
-
-
-def prefix_text(body: dict[str, Any]) -> str:
-    """What a prompt template renders first, as one comparable string."""
-    # a prefix cached under one LoRA adapter does not serve another: lines that
-    # name a model (an adapter) group by it first
-    parts: list[str] = [str(body["model"])] if body.get("model") else []
-    for key in ("tools", "instructions"):
-        if body.get(key):
-            parts.append(json.dumps(body[key], sort_keys=True))
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for message in messages:
-            if isinstance(message, dict):
-                content = message.get("content")
-                parts.append(str(message.get("role")))
-                parts.append(content if isinstance(content, str)
-                             else json.dumps(content, sort_keys=True))
-    for key in ("prompt", "input", "query", "text_1"):
-        value = body.get(key)
-        if value is not None:
-            parts.append(value if isinstance(value, str) else json.dumps(value, sort_keys=True))
-    return "\x1f".join(parts)
 
 
 def expected_output(body: dict[str, Any]) -> int:

@@ -211,6 +211,7 @@ def outputs(job: Job, final: JobState, models_dir: Path) -> dict[str, Any]:
         cached_tokens=tally.cached_tokens, concurrency=job.concurrency(),
         parts=[p.name for p in job.routes.parts] if job.routes else None,
         cache=job.cache_counts(), by_model=tally.by_model,
+        replicas=list(job.replicas.values()),
         workers=parts.workers(job) if job.plan is not None else [{
             "daemon": OWNER, "parts": 0, "requests": tally.completed + tally.failed
             - job.ckpt.resumed_lines, "output_tokens": tally.completion_tokens,

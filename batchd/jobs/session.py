@@ -263,6 +263,9 @@ class Session:
         job = r.job
         if r.since is not None:  # it was in a stream
             job.gen_s += time.monotonic() - r.since
+            take_job = getattr(self.pool.engine, "take_job", None)  # engine replicas
+            if take_job is not None:
+                job.count_replicas(take_job(job.name))
             job.engine_tokens[0] += self.tokens[0] - r.tokens_at_join[0]
             job.engine_tokens[1] += self.tokens[1] - r.tokens_at_join[1]
         r.since = None

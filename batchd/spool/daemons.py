@@ -40,12 +40,15 @@ class Registry:
         """Whether ``beat`` has anything to do: at most every RECORD_SECONDS."""
         return now - self.looked_at >= RECORD_SECONDS
 
-    def beat(self, now: float, profile: str | None, running: list[str], free: int) -> None:
+    def beat(self, now: float, profile: str | None, running: list[str], free: int,
+             replicas: list[dict[str, Any]] | None = None) -> None:
         """Keep this daemon's record: at once when what it says changed (at most
-        every RECORD_SECONDS), else as a heartbeat every lease_seconds / 4."""
+        every RECORD_SECONDS), else as a heartbeat every lease_seconds / 4.
+        REPLICAS: its engine replicas (engine/replicas.py), when it has several."""
         self.looked_at = now
         record = {"daemon": self.me, "host": hostname(), "pid": os.getpid(),
-                  "profile": profile, "running": sorted(running), "free": free}
+                  "profile": profile, "running": sorted(running), "free": free,
+                  "replicas": replicas or []}
         since = now - self.written_at
         if since < RECORD_SECONDS or (record == self.written and
                                       since < self.lease_seconds / 4):

@@ -1,0 +1,414 @@
+"""Several engines of one profile behind the one ``Engine`` a session talks to.
+
+``[engine] replicas`` asks for N engine processes of the loaded profile on
+this host (each with its own GPUs, or on the CPU build its own cores). The
+session still sees one stream: ``ReplicaSet.stream`` takes requests from the
+session's source on the loop's thread and deals them to the replicas, each of
+which runs its own engine stream on a thread of its own; their answers come
+back merged, one list per turn, as from one engine.
+
+Dealing keeps vLLM's prefix cache useful: the requests come in prefix order,
+and all of one prefix family (the lines sharing their first 256 characters of
+prefix text, ``jobs/order.py``) go to the replica that took the family's first
+request while it has room in its window; a new family goes to the replica
+with the least outstanding work. A family larger than a replica's window is
+cut only when another replica would otherwise starve (below half its window).
+
+A replica that dies (its engine process killed, its GPU lost) loses only what
+it had in flight: those requests are dealt again to the live replicas, ahead
+of anything new, and every answer is taken once (an answer is matched to the
+request the replica still holds). The replica is loaded again after
+``restart_backoff_seconds``; it is given up after ``max_engine_failures``
+deaths, and the stream dies (``EngineDead``, the session's usual path) only
+when no replica is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator, Iterable, Iterator
+
+import structlog
+
+from ..lines import PREFIX_FAMILY_CHARS, Request, prefix_text
+from ..profiles import Profile
+from . import HOLD, Answer, Engine, EngineDead, take
+
+log = structlog.get_logger()
+
+POLL_SECONDS = 0.1  # how often an idle merged stream yields, so the loop gets its turn
+STARVED = 0.5  # a replica below this share of its window takes from another's family
+
+
+def family(request: Request) -> bytes:
+    """The request's prefix family: a digest of its first 256 characters of
+    prefix text (what vLLM's prefix cache can share between them)."""
+    text = prefix_text(request.body)[:PREFIX_FAMILY_CHARS]
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
+@dataclass(eq=False)
+class Replica:
+    """One engine of the set and what it holds."""
+
+    index: int
+    where: str  # the host and its GPUs or cores, as `batchd status` shows it
+    engine: Engine | None = None
+    state: str = "loading"  # loading, ready, dead (restarts at restart_at), gone
+    deaths: int = 0
+    restart_at: float = 0.0
+    queue: deque[Request] = field(default_factory=deque)  # dealt, not yet taken
+    sent: dict[tuple[str, int], Request] = field(default_factory=dict)  # taken, unanswered
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    thread: threading.Thread | None = None
+    stopping: bool = False
+    joining: int | None = None  # a job joined: its requests at once (Engine.more)
+    requests: int = 0  # answered, in all
+    output_tokens: int = 0
+    generation_s: float = 0.0
+    streaming_since: float | None = None
+
+    def outstanding(self) -> int:
+        with self.lock:
+            return len(self.queue) + len(self.sent)
+
+    def source(self) -> Iterator[Request | None]:
+        """The replica's own feed: what was dealt to it, HOLD when nothing is."""
+        while not self.stopping:
+            with self.lock:
+                request = self.queue.popleft() if self.queue else None
+                if request is not None:
+                    self.sent[request.key] = request
+            yield request if request is not None else HOLD
+
+    def take_back(self) -> list[Request]:
+        """Everything it held, sent or not (its engine died)."""
+        with self.lock:
+            lost = list(self.sent.values()) + list(self.queue)
+            self.sent.clear()
+            self.queue.clear()
+        return lost
+
+    def line(self, now: float) -> dict[str, Any]:
+        """Its entry in the daemon's record and `batchd status` (seconds streaming
+        counted up to NOW)."""
+        streaming = now - self.streaming_since if self.streaming_since is not None else 0.0
+        return {"replica": self.index, "where": self.where, "state": self.state,
+                "requests": self.requests, "output_tokens": self.output_tokens,
+                "generation_s": round(self.generation_s + streaming, 3), "deaths": self.deaths}
+
+
+_DEAD = object()  # a replica's stream ended in a death
+_END = object()  # a replica's stream ended (its source did)
+
+
+class ReplicaSet:
+    """N engines of PROFILE as one Engine; see the module text. LOAD(profile,
+    replica) starts one replica's engine; WHERE(replica) says where it runs."""
+
+    def __init__(self, profile: Profile, count: int,
+                 load: Callable[[Profile, int], Engine], where: Callable[[int], str],
+                 restart_backoff: float = 2.0, max_failures: int = 2,
+                 clock: Callable[[], float] = time.monotonic):
+        self.profile = profile
+        self.load = load
+        self.restart_backoff = restart_backoff
+        self.max_failures = max_failures
+        self.clock = clock
+        self.replicas = [Replica(i, where(i)) for i in range(count)]
+        self.events: queue.SimpleQueue[tuple[Replica, Any, Any]] = queue.SimpleQueue()
+        self.families: dict[bytes, Replica] = {}
+        self.redo: deque[Request] = deque()  # a dead replica's, dealt before anything new
+        self.joining = 0  # requests of a job that joined, to start at once (more())
+        # each job's answers by replica: [requests, output tokens, first, last answer]
+        self.by_job: dict[str, dict[int, list[float]]] = {}
+        # all load at once; the set is up when every one has loaded or failed
+        for replica in self.replicas:
+            self._start_load(replica)
+        errors = []
+        for _ in self.replicas:
+            replica, what, value = self.events.get()
+            if what == "load_failed":
+                errors.append(value)
+            self._handle(replica, what, value)
+        if not self.live():
+            dead = [e for e in errors if isinstance(e, EngineDead)]
+            raise dead[0] if dead or not errors else errors[0]
+        seqs = [getattr(r.engine, "max_num_seqs", None) for r in self.live()]
+        self.max_num_seqs = sum(seqs) if all(seqs) else None  # type: ignore[arg-type]
+
+    # -- replicas ------------------------------------------------------------------
+
+    def live(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state == "ready"]
+
+    def _start_load(self, replica: Replica) -> None:
+        replica.state = "loading"
+
+        def load() -> None:
+            try:
+                self.events.put((replica, "loaded", self.load(self.profile, replica.index)))
+            except Exception as exc:  # noqa: BLE001 - a death, or a model that cannot load
+                self.events.put((replica, "load_failed", exc))
+
+        threading.Thread(target=load, daemon=True, name=f"batchd-replica-{replica.index}-load"
+                         ).start()
+
+    def _died(self, replica: Replica, error: BaseException) -> None:
+        replica.deaths += 1
+        lost = replica.take_back()
+        self.redo.extendleft(reversed(lost))  # first again, in the order they were dealt
+        for key in [k for k, r in self.families.items() if r is replica]:
+            del self.families[key]
+        engine, replica.engine = replica.engine, None
+        if engine is not None:
+            try:
+                engine.close()
+            except Exception as exc:  # noqa: BLE001 - its processes may be gone already
+                log.warning("replica_close_failed", replica=replica.index, error=str(exc))
+        if replica.deaths >= self.max_failures or not isinstance(error, EngineDead):
+            replica.state = "gone"  # given up, or a model that cannot load: no retry helps
+        else:
+            replica.state = "dead"
+            replica.restart_at = self.clock() + self.restart_backoff * 2 ** (replica.deaths - 1)
+        log.warning("replica_died", profile=self.profile.name, replica=replica.index,
+                    where=replica.where, error=str(error), requeued=len(lost),
+                    state=replica.state)
+
+    def _handle(self, replica: Replica, what: Any, value: Any) -> list[Answer]:
+        """One event of a replica's threads; the answers it brought."""
+        if what == "loaded":
+            replica.engine, replica.state = value, "ready"
+            log.info("replica_ready", profile=self.profile.name, replica=replica.index,
+                     where=replica.where)
+        elif what == "load_failed":
+            self._died(replica, value)
+        elif what is _DEAD:
+            self._stopped(replica)
+            self._died(replica, value)
+        elif what is _END:
+            self._stopped(replica)
+        elif what == "answers":
+            taken = []
+            with replica.lock:
+                for answer in value:
+                    if replica.sent.pop(answer.request.key, None) is not None:
+                        taken.append(answer)  # once: a request it still held
+            replica.requests += len(taken)
+            now = self.clock()
+            for answer in taken:
+                usage = (answer.body or {}).get("usage") or {}
+                tokens = usage.get("completion_tokens") or usage.get("output_tokens") or 0
+                replica.output_tokens += tokens
+                counts = self.by_job.setdefault(answer.request.job, {}).setdefault(
+                    replica.index, [0, 0, now, now])
+                counts[0] += 1
+                counts[1] += tokens
+                counts[3] = now
+            return taken
+        return []
+
+    def _stopped(self, replica: Replica) -> None:
+        replica.thread = None
+        if replica.streaming_since is not None:
+            replica.generation_s += self.clock() - replica.streaming_since
+            replica.streaming_since = None
+
+    # -- the stream ----------------------------------------------------------------
+
+    def stream(self, requests: Iterable[Request | None], sampling: dict[str, Any],
+               window: int) -> Generator[list[Answer], None, None]:
+        source = iter(requests)
+        per = max(1, -(-window // max(1, len(self.replicas))))  # each replica's window
+        ahead: list[Request] = []  # taken from the source, not dealt yet
+        exhausted = False
+        try:
+            while True:
+                exhausted = self._deal(source, ahead, exhausted, per)
+                for replica in self.replicas:
+                    if replica.state == "dead" and self.clock() >= replica.restart_at:
+                        self._start_load(replica)
+                    if replica.state == "ready" and replica.thread is None and \
+                            (replica.outstanding() or not exhausted):
+                        self._run(replica, sampling, per)
+                if not any(r.state in ("ready", "loading", "dead") for r in self.replicas):
+                    raise EngineDead(f"every replica of {self.profile.name} died "
+                                     f"{self.max_failures} times")
+                if exhausted and not ahead and not self.redo and not any(
+                        r.outstanding() for r in self.replicas):
+                    return  # every request answered (the replicas' streams end below)
+                answers: list[Answer] = []
+                try:
+                    answers += self._handle(*self.events.get(timeout=POLL_SECONDS))
+                    while True:
+                        answers += self._handle(*self.events.get_nowait())
+                except queue.Empty:
+                    pass
+                yield answers
+        finally:
+            self._stop_all()
+
+    def _deal(self, source: Iterator[Request | None], ahead: list[Request],
+              exhausted: bool, per: int) -> bool:
+        """Top up the live replicas' windows: a dead replica's requests first, then
+        the source's, each family to its replica while it has room."""
+        live = self.live()
+        if not live:
+            return exhausted
+        while True:
+            if self.redo:
+                request = self.redo[0]
+            elif ahead:
+                request = ahead[0]
+            elif exhausted:
+                return True
+            else:
+                batch, exhausted = take(source, 1)
+                if not batch:
+                    return exhausted
+                ahead.append(batch[0])
+                request = batch[0]
+            joining = self.joining > 0
+            target = self._target(request, live, per + (1 << 30 if joining else 0))
+            if target is None:
+                return exhausted  # every window is full: the request waits here
+            if self.redo and self.redo[0] is request:
+                self.redo.popleft()
+            else:
+                ahead.pop(0)
+            with target.lock:
+                target.queue.append(request)
+            if joining:  # a job that joined: its first requests start at once
+                self.joining -= 1
+                target.joining = (target.joining or 0) + 1
+
+    def _target(self, request: Request, live: list[Replica], per: int) -> Replica | None:
+        key = family(request)
+        home = self.families.get(key)
+        if home is not None and home.state == "ready":
+            if home.outstanding() < per:
+                return home
+            starved = [r for r in live if r.outstanding() < per * STARVED]
+            if not starved:
+                return None  # its home will have room soon: keep the family together
+            target = min(starved, key=Replica.outstanding)  # the family is cut
+        else:
+            free = [r for r in live if r.outstanding() < per]
+            if not free:
+                return None
+            target = min(free, key=Replica.outstanding)
+        self.families[key] = target
+        return target
+
+    def _run(self, replica: Replica, sampling: dict[str, Any], window: int) -> None:
+        """The replica's engine stream, on a thread of its own: its answers, its
+        end or its death come back as events."""
+        replica.stopping = False
+        replica.streaming_since = self.clock()
+        engine = replica.engine
+        assert engine is not None
+
+        def run() -> None:
+            stream = engine.stream(replica.source(), sampling, window)
+            try:
+                for answers in stream:
+                    if answers:
+                        self.events.put((replica, "answers", answers))
+                    if replica.joining is not None:
+                        joining, replica.joining = replica.joining, None
+                        engine.more(joining)
+                    if replica.stopping:
+                        break
+            except Exception as exc:  # noqa: BLE001 - EngineDead, or the engine's own bug
+                self.events.put((replica, _DEAD, exc))
+                return
+            finally:
+                stream.close()
+            self.events.put((replica, _END, None))
+
+        replica.thread = threading.Thread(target=run, daemon=True,
+                                          name=f"batchd-replica-{replica.index}")
+        replica.thread.start()
+
+    def _stop_all(self) -> None:
+        """Close every replica's stream (what is in flight is aborted); what they
+        held goes back to nobody: the session runs those lines again later."""
+        threads = [r.thread for r in self.replicas if r.thread is not None]
+        for replica in self.replicas:
+            replica.stopping = True
+            wake = getattr(replica.engine, "wake", None)
+            if wake is not None and hasattr(wake, "set"):
+                wake.set()
+        for thread in threads:
+            thread.join(60)
+        while True:  # the threads' last events: answers are dropped with the stream
+            try:
+                replica, what, value = self.events.get_nowait()
+            except queue.Empty:
+                break
+            if what is _DEAD:
+                self._stopped(replica)
+                self._died(replica, value)
+            elif what in ("loaded", "load_failed"):
+                self._handle(replica, what, value)
+            else:
+                self._stopped(replica)
+        for replica in self.replicas:
+            replica.thread = None
+            replica.take_back()
+            wake = getattr(replica.engine, "wake", None)
+            if wake is not None and hasattr(wake, "clear"):
+                wake.clear()
+        self.redo.clear()
+        self.families.clear()
+        self.joining = 0
+
+    def more(self, joining: int = 0) -> None:
+        """A job joined: its first JOINING requests are dealt past full windows
+        and each replica that gets some makes room for them (Engine.more)."""
+        self.joining = joining
+        if not joining:
+            for replica in self.live():
+                replica.joining = replica.joining or 0
+
+    def close(self) -> None:
+        for replica in self.replicas:
+            engine, replica.engine = replica.engine, None
+            if engine is not None:
+                engine.close()
+            replica.state = "gone"
+
+    def replica_lines(self) -> list[dict[str, Any]]:
+        """Each replica as the daemon's record and `batchd status` show it."""
+        now = self.clock()
+        return [r.line(now) for r in self.replicas]
+
+    def take_job(self, job: str) -> list[dict[str, Any]]:
+        """What each replica answered of JOB since last asked (the bench record's
+        ``replicas``): requests, output tokens, and the seconds from its first
+        answer of the job to its last."""
+        counts = self.by_job.pop(job, {})
+        return [{"replica": i, "where": self.replicas[i].where, "requests": int(c[0]),
+                 "output_tokens": int(c[1]), "generation_s": round(c[3] - c[2], 3)}
+                for i, c in sorted(counts.items())]
+
+
+def cpu_slices(count: int, cpus: Iterable[int] | None = None) -> list[list[int]]:
+    """This process's cores cut into COUNT runs of neighbours, one per replica
+    (a replica on fewer cores than the others when they do not divide)."""
+    allowed = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+    if count >= len(allowed):
+        return [[allowed[i % len(allowed)]] for i in range(count)]
+    size, extra = divmod(len(allowed), count)
+    slices, at = [], 0
+    for i in range(count):
+        n = size + (1 if i < extra else 0)
+        slices.append(allowed[at:at + n])
+        at += n
+    return slices

@@ -1,0 +1,179 @@
+"""Engine replicas on the fake engine (the dealing, exactly): families kept on
+one replica, balance, a dead replica's requests dealt again and answered once,
+a set that gives up only when every replica has. Real vLLM replicas are in
+test_vllm_replicas.py."""
+
+import pytest
+
+from batchd.engine import EngineDead
+from batchd.engine.replicas import ReplicaSet, cpu_slices, family
+from batchd.lines import CHAT, Request
+from batchd.profiles import Profile
+from batchd.testing import FakeEngine
+
+PROFILE = Profile(model="m", name="p")
+
+
+class Replica(FakeEngine):
+    """A fake engine that remembers which replica answered what, and dies
+    (EngineDead) after DIE_AFTER answers of its life."""
+
+    def __init__(self, profile, index, answered_by, die_after=None):
+        super().__init__(profile, step_seconds=0.002, per_step=2)
+        self.index, self.answered_by, self.die_after = index, answered_by, die_after
+
+    def stream(self, requests, sampling, window):
+        for answers in super().stream(requests, sampling, window):
+            for answer in answers:
+                if self.die_after is not None and self.answered >= self.die_after:
+                    raise EngineDead(f"replica {self.index} killed")
+                self.answered_by.setdefault(answer.request.key, []).append(self.index)
+            yield answers
+
+
+def chat(i, system):
+    return Request(i, f"r{i}", CHAT, {"messages": [{"role": "system", "content": system},
+                                                  {"role": "user", "content": f"q{i}"}]})
+
+
+def run(replicas, requests, window=8):
+    answers = [a for batch in replicas.stream(iter(requests), {}, window) for a in batch]
+    replicas.close()
+    return answers
+
+
+def make(count=2, die=None, backoff=0.0, max_failures=2):
+    answered_by: dict = {}
+    deaths = dict(die or {})
+
+    def load(profile, index):
+        return Replica(profile, index, answered_by, deaths.pop(index, None))
+
+    replicas = ReplicaSet(PROFILE, count, load, lambda i: f"test cpu {i}",
+                          restart_backoff=backoff, max_failures=max_failures)
+    return replicas, answered_by
+
+
+def deal_all(replicas, requests, per):
+    """Deal REQUESTS as the stream does, on this thread: top up the windows,
+    then each replica answers everything it holds, until all are dealt.
+    Which replica got each request (by line), in dealing order."""
+    source, ahead, exhausted, got = iter(requests), [], False, {}
+    while not exhausted or ahead:
+        exhausted = replicas._deal(source, ahead, exhausted, per)
+        for replica in replicas.replicas:
+            for request in replica.queue:
+                got[request.line] = replica.index
+            replica.queue.clear()  # answered
+    return got
+
+
+def test_families_stay_on_one_replica_and_the_work_is_shared():
+    """Forty families of six, in prefix order, on two replicas of window 16: a
+    family goes where its first request went, a new one to the replica with
+    the least outstanding work."""
+    heads = [f"Rubric {g}: " + "grade fairly. " * 30 for g in range(40)]
+    requests = [chat(g * 6 + q, heads[g]) for g in range(40) for q in range(6)]
+    replicas, _ = make()
+    got = deal_all(replicas, requests, 16)
+    homes: dict = {}
+    for request in requests:
+        homes.setdefault(family(request), set()).add(got[request.line])
+    assert len(homes) == 40 and all(len(h) == 1 for h in homes.values())
+    assert sorted(list(got.values()).count(i) for i in (0, 1)) == [120, 120]
+    replicas.close()
+
+
+def test_a_family_is_cut_only_when_another_replica_would_starve():
+    one = [chat(i, "one long shared rubric " * 20) for i in range(100)]
+    replicas, _ = make()
+    a, b = replicas.replicas
+    source, ahead = iter(one), []
+    replicas._deal(source, ahead, False, 16)  # the family fills its home, then the idle one
+    assert [len(a.queue), len(b.queue)] == [16, 16]
+    for _ in range(8):
+        a.queue.pop()  # a answered half its window: not starving, its home (b) is full
+    replicas._deal(source, ahead, False, 16)
+    assert [len(a.queue), len(b.queue)] == [8, 16]
+    a.queue.pop()  # below half: the family is cut to it
+    replicas._deal(source, ahead, False, 16)
+    assert [len(a.queue), len(b.queue)] == [16, 16]
+    replicas.close()
+
+
+def test_lines_sharing_nothing_are_balanced():
+    requests = [chat(i, f"unique system prompt number {i}") for i in range(300)]
+    replicas, _ = make(count=3)
+    got = deal_all(replicas, requests, 4)
+    assert [list(got.values()).count(i) for i in range(3)] == [100, 100, 100]
+    replicas.close()
+
+
+def test_every_request_is_answered_once_by_running_replicas():
+    requests = [chat(i, f"prompt {i % 9}") for i in range(300)]
+    replicas, answered_by = make()
+    answers = run(replicas, requests, window=16)
+    assert sorted(a.request.line for a in answers) == list(range(300))
+    assert all(len(by) == 1 for by in answered_by.values())
+    assert sum(line["requests"] for line in replicas.replica_lines()) == 300
+
+
+def test_a_dead_replica_loses_only_its_in_flight_requests():
+    """Replica 1 dies after 30 answers: what it held is dealt again, every
+    request is answered exactly once, and it is loaded again (backoff 0)."""
+    requests = [chat(i, f"prompt {i % 7}") for i in range(400)]
+    replicas, answered_by = make(die={1: 30})
+    answers = run(replicas, requests)
+    assert sorted(a.request.line for a in answers) == list(range(400))
+    assert all(len(by) == 1 for by in answered_by.values())
+    assert replicas.replicas[1].deaths == 1
+
+
+def test_a_dead_replicas_requests_go_first_to_the_others_and_it_loads_again_later():
+    now = [100.0]
+    replicas = ReplicaSet(PROFILE, 2, lambda p, i: FakeEngine(p), lambda i: f"cpu {i}",
+                          restart_backoff=2.0, clock=lambda: now[0])
+    a, b = replicas.replicas
+    requests = [chat(i, f"family {i % 2}") for i in range(8)]
+    source, ahead = iter(requests), []
+    replicas._deal(source, ahead, False, 4)
+    b.sent = {r.key: r for r in list(b.queue)[:2]}  # two taken by its engine, two queued
+    held = list(b.sent.values()) + list(b.queue)[2:]
+    b.queue = type(b.queue)(list(b.queue)[2:])
+    replicas._died(b, EngineDead("killed"))
+    assert b.state == "dead" and b.restart_at == 102.0 and b.engine is None
+    assert list(replicas.redo) == held  # dealt again before anything new
+    a.queue.clear()
+    replicas._deal(source, ahead, False, 4)
+    assert list(a.queue) == held and not replicas.redo
+    replicas._died(b, EngineDead("killed again"))  # the second death of two allowed
+    assert b.state == "gone"
+    replicas.close()
+
+
+def test_the_set_dies_only_when_every_replica_has_given_up():
+    requests = [chat(i, "same") for i in range(200)]
+    replicas, _ = make(die={0: 5, 1: 5}, max_failures=1)
+    with pytest.raises(EngineDead, match="every replica"):
+        run(replicas, requests)
+
+
+def test_closing_the_stream_stops_every_replica():
+    requests = [chat(i, f"p{i % 3}") for i in range(100_000)]
+    replicas, answered_by = make()
+    stream = replicas.stream(iter(requests), {}, 8)
+    got = 0
+    for batch in stream:
+        got += len(batch)
+        if got >= 50:
+            break
+    stream.close()
+    assert all(r.thread is None for r in replicas.replicas)
+    assert len(answered_by) < 1000
+    replicas.close()
+
+
+def test_cpu_slices():
+    assert cpu_slices(2, [0, 1]) == [[0], [1]]
+    assert cpu_slices(2, range(5)) == [[0, 1, 2], [3, 4]]
+    assert cpu_slices(3, [4]) == [[4], [4], [4]]
