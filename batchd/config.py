@@ -86,6 +86,10 @@ class EngineConfig(_Section):
     # tensor_parallel_size x pipeline_parallel_size visible GPUs (1 without GPUs).
     # On the CPU build each replica runs on its own share of the cores.
     replicas: int | Literal["auto"] = "auto"
+    # How requests are dealt to replicas: "prefix" keeps a prefix family on one
+    # replica while it has room (its prompt prefix is computed once there);
+    # "least_loaded" sends each to the least busy replica (for comparison).
+    replica_dealing: Literal["prefix", "least_loaded"] = "prefix"
 
     @field_validator("replicas")
     @classmethod

@@ -173,6 +173,23 @@ def test_closing_the_stream_stops_every_replica():
     replicas.close()
 
 
+def test_replicas_places_on_a_host_without_gpus(monkeypatch):
+    from batchd.engine.hosted import core_range, replica_places
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert replica_places(PROFILE, "auto")[0] == 1  # one replica without GPUs
+    count, places = replica_places(PROFILE, 2)
+    assert count == 2 and [env for _, env in places] == [
+        {"BATCHD_ENGINE_CPUS": "0,1"}, {"BATCHD_ENGINE_CPUS": "2,3"}]
+    assert places[0][0].endswith(" cores 0-1") and core_range([0, 2, 5]) == "0,2,5"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    tp2 = Profile(model="m", name="p", engine={"tensor_parallel_size": 2})
+    count, places = replica_places(tp2, "auto")
+    assert count == 2 and [env for _, env in places] == [
+        {"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
+    assert places[1][0].endswith(" GPU2,3")
+
+
 def test_cpu_slices():
     assert cpu_slices(2, [0, 1]) == [[0], [1]]
     assert cpu_slices(2, range(5)) == [[0, 1, 2], [3, 4]]

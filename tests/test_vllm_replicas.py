@@ -49,7 +49,7 @@ def test_two_replicas_share_a_job_and_survive_a_kill(tiny_model, tmp_path, daemo
     bench = json.loads((outbox / "shared.bench.json").read_text())
     replicas = bench["replicas"]
     host = socket.gethostname()
-    assert sorted(r["where"] for r in replicas) == [f"{host} cpu 0", f"{host} cpu 1"]
+    assert sorted(r["where"] for r in replicas) == [f"{host} cores 0", f"{host} cores 1"]
     assert sum(r["requests"] for r in replicas) == 600
     assert min(r["requests"] for r in replicas) >= 600 * 0.25  # both did a fair share
     cores = sorted(tuple(p.cpu_affinity()) for p in engine_processes(daemon))

@@ -78,7 +78,8 @@ def engine_factory(settings: Settings, wake: Waker | None = None
 
         return ReplicaSet(profile, count, start, lambda replica: places[replica][0],
                           settings.engine.restart_backoff_seconds,
-                          settings.engine.max_engine_failures)
+                          settings.engine.max_engine_failures,
+                          dealing=settings.engine.replica_dealing)
 
     return load
 
@@ -114,11 +115,18 @@ def replica_places(profile: Profile, replicas: int | str
         groups = [gpus[i * width:(i + 1) * width] for i in range(count)]
         if any(len(group) < width for group in groups):
             groups = [gpus[:width]] * count  # more replicas than GPUs: they share
-        return count, [(f"{host} gpu {','.join(group)}",
+        return count, [(f"{host} GPU{','.join(group)}",
                         {"CUDA_VISIBLE_DEVICES": ",".join(group)}) for group in groups]
     cores = cpu_slices(count)
-    return count, [(f"{host} cpu {','.join(map(str, own))}",
+    return count, [(f"{host} cores {core_range(own)}",
                     {"BATCHD_ENGINE_CPUS": ",".join(map(str, own))}) for own in cores]
+
+
+def core_range(cores: list[int]) -> str:
+    """CORES as a person writes them: "0-7", "3", or "0,2,5" when not a run."""
+    if len(cores) > 1 and cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}"
+    return ",".join(map(str, cores))
 
 
 def reap_engines(settings: Settings, starting: bool = True) -> None:

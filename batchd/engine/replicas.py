@@ -115,8 +115,9 @@ class ReplicaSet:
     def __init__(self, profile: Profile, count: int,
                  load: Callable[[Profile, int], Engine], where: Callable[[int], str],
                  restart_backoff: float = 2.0, max_failures: int = 2,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, dealing: str = "prefix"):
         self.profile = profile
+        self.by_family = dealing == "prefix"  # else each to the least busy replica
         self.load = load
         self.restart_backoff = restart_backoff
         self.max_failures = max_failures
@@ -289,6 +290,9 @@ class ReplicaSet:
                 target.joining = (target.joining or 0) + 1
 
     def _target(self, request: Request, live: list[Replica], per: int) -> Replica | None:
+        if not self.by_family:
+            free = [r for r in live if r.outstanding() < per]
+            return min(free, key=Replica.outstanding) if free else None
         key = family(request)
         home = self.families.get(key)
         if home is not None and home.state == "ready":
