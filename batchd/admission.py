@@ -3,24 +3,23 @@
 With no session, the daemon's loop asks ``first()`` for the job to start one
 with; while a session runs it asks ``admit()`` every turn for jobs to join it.
 Both draw on the same candidates: unfinished jobs in ``work/`` (resumed
-first), settled files in the inbox and free parts of jobs in parts
-(candidates.py), and prepared jobs held here while their profile is not loaded
-(they made way, or a part of them routes elsewhere). ``scheduler.order``
-decides among them. The spool is looked at again when the
-watcher wakes the loop, when a file seen changing should have settled, and
-every ``poll_interval`` otherwise (``due``), not on every engine step.
+first), settled files in the inbox (candidates.py), and prepared jobs held here
+while their profile is not loaded (they made way, or a part of them routes
+elsewhere). ``scheduler.order`` decides among them. The spool is looked at
+again when the watcher wakes the loop, when a file seen changing should have
+settled, and every ``poll_interval`` otherwise (``due``), not on every engine
+step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import structlog
 
 from .candidates import Candidates
 from .config import Settings
-from .jobs import parts, publish
+from .jobs import publish
 from .jobs.job import Job
 from .jobs.prepare import prepare
 from .jobs.publish import Outcome
@@ -30,7 +29,6 @@ from .metrics import Metrics
 from .profiles import ProfileSet
 from .scheduler import Waiting, order
 from .spool import inbox
-from .spool.parts import split_name
 from .spool.cache import ResultCache
 from .spool.daemons import Registry
 from .spool.lease import Leases
@@ -72,11 +70,10 @@ class Admission:
         self.profiles = profiles  # the daemon's set; reloaded() on SIGHUP
         self.results = results  # the result cache, None when off
         self.wake = wake  # the watcher's: a change in the inbox
-        self.candidates = Candidates(settings, leases, metrics, profiles, registry)
+        self.candidates = Candidates(settings, metrics, profiles, registry)
         self.retry_at: dict[str, float] = {}  # job or file -> when to try again after OSError
         self.retry_seconds = 10.0
         self.held: dict[str, Held] = {}  # job -> a prepared job waiting for its profile
-        self.split: dict[str, Job] = {}  # jobs in parts this daemon owns (jobs/parts.py)
         self.watcher: Watcher | None = None  # set once it runs: names renamed in settle at once
         self.next_look = 0.0  # the loop's clock when the spool is to be looked at again
 
@@ -101,9 +98,9 @@ class Admission:
         self.wake.clear()  # what woke the loop is seen by this look
         self._looked(now)
         for name in inbox.unfinished(self.settings):
-            if name in self.held or name in self.split or self.retry_at.get(name, 0.0) > now \
+            if name in self.held or self.retry_at.get(name, 0.0) > now \
                     or not self.leases.acquire(name):
-                continue  # yielded, in parts, stalled, or another live daemon's job
+                continue  # yielded, stalled, or another live daemon's job
             found.worked = True
             self._prepare(found, name, now)
             if found.jobs:
@@ -112,8 +109,7 @@ class Admission:
         if ready is None:
             found.worked = True  # an entry that is not a regular file was put aside
             return found
-        for candidate, reason in order(ready + self.held_candidates(now) +
-                                       self.part_candidates(now), loaded,
+        for candidate, reason in order(ready + self.held_candidates(now), loaded,
                                        self.settings.scheduling.max_wait_seconds):
             if candidate.name in self.held:
                 held = self.held.pop(candidate.name).job
@@ -137,8 +133,7 @@ class Admission:
         self._looked(now)
         max_wait = self.settings.scheduling.max_wait_seconds
         loaded = session.profile.name
-        candidates = (self.ready(now) or []) + self.held_candidates(now) + \
-            self.part_candidates(now, loaded, session.running)
+        candidates = (self.ready(now) or []) + self.held_candidates(now)
         if session.running_for(now) >= max_wait and \
                 any(c.waited > max_wait and c.profile not in (loaded, None) for c in candidates):
             found.overdue = True  # its turn was at least max_wait long: the overdue file's now
@@ -149,9 +144,9 @@ class Admission:
         for name in inbox.unfinished(self.settings):
             if room <= len(found.jobs):
                 break
-            if name in session.running or name in self.held or name in self.split or \
+            if name in session.running or name in self.held or \
                     self.retry_at.get(name, 0.0) > now or not self.leases.acquire(name):
-                continue  # running, yielded, in parts, stalled, or another live daemon's
+                continue  # running, yielded, stalled, or another live daemon's
             self._prepare(found, name, now)
         for candidate, reason in order(candidates, loaded, max_wait):
             if room <= len(found.jobs):
@@ -164,8 +159,7 @@ class Admission:
                 job = self.held.pop(candidate.name).job
                 job.log.info("job_resuming", reason=reason)
                 found.jobs.append(job)
-            elif not Candidates.parts_enough(candidate.name, [*session.running,
-                                                         *(j.name for j in found.jobs)]):
+            else:
                 self._claim(found, candidate, reason, now)
         # a prepared job joins when it routed to the loaded profile, else waits its turn
         joining = []
@@ -206,37 +200,9 @@ class Admission:
         return [Waiting(name, now - held.since, held.job.priority, held.job.profile.name)
                 for name, held in self.held.items() if held.job.profile is not None]
 
-    def part_candidates(self, now: float, profile: str | None = None,
-                        running: Iterable[str] = ()) -> list[Waiting]:
-        return self.candidates.parts(now, self.retry_at, self.held, profile, running)
-
-    def _take_part(self, found: Admitted, name: str, now: float) -> bool:
-        """Take a free part's lease and open it; whether it was taken."""
-        job, k = split_name(name)  # type: ignore[misc]
-        try:
-            if not self.leases.acquire(name):
-                return False  # another daemon took it first
-        except FileNotFoundError:
-            return False  # its job was published meanwhile
-        try:
-            part = parts.open_part(self.settings, job, k, self.profiles, self.results)
-        except OSError as exc:
-            self.leases.release(name)
-            self._stalled(name, now, exc, "part_stalled")
-            return False
-        if part is None:  # published meanwhile, or a profile this daemon lacks
-            self.leases.release(name)
-            return False
-        found.jobs.append(part)
-        found.worked = True
-        return True
-
     def _claim(self, found: Admitted, candidate: Waiting, reason: str, now: float) -> bool:
-        """Claim a waiting file (or take a free part) and prepare its job; whether
-        it was claimed."""
+        """Claim a waiting file and prepare its job; whether it was claimed."""
         name = candidate.name
-        if split_name(name) is not None:
-            return self._take_part(found, name, now)
         self.candidates.settler.forget(name)
         try:
             claimed = inbox.claim(self.settings, name, self.leases)
@@ -263,17 +229,11 @@ class Admission:
             return
         if isinstance(prepared, Outcome):
             found.ended.append((name, prepared))
-        elif prepared.plan is not None:  # in parts: this daemon owns it, every daemon runs it
-            self.split[name] = prepared
-            found.worked = True
         else:
             found.jobs.append(prepared)
 
     def job_stalled(self, name: str, now: float, exc: OSError) -> None:
         self._stalled(name, now, exc, "job_stalled")
-        if split_name(name) is not None:  # a part: back to the spool, for any daemon
-            self.leases.release(name)
-            return
         publish.stalled(self.settings, name, exc)
 
     def _stalled(self, what: str, now: float, exc: OSError, event: str) -> None:
@@ -293,14 +253,6 @@ class Admission:
                 log.error("job_stalled", job=name, error=str(exc))
             self.leases.release(name)
         self.held.clear()
-        for name, job in list(self.split.items()):
-            try:
-                publish.interrupted(job)
-                job.ckpt.close()
-            except OSError as exc:
-                log.error("job_stalled", job=name, error=str(exc))
-            self.leases.release(name)
-        self.split.clear()
 
     def waiting(self) -> bool:
         """Whether eligible files are still settling in the inbox."""

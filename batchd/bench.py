@@ -73,8 +73,6 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
            parts: list[str] | None = None,
            cache: dict[str, int] | None = None,
            by_model: dict[str, int] | None = None,
-           workers: list[dict[str, Any]] | None = None,
-           split: dict[str, int] | None = None,
            replicas: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The contract's bench record (section 6)."""
     gen = generation_s if generation_s > 0 else None
@@ -111,11 +109,6 @@ def record(*, job: str, profile: str | None, model: str | None, engine_args: dic
         # succeeded requests by the model their answer names: a LoRA adapter's
         # name for lines that ran with it, the base model for the rest
         "requests_by_model": by_model or {},
-        # each daemon that answered lines of the job (CONTRACT 18): a job in parts
-        # (``split``) has one per daemon that ran a part; its totals above count
-        # every part once, its rates are over the job's time since it was cut
-        "workers": workers or [],
-        "split": split,
         # each engine replica that answered lines of the job (engine/replicas.py):
         # where it runs, its requests and output tokens, and the seconds from its
         # first answer of the job to its last; empty on a single engine

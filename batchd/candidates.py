@@ -1,37 +1,30 @@
 """What waits to run, as the scheduler sees it (scheduler.Waiting): the inbox's
-files that have settled (their media folders too), and the free parts of jobs
-in parts on the spool. Admission (admission.py) looks here every time it looks
-at the spool, and decides with ``scheduler.order``.
+files that have settled (their media folders too), and whether another daemon
+of the spool is better placed to take one. Admission (admission.py) looks here
+every time it looks at the spool, and decides with ``scheduler.order``.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Iterable
 
 from .config import Settings
-from .jobs import parts, publish
-from .layout import PART_SEP
+from .jobs import publish
 from .metrics import Metrics
 from .profiles import ProfileSet
 from .scheduler import Backlog, Waiting
 from .spool import inbox, media
-from .spool import parts as spool_parts
 from .spool.daemons import Registry
-from .spool.lease import Leases
-from .spool.parts import split_name
 
 RENAME_GRACE_SECONDS = 0.02  # how soon a file first seen unsettled is looked at again
 DEFER_SECONDS = 2.0  # how long a cold daemon leaves a file to a warm one of the spool
-PARTS_AT_ONCE = 2  # parts of one job a daemon runs at once
 
 
 class Candidates:
-    def __init__(self, settings: Settings, leases: Leases, metrics: Metrics,
-                 profiles: ProfileSet, registry: Registry | None = None):
+    def __init__(self, settings: Settings, metrics: Metrics, profiles: ProfileSet,
+                 registry: Registry | None = None):
         self.settings = settings
-        self.leases = leases
         self.metrics = metrics
         self.profiles = profiles
         self.registry = registry  # the spool's other daemons (spool/daemons.py)
@@ -96,57 +89,11 @@ class Candidates:
     def warm_elsewhere(self, candidate: Waiting, loaded: str | None) -> bool:
         """Whether to leave CANDIDATE to another daemon of the spool that has its
         profile loaded and a free slot, while it has waited less than
-        DEFER_SECONDS (after that, whoever looks first takes it). Never a part:
-        the warm daemon takes only PARTS_AT_ONCE of a job; the rest are for all."""
+        DEFER_SECONDS (after that, whoever looks first takes it)."""
         if self.registry is None or candidate.profile in (loaded, None) or \
-                split_name(candidate.name) is not None or \
                 candidate.waited >= max(DEFER_SECONDS, 3 * self.settings.watch.poll_interval):
             return False
         return self.registry.warm_elsewhere(candidate.profile) is not None
-
-    def parts(self, now: float, retry_at: dict[str, float], held: Iterable[str],
-              profile: str | None = None, running: Iterable[str] = ()) -> list[Waiting]:
-        """Free parts of jobs in parts (nobody runs them, or their daemon is gone)
-        whose profiles this daemon has (of PROFILE only, when given), as
-        candidates beside the inbox's files: they wait from when they were cut.
-        A daemon runs at most PARTS_AT_ONCE parts of one job (RUNNING and HELD
-        here): one keeps its engine full while the other's last requests finish,
-        and the other parts are left to the spool's other daemons."""
-        found = []
-        layout = self.settings.layout
-        mine: dict[str, int] = {}
-        held_here = set(held)
-        for name in [*running, *held_here]:
-            split = split_name(name)
-            if split is not None:
-                mine[split[0]] = mine.get(split[0], 0) + 1
-        for job in spool_parts.split_jobs(layout):
-            if mine.get(job, 0) >= PARTS_AT_ONCE:
-                continue
-            plan = spool_parts.read_plan(layout, job)
-            if plan is None or (profile is not None and profile not in plan.profiles) or \
-                    parts.profiles_of(plan, self.profiles) is None or \
-                    layout.cancel(job).exists() or parts.expired(plan):
-                continue  # gone, another profile, one this daemon lacks, cancelled, expired
-            ended = {k for k, records in spool_parts.progress(layout, job).items()
-                     if any(r.get("done") for r in records)}
-            waited = max(0.0, time.time() - plan.created)  # one wait for all: part 0 first
-            for k in range(plan.parts):
-                name = spool_parts.part_name(job, k)
-                if k in ended or name in held_here or name in self.leases.held or \
-                        retry_at.get(name, 0.0) > now or not self.leases.free(name):
-                    continue
-                found.append(Waiting(name, waited, plan.priority, profile or plan.profile))
-        return found
-
-    @staticmethod
-    def parts_enough(name: str, running: Iterable[str]) -> bool:
-        """Whether NAME is a part of a job this daemon already runs PARTS_AT_ONCE of."""
-        split = split_name(name)
-        if split is None:
-            return False
-        prefix = split[0] + PART_SEP
-        return sum(other.startswith(prefix) for other in running) >= PARTS_AT_ONCE
 
     def waiting(self) -> bool:
         """Whether eligible files are still settling in the inbox."""

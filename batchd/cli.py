@@ -162,9 +162,8 @@ def _copy_in(data, target: Path) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from .spool.listing import claim_in_flight, job_rows, waiting_file
     from .spool.daemons import Registry
-    from .spool.outbox import read_status
-    from .views import (follow, follow_spool, follow_waiting, part_rows, print_daemons,
-                        print_job, print_parts, print_table, print_waiting)
+    from .views import (follow, follow_spool, follow_waiting, print_daemons, print_job,
+                        print_table, print_waiting)
 
     settings = _settings(args)
     if args.job:
@@ -180,15 +179,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             raise UsageError(f"no such job: {args.job}")
         if args.follow:
             return follow(path, as_json=args.json)
-        parts = part_rows(settings.layout, args.job)  # a job in parts, part by part
-        if args.json and parts:
-            history = read_status(path)
-            print(json.dumps({**(history[-1] if history else {}), "parts": parts}))
-            return 0
-        code = print_job(path, as_json=args.json)
-        if parts:
-            print_parts(parts)
-        return code
+        return print_job(path, as_json=args.json)
     if args.follow:
         return follow_spool(lambda: job_rows(settings), as_json=args.json)
     rows = job_rows(settings)

@@ -23,6 +23,13 @@ from .layout import Layout
 
 SEARCH_PATH = (Path("config.toml"), Path("/etc/batchd/config.toml"))
 
+# Keys an older batchd read that a config may still name: accepted so it starts,
+# and the daemon warns at start with what replaced each (Settings.retired).
+RETIRED = {
+    "scheduling.part_lines": "a daemon now drives every GPU of its host itself, "
+                             "see [engine] replicas (jobs are no longer cut in parts)",
+}
+
 
 
 @functools.lru_cache(maxsize=16)
@@ -108,10 +115,8 @@ class SchedulingConfig(_Section):
     max_wait_seconds: float = Field(600.0, ge=0)
     # Jobs for the loaded profile that run at once in its engine, sharing its window.
     max_running_jobs: int = Field(8, ge=1)
-    # A job of more requests than this runs in parts of about this many, which
-    # every daemon of the spool takes like files (batchd/jobs/parts.py); 0: never
-    # split. 10,000 lines keep a 16 GB GPU busy for minutes per part.
-    part_lines: int = Field(10_000, ge=0)
+    # Retired (RETIRED above): read by nothing, accepted so an old config starts.
+    part_lines: int | None = Field(None, ge=0)
 
 
 class CacheConfig(_Section):
@@ -219,6 +224,16 @@ class Settings(BaseSettings):
     @property
     def inbox(self) -> Path:
         return self.layout.inbox
+
+    def retired(self) -> dict[str, str]:
+        """The retired keys this configuration names (file or environment), each
+        with what replaced it."""
+        named = {}
+        for key, instead in RETIRED.items():
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) is not None:
+                named[key] = instead
+        return named
 
     @property
     def work(self) -> Path:

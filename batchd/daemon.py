@@ -76,6 +76,8 @@ class Daemon:
         inbox.check_writable(self.settings)
         for error in self.profiles.errors:
             log.error("profile_invalid", error=error)
+        for key, instead in self.settings.retired().items():
+            log.warning("config_key_retired", key=key, instead=instead)
         mode = os.stat(self.settings.inbox).st_mode
         if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
             # Anyone may then delete or rename other users' files, claims included.
@@ -114,12 +116,9 @@ class Daemon:
                 self._abandon(now, exc)
                 worked = True
         looked = self.owned.look(now, paced=self.watcher is not None)
-        session, engine = self.session, self.pool.engine
-        for record in looked.progress:
-            self.report.progress(record, len(session.running) if session is not None else 1)
         self._ended(looked.ended)
         if self.report.registry.due(now):  # once a second, not built every turn
-            session = self.session
+            session, engine = self.session, self.pool.engine
             replicas = getattr(engine, "replica_lines", None)  # engine replicas
             self.report.alive(now, session.profile.name if session is not None else
                               engine.profile.name if engine is not None else None,
@@ -219,10 +218,6 @@ class Daemon:
         for name, outcome in ended:
             self.admission.retry_at.pop(name, None)
             self.leases.release(name)  # finished: nothing left in work/ to own
-            if outcome.part:  # the job's owner publishes it, once
-                self.admission.next_look = float("-inf")  # the job's next part joins now
-                self.owned.look_soon()  # and its owner, if here, looks now
-                continue
             self.report.finished(name, outcome)
             self.hooks.wake()
 
@@ -256,8 +251,7 @@ class Daemon:
                         continue
                     if self.session is not None and self.session.stream is not None:
                         continue  # the stream itself waits for the engine's next answers
-                    if once and self.session is None and not self.admission.split \
-                            and not self.admission.waiting():
+                    if once and self.session is None and not self.admission.waiting():
                         break
                     now = self.clock()
                     if self.session is None:

@@ -105,9 +105,7 @@ PUBLISHED_INPUT = "input.jsonl"
 JOB_TOML = "job.toml"
 MERGED = "merged.jsonl"  # a retry's answers merged into its original's (jobs/retry.py)
 CHECKPOINT = ".ckpt.jsonl"
-PARTS = ".parts"  # work/JOB.parts/: a job run in parts by the spool's daemons
 MEDIA = ".media"  # inbox/NAME.media/: the images of inbox/NAME.jsonl (spool/media.py)
-PART_SEP = "#"  # a part's name, as its daemon runs it: JOB#3
 CLAIM = ".claim~"  # work/.claim~PID~N~HOST~NAME: hidden, never a job
 ENGINE_PIDS = ".engine~"  # work/.engine~HOST~PID
 
@@ -174,25 +172,11 @@ class Layout:
         return self.work / f".{job}{MEDIA}"
 
     def lease(self, job: str) -> Path:
-        """work/JOB.lease; a part's (JOB#K) is work/JOB.parts/K.lease."""
-        folder, name = self._owned(job)
-        return folder / f"{name}.lease"
+        return self.work / f"{job}.lease"
 
     def stale_lease(self, job: str, host: str, pid: int) -> Path:
         """Where a daemon taking over JOB moves its dead owner's lease (one wins)."""
-        folder, name = self._owned(job)
-        return folder / f".{name}.lease.stale~{host}~{pid}"
-
-    def _owned(self, job: str) -> tuple[Path, str]:
-        parent, sep, part = job.partition(PART_SEP)
-        return (self.parts(parent), part) if sep else (self.work, job)
-
-    # -- a job in parts (batchd/jobs/parts.py) ------------------------------------
-
-    def parts(self, job: str) -> Path:
-        """work/JOB.parts/: the plan, and each part's lines, lease, checkpoints and
-        progress."""
-        return self.work / f"{job}{PARTS}"
+        return self.work / f".{job}.lease.stale~{host}~{pid}"
 
     def daemons(self) -> Path:
         """daemons/: one record per running daemon of the spool (spool/daemons.py)."""

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from .clock import parse_iso, utc_now
 from .config import Settings
-from .layout import STATUS, JobState, Layout, is_final
+from .layout import STATUS, JobState, is_final
 from .profiles import Profile
 from .spool.listing import WaitingFile, bench_groups
 from .spool.outbox import read_status
@@ -264,49 +264,6 @@ def _plot(groups: dict[str, dict[str, Any]], path: str) -> int:
     fig.savefig(path)
     print(f"plot written to {path}")
     return 0
-
-
-def part_rows(layout: Layout, job: str) -> list[dict[str, Any]]:
-    """A job in parts, part by part: its lines, how many are answered, its
-    state and the daemon (HOST:PID) that holds its lease now, if any."""
-    from .spool import parts
-
-    plan = parts.read_plan(layout, job)
-    if plan is None:
-        return []
-    progress = parts.progress(layout, job)
-    rows = []
-    for k in range(plan.parts):
-        records = progress.get(k, [])
-        best = max(records, key=lambda r: (r.get("done", False), r.get("answered", 0)),
-                   default={})
-        try:
-            owner = json.loads(layout.lease(parts.part_name(job, k)).read_text())
-            holder = f"{owner.get('host')}:{owner.get('pid')}"
-        except (OSError, ValueError):
-            holder = None
-        total = best.get("total")
-        if total is None:
-            try:
-                total = len(parts.read_lines(layout, job, k))
-            except OSError:
-                total = 0  # published and removed as we looked
-        rows.append({"part": k, "lines": total, "answered": best.get("answered", 0),
-                     "state": "done" if best.get("done") else best.get("state", "waiting"),
-                     "phase": best.get("phase"), "daemon": holder,
-                     "ran_on": sorted({r["daemon"] for r in records})})
-    return rows
-
-
-def print_parts(rows: list[dict[str, Any]]) -> None:
-    table = Table(box=None, header_style="bold")
-    for column in ("PART", "DONE/LINES", "STATE", "DAEMON", "RAN ON"):
-        table.add_column(column)
-    for r in rows:
-        state = r["state"] + (f" ({r['phase']})" if r["phase"] and r["state"] != "done" else "")
-        table.add_row(str(r["part"]), f"{r['answered']}/{r['lines']}", state,
-                      r["daemon"] or "-", ", ".join(r["ran_on"]) or "-")
-    Console().print(table)
 
 
 def print_daemons(records: list[dict[str, Any]]) -> None:

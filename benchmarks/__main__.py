@@ -17,7 +17,7 @@ SCENARIOS = {
     "concurrency": "a small file dropped during a bulk job: its wait, and the bulk's cost",
     "rerun": "the result cache: a file, then the same file with 1 % of its lines changed",
     "window": "a bulk job's time on the auto window against fixed ones",
-    "scaleout": "one big file on one daemon, in parts on one, and in parts on two",
+    "scaleout": "a bulk as whole files on one daemon and on two sharing one spool",
     "images": "daemon RSS for a 50-image job vs a 5,000-image one (media folder, tiny-vision)",
 }
 

@@ -62,7 +62,7 @@ run)
   budget=$(( ${LIMIT_S:-600} - SECONDS - 50 ))
   echo "unpacked after ${SECONDS}s; parts budget ${budget}s"
   if [ "${SCENARIO:-gpu}" = scaleout ] || [ "${SCENARIO:-gpu}" = images ]; then
-    # scaleout: one big file on one daemon, in parts on one, in parts on two daemons
+    # scaleout: a bulk as whole files on one daemon and on two daemons of one spool
     # sharing the GPU; images: the daemon's RSS for 50 against 5,000 pictures
     # (docs/BENCHMARKING.md); the tiny model carried in models/
     timeout "$budget" python3 -m benchmarks run "$SCENARIO" --repeats "${REPEATS:-3}" \

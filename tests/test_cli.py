@@ -52,6 +52,31 @@ def test_bad_config_and_usage_exit_2(tmp_path):
     assert batchd("frobnicate").returncode == 2
 
 
+def test_a_config_naming_a_retired_key_starts_with_a_warning(spool_config, tmp_path,
+                                                             monkeypatch):
+    """[scheduling] part_lines (jobs cut in parts over the spool) is retired: an
+    old config naming it, in the file or the environment, still runs, and the
+    daemon says at start what replaced it (CONTRACT 18: [engine] replicas)."""
+    import os
+    config = spool_config("[scheduling]\npart_lines = 10000\n")
+    src = tmp_path / "r.jsonl"
+    src.write_text('{"prompt": "x"}\n' * 3)
+    assert batchd("submit", str(src), config=config).returncode == 0
+    out = batchd("run", "--once", config=config, env={**os.environ}, fake=True)
+    assert out.returncode == 0, out.stderr
+    (warning,) = [json.loads(line) for line in out.stderr.splitlines()
+                  if '"config_key_retired"' in line]
+    assert warning["level"] == "warning" and warning["key"] == "scheduling.part_lines"
+    assert "[engine] replicas" in warning["instead"]
+    assert read_jsonl(tmp_path / "spool" / "outbox" / "r.status.jsonl")[-1]["state"] == \
+        "completed"
+
+    from batchd.config import load_settings
+    assert load_settings(spool_config()).retired() == {}  # a config without it: no warning
+    monkeypatch.setenv("BATCHD_SCHEDULING__PART_LINES", "0")
+    assert list(load_settings(spool_config()).retired()) == ["scheduling.part_lines"]
+
+
 def test_env_overrides_config(spool_config, tmp_path):
     import os
     config = spool_config()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from array import array
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -16,9 +15,7 @@ from ..config import Settings
 from ..layout import Layout
 from ..profiles import Profile
 from ..spool.cache import ResultCache
-from ..spool import parts
 from ..spool.checkpoint import Checkpoint, LineSet, Tally
-from ..spool.parts import Plan
 from ..clock import utc_now
 from ..spool.outbox import StatusFile, anthropic_line
 from .order import PrefixOrder
@@ -63,39 +60,26 @@ class Job:
     engine_tokens: list[int] = field(default_factory=lambda: [0, 0])  # prompt, completion
     # what each engine replica answered of it (engine/replicas.py), by where it runs
     replicas: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # the result cache, unless off (config or sidecar); lines sent to the engine
-    # whose answers are to be stored: line -> key
     anthropic: LineSet = field(default_factory=LineSet)  # lines in Anthropic's batch format
     retry_of: str | None = None  # a retry publishes a merged file (jobs/retry.py)
     retry_codes: list[str] = field(default_factory=list)
+    # the result cache, unless off (config or sidecar); lines sent to the engine
+    # whose answers are to be stored: line -> key
     cache: ResultCache | None = None
     cache_hits: int = 0
     cache_misses: int = 0
     cache_pending: dict[int, str] = field(default_factory=dict)
-    # a job in parts (batchd/jobs/parts.py): PLAN, on the daemon that owns the job;
-    # on the daemon running one of its parts (named JOB#K), the job it is a part of
-    # (ORIGIN), the part's number (PART), its requests (LINES: packed line and
-    # offset, in the order they run) and the answers other daemons gave before
-    plan: Plan | None = None
-    collected: Any = None  # its requests in run order, for cutting (jobs/order.py)
-    origin: str = ""
-    part: int | None = None
-    lines: array | None = None
-    before: tuple[int, int] = (0, 0)  # (answers, output tokens) in its checkpoint at the start
-    resumed: bool | None = None  # for the bench record, when the checkpoint alone cannot say
     images: int = 0  # in its valid lines, for the bench record (jobs/images.py)
 
     def __post_init__(self) -> None:
-        self.origin = self.origin or self.name
         self.status = StatusFile(self.layout.status(self.name), self.name)
         self.log = structlog.get_logger().bind(job=self.name)
 
-    def open_checkpoint(self, others: tuple[Path, ...] = ()) -> Checkpoint:
-        """Read (or start) the checkpoint, with OTHERS' answers to the same lines
-        (read only); answered lines are never asked again."""
+    def open_checkpoint(self) -> Checkpoint:
+        """Read (or start) the checkpoint; answered lines are never asked again."""
         engine = self.settings.engine
         self.ckpt = Checkpoint(self.checkpoint, engine.checkpoint_every,
-                               engine.checkpoint_seconds, others=others)
+                               engine.checkpoint_seconds)
         return self.ckpt
 
     @property
@@ -104,24 +88,22 @@ class Job:
 
     @property
     def input(self) -> Path:
-        return self.layout.input(self.origin)
+        return self.layout.input(self.name)
 
     @property
     def checkpoint(self) -> Path:
-        if self.part is not None:
-            return parts.own_checkpoint(self.layout, self.origin, self.part)
         return self.layout.checkpoint(self.name)
 
     @cached_property
     def media(self) -> Path | None:
         """work/media/JOB/, the job's media folder, when one came with the file
         (looked up once: after validation has moved it in, for every request)."""
-        path = self.layout.media(self.origin)
+        path = self.layout.media(self.name)
         return path if path.is_dir() else None
 
     @property
     def sidecar(self) -> Path | None:
-        path = self.layout.sidecar(self.origin)
+        path = self.layout.sidecar(self.name)
         return path if path.exists() or path.is_symlink() else None
 
     @property
@@ -130,8 +112,6 @@ class Job:
 
     @property
     def order_name(self) -> str:
-        if self.plan is not None:
-            return self.plan.order  # its parts run in it; the owner keeps no order
         return "input" if self.order is None else "prefix"
 
     def progress(self, done_now: int = 0, seconds: float = 0.0) -> dict[str, Any]:

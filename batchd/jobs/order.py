@@ -79,13 +79,6 @@ def _shared_levels(a: int, b: int) -> int:
     return k
 
 
-def family(group: int) -> int:
-    """The coarsest group GROUP belongs to: the lines sharing their first 256
-    characters of prefix text (a job in parts keeps a family on one engine);
-    0 for a line that shares nothing."""
-    return (group >> (_PREFIX_BITS - BITS[0])) + 1 if group else 0
-
-
 class PrefixOrder:
     """Collects (key, offset, line) during validation; yields offsets in order."""
 
@@ -106,12 +99,6 @@ class PrefixOrder:
 
     def sequence(self) -> Iterator[tuple[int, int]]:
         """(line number, byte offset) of every collected line, in prefix order."""
-        for _group, index in self.grouped():
-            yield self._at(index)
-
-    def grouped(self) -> Iterator[tuple[int, int]]:
-        """(prefix group, index) of every collected line, in prefix order; group 0
-        is a line that shares its prefix with no other."""
         index_mask = (1 << INDEX_BITS) - 1
         out_mask = (1 << OUT_BITS) - 1
         shift = INDEX_BITS + OUT_BITS
@@ -136,29 +123,16 @@ class PrefixOrder:
         for entry in sorted(grouped):
             group = entry >> shift_group
             if group == 0:  # shares nothing with any other line
-                yield 0, entry & index_mask
+                yield self._at(entry & index_mask)
             elif group != current:
-                yield group, entry & index_mask  # the new group's leader
+                yield self._at(entry & index_mask)  # the new group's leader
                 for held in followers:
-                    yield current, held & index_mask
+                    yield self._at(held & index_mask)
                 current, followers = group, array("Q")
             else:
                 followers.append(entry)
         for held in followers:
-            yield current, held & index_mask
+            yield self._at(held & index_mask)
 
     def _at(self, index: int) -> tuple[int, int]:
         return self.lines[index], self.offsets[index]
-
-
-class InputOrder(PrefixOrder):
-    """File order, collected the same way: what a job in input order is cut
-    along when it runs in parts (batchd/jobs/parts.py)."""
-
-    def add(self, request: Request, offset: int) -> None:
-        self.offsets.append(offset)
-        self.lines.append(request.line)
-
-    def grouped(self) -> Iterator[tuple[int, int]]:
-        for index in range(len(self.offsets)):
-            yield 0, index

@@ -17,9 +17,8 @@ from ..lines import LineError, Request, open_regular, read_line_at
 from ..profiles import ProfileSet
 from ..spool import cache
 from ..spool.cache import ResultCache
-from ..spool.parts import unpack
 from ..spool.outbox import error_line, read_status, result_line
-from . import images, parts, publish
+from . import images, publish
 from .job import Job
 from .publish import Outcome
 from .router import JobRejected, route, routes
@@ -76,8 +75,6 @@ def prepare(settings: Settings, name: str, profiles: ProfileSet,
         job.cache = results if sidecar.cache else None
         job.retry_of, job.retry_codes = sidecar.retry_of, sidecar.retry_codes
         publish.job_toml(job, sidecar, reason, settings.routing.models_dir)
-        if parts.plan(job):
-            job.order = job.collected = None  # its parts run it: the owner needs neither
         if cancel_requested(job):
             return publish.end(job, CANCELLED)
         if expired(job):
@@ -95,11 +92,8 @@ def requested_ending(job: Job) -> Ending | None:
 
 
 def cancel_requested(job: Job) -> bool:
-    """A cancel marker for the job (for a part: for the job it is a part of), or
-    a part whose job is gone (published by its owner meanwhile)."""
-    if job.part is not None and not job.layout.parts(job.origin).exists():
-        return True
-    return job.layout.cancel(job.origin).exists()
+    """Whether a cancel marker waits for the job."""
+    return job.layout.cancel(job.name).exists()
 
 
 def expired(job: Job) -> bool:
@@ -172,17 +166,6 @@ def _cached(job: Job, item: Request, sampling: dict[str, Any], identity: str) ->
 def _pending(job: Job) -> Iterator[Request]:
     """The valid, unanswered requests in the job's order (batchd/jobs/order.py)."""
     max_line = job.settings.limits.max_line_bytes
-    if job.lines is not None:  # a part: its own lines, in the order they run
-        with open_regular(job.input) as stream:
-            for entry in job.lines:
-                line, offset = unpack(entry)
-                if line not in job.ckpt.done:
-                    item = read_line_at(stream, offset, line, max_line)
-                    assert isinstance(item, Request)  # it was one when the job was cut
-                    if item.anthropic:
-                        job.anthropic.add(line)
-                    yield item
-        return
     if job.order is None:
         for _offset, item in classified(job.input, max_line):
             if isinstance(item, Request) and item.line not in job.ckpt.done:

@@ -25,13 +25,11 @@ from ..config import Settings
 from ..clock import utc_now
 from ..layout import (BENCH, ERRORS, INPUT, JOB_TOML, PUBLISHED_INPUT, RESULTS, Ending,
                       JobState, Phase)
-from ..lines import LineError, open_regular, read_line_at
+from ..lines import LineError, open_regular
 from ..spool import events, inbox, media
-from ..spool import parts as spool_parts
-from ..spool.parts import unpack
-from ..spool.outbox import (OWNER, StatusFile, atomic_files, error_line, read_status, sync_dir,
+from ..spool.outbox import (StatusFile, atomic_files, error_line, read_status, sync_dir,
                             write_atomic)
-from . import parts, retry
+from . import retry
 from .job import Job
 from .router import JobRejected, Sidecar
 from .validate import classified
@@ -46,22 +44,15 @@ class Outcome:
 
     state: JobState
     bench: dict[str, Any] | None
-    part: bool = False  # a part of a job ended (its owner publishes the job)
 
 
 def end(job: Job, ending: Ending) -> Outcome:
     """Publish JOB as ENDING says: every line not answered yet gets the ending's
     error line (``cancelled``, ``batch_expired``, or a failure's code), then
-    ``finish``. A part of a job ends as ``end_part`` says; a job in parts is
-    published with every part's answers."""
-    if job.part is not None:
-        return end_part(job, ending)
-    if job.plan is not None:
-        parts.merge(job)
+    ``finish``."""
     if ending.state == JobState.CANCELLED:
         _fill(job, "cancelled", "the job was cancelled before this line ran", 400)
-        if job.plan is None:  # a job in parts keeps it until published: no part restarts
-            job.layout.cancel(job.name).unlink(missing_ok=True)
+        job.layout.cancel(job.name).unlink(missing_ok=True)
         job.log.info("job_cancelled")
     elif ending.state == JobState.EXPIRED:  # OpenAI's expiry: answered lines stay
         _fill(job, "batch_expired", "this request could not be executed before "
@@ -75,34 +66,6 @@ def end(job: Job, ending: Ending) -> Outcome:
     record = finish(job, ending.state, job.settings.routing.models_dir, errors)
     job.layout.cancel(job.name).unlink(missing_ok=True)
     return Outcome(ending.state, record)
-
-
-def end_part(job: Job, ending: Ending) -> Outcome:
-    """A part ends: all its lines answered, or failed (its unanswered lines get
-    the failure's error line: the owner then publishes the job with them), and
-    it says so in its progress file. Cancelled or expired, it only stops: the
-    job's owner gives the unanswered lines their error lines when it publishes."""
-    assert job.part is not None and job.lines is not None
-    if ending.state == JobState.FAILED:
-        assert ending.code is not None
-        with open_regular(job.input) as stream:
-            for entry in job.lines:
-                line, offset = unpack(entry)
-                if line not in job.ckpt.done:
-                    item = read_line_at(stream, offset, line, job.settings.limits.max_line_bytes)
-                    if item.anthropic:
-                        job.anthropic.add(line)
-                    job.record(line, "error", error_line(LineError(
-                        line, item.custom_id, ending.code, ending.message, None, 500,
-                        "server_error")))
-    job.ckpt.sync()
-    done = ending.state in (JobState.COMPLETED, JobState.FAILED)
-    job.status.write(ending.state, phase=Phase.DONE, done=done,
-                     message=ending.message, **job.progress())
-    job.log.info("part_finished", part=job.part, state=ending.state.value,
-                 answered=job.answered, total=job.total)
-    job.ckpt.close()
-    return Outcome(ending.state, None, part=True)
 
 
 def reject(job: Job, exc: JobRejected) -> Outcome:
@@ -206,18 +169,12 @@ def outputs(job: Job, final: JobState, models_dir: Path) -> dict[str, Any]:
         total_s=job.waited + time.monotonic() - job.started,
         first_result_s=job.first_result_s,
         started_at=job.started_at, finished_at=utc_now(), state=final.value,
-        resumed=job.resumed if job.resumed is not None else job.ckpt.resumed_lines > 0,
+        resumed=job.ckpt.resumed_lines > 0,
         order=job.order_name, images=job.images,
         cached_tokens=tally.cached_tokens, concurrency=job.concurrency(),
         parts=[p.name for p in job.routes.parts] if job.routes else None,
         cache=job.cache_counts(), by_model=tally.by_model,
-        replicas=list(job.replicas.values()),
-        workers=parts.workers(job) if job.plan is not None else [{
-            "daemon": OWNER, "parts": 0, "requests": tally.completed + tally.failed
-            - job.ckpt.resumed_lines, "output_tokens": tally.completion_tokens,
-            "generation_s": round(job.gen_s, 3)}],
-        split={"parts": job.plan.parts, "part_lines": job.settings.scheduling.part_lines}
-        if job.plan is not None else None)
+        replicas=list(job.replicas.values()))
     write_atomic(job.out(BENCH), [json.dumps(record, indent=2).encode() + b"\n"])
     return record
 
@@ -240,7 +197,6 @@ def place_input(job: Job) -> None:
 def cleanup(job: Job, final: JobState, rejected: bool | None = None) -> JobState:
     """After the final status line: the input leaves work/, the checkpoint goes."""
     layout = job.layout
-    spool_parts.remove(layout, job.name)  # a job in parts: first, while its input is there
     if rejected is None:  # recovering after a crash: the status says how it ended
         last = read_status(job.status.path)[-1]
         rejected = final == JobState.FAILED and last.get("profile") is None

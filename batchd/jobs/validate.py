@@ -17,7 +17,7 @@ from ..spool import media
 from ..spool.outbox import error_line
 from . import images
 from .job import Job
-from .order import InputOrder, PrefixOrder
+from .order import PrefixOrder
 from .router import JobRejected, ModelVote, Sidecar, read_sidecar
 
 
@@ -75,9 +75,6 @@ def validate_job(job: Job) -> tuple[Sidecar, ModelVote]:
     sidecar = read_sidecar(job.sidecar)
     order = PrefixOrder() if (sidecar.order or settings.engine.order) == "prefix" \
         else None
-    # what a job in parts is cut along: its prefix order, or else its file order
-    collect = order if order is not None else \
-        InputOrder() if settings.scheduling.part_lines else None
     folder = media.move(job.layout, job.name)  # after a crash mid-claim too
 
     def on_request(item: Request, offset: int) -> None:
@@ -91,8 +88,8 @@ def validate_job(job: Job) -> tuple[Sidecar, ModelVote]:
                     job.record(item.line, "error", error_line(bad))
                 return
             job.images += images.count(item.body, settings.media.allowed_domains)
-        if collect is not None and item.line not in job.ckpt.done:
-            collect.add(item, offset)
+        if order is not None and item.line not in job.ckpt.done:
+            order.add(item, offset)
 
     def on_error(item: LineError) -> None:
         if item.anthropic:
@@ -109,7 +106,6 @@ def validate_job(job: Job) -> tuple[Sidecar, ModelVote]:
     job.total, votes = validate(
         job.input, limits, on_error, on_request, every_8192)
     job.order = order if order is not None and not order.overflow else None
-    job.collected = collect if collect is not None and not collect.overflow else None
     return sidecar, votes
 
 def _published(job: Job, st: os.stat_result) -> bool:

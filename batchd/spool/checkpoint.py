@@ -81,20 +81,8 @@ class Checkpoint:
     done: LineSet = field(default_factory=LineSet)
     tally: Tally = field(default_factory=Tally)
     resumed_lines: int = 0
-    # other daemons' checkpoints of the same lines (a part taken over, the parts of
-    # a job being published): read, never written; their answers count as done
-    others: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
-        for other in self.others:
-            try:
-                for _end, record in _records(other):
-                    if record["line"] not in self.done:
-                        self.done.add(record["line"])
-                        self.tally.count(record["kind"], record["out"])
-                        self.resumed_lines += 1
-            except FileNotFoundError:
-                continue
         good_end = 0
         if self.path.exists():
             for end, record in _records(self.path):
@@ -140,37 +128,27 @@ class Checkpoint:
     def ordered(self) -> Iterator[tuple[int, str, bytes]]:
         """Every record once, in input line order, in bounded memory: (line,
         kind, the output line's bytes with their newline, as ``dumps_line``
-        writes it). A line in several files (``others``) comes from the first.
+        writes it).
 
-        Keeps one 8-byte offset and one file number per line and reads records
-        back by seeking. Every record is valid JSON here (opening cut off a torn
-        tail; ``add`` wrote the rest), so a record in ``add``'s layout is split,
-        not parsed: the output line is the bytes between its head and the
-        closing brace.
+        Keeps one 8-byte offset per line and reads records back by seeking.
+        Every record is valid JSON here (opening cut off a torn tail; ``add``
+        wrote the rest), so a record in ``add``'s layout is split, not parsed:
+        the output line is the bytes between its head and the closing brace.
         """
         self.sync()
-        paths = [p for p in self.others if p.exists()] + [self.path]
-        offsets, files = array("q"), array("H")
-        for number, path in enumerate(paths):
-            with open(path, "rb") as stream:
-                start = 0
-                for raw in stream:
-                    if not raw.endswith(b"\n"):
-                        break  # another daemon's torn tail
-                    head = _HEAD.match(raw)
-                    line = int(head[1]) if head else json.loads(raw)["line"]
-                    if line >= len(offsets):
-                        grow = line + 1 - len(offsets)
-                        offsets.extend([-1] * grow)
-                        files.extend([0] * grow)
-                    if offsets[line] < 0:
-                        offsets[line], files[line] = start, number
-                    start += len(raw)
-        streams = [open(path, "rb") for path in paths]
-        try:
+        offsets = array("q")
+        with open(self.path, "rb") as stream:
+            start = 0
+            for raw in stream:
+                head = _HEAD.match(raw)
+                line = int(head[1]) if head else json.loads(raw)["line"]
+                if line >= len(offsets):
+                    offsets.extend([-1] * (line + 1 - len(offsets)))
+                if offsets[line] < 0:
+                    offsets[line] = start
+                start += len(raw)
             for line, offset in enumerate(offsets):
                 if offset >= 0:
-                    stream = streams[files[line]]
                     stream.seek(offset)
                     raw = stream.readline()
                     head = _HEAD.match(raw)
@@ -179,9 +157,6 @@ class Checkpoint:
                     else:  # another layout: parse it
                         record = json.loads(raw)
                         yield line, record["kind"], dumps_line(record["out"])
-        finally:
-            for stream in streams:
-                stream.close()
 
 
 def _record(line: int, kind: str, out: dict[str, Any]) -> bytes:

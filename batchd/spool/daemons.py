@@ -6,9 +6,8 @@ has loaded, its free job slots, what it runs), replaced atomically when it
 changes and at least every ``lease_seconds / 4`` (the file's mtime is its
 heartbeat), and removed when it stops. A record is live while its pid lives
 (same host) or its heartbeat is younger than ``lease_seconds`` (another host).
-Admission reads them so that a file or part for a profile goes to an idle
-daemon that holds that model before a cold one pays a load; ``batchd status``
-lists them.
+Admission reads them so that a file for a profile goes to an idle daemon that
+holds that model before a cold one pays a load; ``batchd status`` lists them.
 """
 
 from __future__ import annotations
