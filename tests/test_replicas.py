@@ -4,6 +4,7 @@ a set that gives up only when every replica has. Real vLLM replicas are in
 test_vllm_replicas.py."""
 
 import pytest
+from conftest import wait_for
 
 from batchd.engine import EngineDead
 from batchd.engine.replicas import ReplicaSet, cpu_slices, family
@@ -146,6 +147,10 @@ def test_a_dead_replicas_requests_go_first_to_the_others_and_it_loads_again_late
     a.queue.clear()
     replicas._deal(source, ahead, False, 4)
     assert list(a.queue) == held and not replicas.redo
+    now[0] = 102.0  # between streams, the daemon's once-a-second look loads it again
+    replicas.replica_lines()
+    assert b.state == "loading"
+    wait_for(lambda: replicas.replica_lines()[1]["state"] == "ready", 10, what="b loaded")
     replicas._died(b, EngineDead("killed again"))  # the second death of two allowed
     assert b.state == "gone"
     replicas.close()

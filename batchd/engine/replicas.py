@@ -127,6 +127,7 @@ class ReplicaSet:
         self.families: dict[bytes, Replica] = {}
         self.redo: deque[Request] = deque()  # a dead replica's, dealt before anything new
         self.joining = 0  # requests of a job that joined, to start at once (more())
+        self.streaming = False
         # each job's answers by replica: [requests, output tokens, first, last answer]
         self.by_job: dict[str, dict[int, list[float]]] = {}
         # all load at once; the set is up when every one has loaded or failed
@@ -227,6 +228,7 @@ class ReplicaSet:
                window: int) -> Generator[list[Answer], None, None]:
         source = iter(requests)
         per = max(1, -(-window // max(1, len(self.replicas))))  # each replica's window
+        self.streaming = True
         ahead: list[Request] = []  # taken from the source, not dealt yet
         exhausted = False
         try:
@@ -254,6 +256,7 @@ class ReplicaSet:
                 yield answers
         finally:
             self._stop_all()
+            self.streaming = False
 
     def _deal(self, source: Iterator[Request | None], ahead: list[Request],
               exhausted: bool, per: int) -> bool:
@@ -389,9 +392,26 @@ class ReplicaSet:
             replica.state = "gone"
 
     def replica_lines(self) -> list[dict[str, Any]]:
-        """Each replica as the daemon's record and `batchd status` show it."""
+        """Each replica as the daemon's record and `batchd status` show it (the
+        loop asks once a second: between streams a dead replica is loaded
+        again here, so it is back before the next job)."""
+        if not self.streaming:
+            self._tend()
         now = self.clock()
         return [r.line(now) for r in self.replicas]
+
+    def _tend(self) -> None:
+        """Between streams: the loads that ended, and the restarts that are due."""
+        while True:
+            try:
+                replica, what, value = self.events.get_nowait()
+            except queue.Empty:
+                break
+            if what in ("loaded", "load_failed"):
+                self._handle(replica, what, value)
+        for replica in self.replicas:
+            if replica.state == "dead" and self.clock() >= replica.restart_at:
+                self._start_load(replica)
 
     def take_job(self, job: str) -> list[dict[str, Any]]:
         """What each replica answered of JOB since last asked (the bench record's
