@@ -18,6 +18,7 @@ SCENARIOS = {
     "rerun": "the result cache: a file, then the same file with 1 % of its lines changed",
     "window": "a bulk job's time on the auto window against fixed ones",
     "scaleout": "a bulk as whole files on one daemon and on two sharing one spool",
+    "replicas": "one engine against two replicas of one daemon, dealt by family and without",
     "images": "daemon RSS for a 50-image job vs a 5,000-image one (media folder, tiny-vision)",
 }
 

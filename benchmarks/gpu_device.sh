@@ -13,6 +13,9 @@
 #              SWAPS=0 FITS=0 (and REPEATS=9): the whole budget goes to part 1
 #              SCENARIO=scaleout: the `scaleout` scenario instead (two daemons on
 #              the one GPU); carry models/tiny-llama too (`make test` builds it)
+#              SCENARIO=replicas: the `replicas` scenario (one engine against two
+#              replicas of one daemon sharing the GPU at 0.4 of its memory each);
+#              carry models/tiny-llama
 #              SCENARIO=images: the `images` scenario (REPEATS=1); carry
 #              models/tiny-vision (`batchd models prepare tiny-vision`)
 #
@@ -61,7 +64,8 @@ run)
   # leaves after the unpacking, less a margin for the last load and the exit.
   budget=$(( ${LIMIT_S:-600} - SECONDS - 50 ))
   echo "unpacked after ${SECONDS}s; parts budget ${budget}s"
-  if [ "${SCENARIO:-gpu}" = scaleout ] || [ "${SCENARIO:-gpu}" = images ]; then
+  if [ "${SCENARIO:-gpu}" = scaleout ] || [ "${SCENARIO:-gpu}" = images ] || \
+     [ "${SCENARIO:-gpu}" = replicas ]; then
     # scaleout: a bulk as whole files on one daemon and on two daemons of one spool
     # sharing the GPU; images: the daemon's RSS for 50 against 5,000 pictures
     # (docs/BENCHMARKING.md); the tiny model carried in models/
