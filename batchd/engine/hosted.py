@@ -71,15 +71,18 @@ def engine_factory(settings: Settings, wake: Waker | None = None
             return HostedEngine(profile, settings.routing.models_dir, pidfile, wake, media)
         from .replicas import ReplicaSet
 
+        def own(replica: int) -> Path:
+            return settings.layout.engine_pidfile(socket.gethostname(), os.getpid(), replica)
+
         def start(profile: Profile, replica: int) -> Engine:
-            own = settings.layout.engine_pidfile(socket.gethostname(), os.getpid(), replica)
-            return HostedEngine(profile, settings.routing.models_dir, own, Wakeup(), media,
-                                env=places[replica][1])
+            return HostedEngine(profile, settings.routing.models_dir, own(replica), Wakeup(),
+                                media, env=places[replica][1], owns_wake=True)
 
         return ReplicaSet(profile, count, start, lambda replica: places[replica][0],
                           settings.engine.restart_backoff_seconds,
                           settings.engine.max_engine_failures,
-                          dealing=settings.engine.replica_dealing)
+                          dealing=settings.engine.replica_dealing,
+                          abort_load=lambda replica: kill_recorded(own(replica)))
 
     return load
 
@@ -112,9 +115,9 @@ def replica_places(profile: Profile, replicas: int | str
     else:
         count = int(replicas)
     if gpus:
-        groups = [gpus[i * width:(i + 1) * width] for i in range(count)]
-        if any(len(group) < width for group in groups):
-            groups = [gpus[:width]] * count  # more replicas than GPUs: they share
+        # tp x pp GPUs a replica; more replicas than groups share them in turn
+        whole = [gpus[i * width:(i + 1) * width] for i in range(max(1, len(gpus) // width))]
+        groups = [whole[i % len(whole)] for i in range(count)]
         return count, [(f"{host} GPU{','.join(group)}",
                         {"CUDA_VISIBLE_DEVICES": ",".join(group)}) for group in groups]
     cores = cpu_slices(count)
@@ -159,10 +162,11 @@ class HostedEngine:
 
     def __init__(self, profile: Profile, models_dir: Path, pidfile: Path | None = None,
                  wake: Waker | None = None, media: dict[str, Any] | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, owns_wake: bool = False):
         self.profile = profile
         self.pidfile = pidfile
         self.wake = wake
+        self.owns_wake = owns_wake  # a replica's own wake: closed with the engine
         self.max_num_seqs: int | None = None  # vLLM's batch, once loaded
         self.streaming = False
         ours, theirs = socket.socketpair()
@@ -295,6 +299,9 @@ class HostedEngine:
             kill_recorded(self.pidfile)
             self.pidfile.unlink(missing_ok=True)
         self.output.thread.join(5)  # its last lines
+        close_wake = getattr(self.wake, "close", None)
+        if self.owns_wake and close_wake is not None:
+            close_wake()
         log.info("engine_process_ended", pid=self.proc.pid, code=self.proc.returncode)
 
 

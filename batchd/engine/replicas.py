@@ -18,9 +18,12 @@ A replica that dies (its engine process killed, its GPU lost) loses only what
 it had in flight: those requests are dealt again to the live replicas, ahead
 of anything new, and every answer is taken once (an answer is matched to the
 request the replica still holds). The replica is loaded again after
-``restart_backoff_seconds``; it is given up after ``max_engine_failures``
-deaths, and the stream dies (``EngineDead``, the session's usual path) only
-when no replica is left.
+``restart_backoff_seconds`` (doubling, up to a minute); it is given up after
+``max_engine_failures`` deaths in a row (answers after a reload clear them),
+and the stream dies (``EngineDead``, the session's usual path) when no
+replica is left, or when one request was in flight at ``max_engine_failures``
+deaths (at least two): a line that kills every engine it reaches goes to the session's own
+isolation of the jobs an engine died with, not round every replica.
 """
 
 from __future__ import annotations
@@ -43,7 +46,12 @@ from . import HOLD, Answer, Engine, EngineDead, take
 log = structlog.get_logger()
 
 POLL_SECONDS = 0.1  # how often an idle merged stream yields, so the loop gets its turn
-STARVED = 0.5  # a replica below this share of its window takes from another's family
+# A replica below this share of its window takes from another's family: the
+# auto window is vLLM's batch and a quarter more, so 0.8 keeps every batch full
+STARVED = 0.8
+HEALTHY = 100  # answers after a (re)load that clear a replica's past deaths
+MAX_BACKOFF = 60.0  # seconds, as the session's own backoff
+MAX_FAMILIES = 100_000  # families remembered at once (a file of unique prompts)
 
 
 def family(request: Request) -> bytes:
@@ -69,6 +77,8 @@ class Replica:
     thread: threading.Thread | None = None
     stopping: bool = False
     joining: int | None = None  # a job joined: its requests at once (Engine.more)
+    run: int = 0  # its current stream's number: events of an older one are stale
+    answered_since_load: int = 0
     requests: int = 0  # answered, in all
     output_tokens: int = 0
     generation_s: float = 0.0
@@ -115,15 +125,19 @@ class ReplicaSet:
     def __init__(self, profile: Profile, count: int,
                  load: Callable[[Profile, int], Engine], where: Callable[[int], str],
                  restart_backoff: float = 2.0, max_failures: int = 2,
-                 clock: Callable[[], float] = time.monotonic, dealing: str = "prefix"):
+                 clock: Callable[[], float] = time.monotonic, dealing: str = "prefix",
+                 abort_load: Callable[[int], Any] | None = None):
         self.profile = profile
+        self.abort_load = abort_load  # ends a replica's load in progress (close())
+        self.lost: dict[tuple[str, int], int] = {}  # deaths each request was in flight at
         self.by_family = dealing == "prefix"  # else each to the least busy replica
         self.load = load
         self.restart_backoff = restart_backoff
         self.max_failures = max_failures
         self.clock = clock
         self.replicas = [Replica(i, where(i)) for i in range(count)]
-        self.events: queue.SimpleQueue[tuple[Replica, Any, Any]] = queue.SimpleQueue()
+        # (replica, what, value, its stream's number or -1): answers, ends, deaths, loads
+        self.events: queue.SimpleQueue[tuple[Replica, Any, Any, int]] = queue.SimpleQueue()
         self.families: dict[bytes, Replica] = {}
         self.redo: deque[Request] = deque()  # a dead replica's, dealt before anything new
         self.joining = 0  # requests of a job that joined, to start at once (more())
@@ -135,15 +149,16 @@ class ReplicaSet:
             self._start_load(replica)
         errors = []
         for _ in self.replicas:
-            replica, what, value = self.events.get()
+            replica, what, value, _run = self.events.get()
             if what == "load_failed":
                 errors.append(value)
             self._handle(replica, what, value)
         if not self.live():
             dead = [e for e in errors if isinstance(e, EngineDead)]
             raise dead[0] if dead or not errors else errors[0]
-        seqs = [getattr(r.engine, "max_num_seqs", None) for r in self.live()]
-        self.max_num_seqs = sum(seqs) if all(seqs) else None  # type: ignore[arg-type]
+        seqs = [s for s in (getattr(r.engine, "max_num_seqs", None) for r in self.live()) if s]
+        # the batch of all replicas, up or not: the window is split evenly among them
+        self.max_num_seqs = max(seqs) * count if seqs else None
 
     # -- replicas ------------------------------------------------------------------
 
@@ -155,38 +170,45 @@ class ReplicaSet:
 
         def load() -> None:
             try:
-                self.events.put((replica, "loaded", self.load(self.profile, replica.index)))
+                self.events.put((replica, "loaded", self.load(self.profile, replica.index), -1))
             except Exception as exc:  # noqa: BLE001 - a death, or a model that cannot load
-                self.events.put((replica, "load_failed", exc))
+                self.events.put((replica, "load_failed", exc, -1))
 
         threading.Thread(target=load, daemon=True, name=f"batchd-replica-{replica.index}-load"
                          ).start()
 
     def _died(self, replica: Replica, error: BaseException) -> None:
         replica.deaths += 1
+        replica.run += 1  # whatever its old stream still says is stale
+        replica.thread = None
         lost = replica.take_back()
         self.redo.extendleft(reversed(lost))  # first again, in the order they were dealt
+        for request in lost:
+            self.lost[request.key] = self.lost.get(request.key, 0) + 1
         for key in [k for k, r in self.families.items() if r is replica]:
             del self.families[key]
         engine, replica.engine = replica.engine, None
-        if engine is not None:
-            try:
-                engine.close()
-            except Exception as exc:  # noqa: BLE001 - its processes may be gone already
-                log.warning("replica_close_failed", replica=replica.index, error=str(exc))
+        if engine is not None:  # off the loop's thread: a clean close may take 30 s
+            threading.Thread(target=_close_quietly, args=(engine, replica.index), daemon=True,
+                             name=f"batchd-replica-{replica.index}-close").start()
         if replica.deaths >= self.max_failures or not isinstance(error, EngineDead):
             replica.state = "gone"  # given up, or a model that cannot load: no retry helps
         else:
             replica.state = "dead"
-            replica.restart_at = self.clock() + self.restart_backoff * 2 ** (replica.deaths - 1)
+            replica.restart_at = self.clock() + min(
+                MAX_BACKOFF, self.restart_backoff * 2 ** (replica.deaths - 1))
         log.warning("replica_died", profile=self.profile.name, replica=replica.index,
                     where=replica.where, error=str(error), requeued=len(lost),
                     state=replica.state)
 
-    def _handle(self, replica: Replica, what: Any, value: Any) -> list[Answer]:
-        """One event of a replica's threads; the answers it brought."""
+    def _handle(self, replica: Replica, what: Any, value: Any, run: int = -1) -> list[Answer]:
+        """One event of a replica's threads; the answers it brought. An event of
+        a stream the replica no longer runs (RUN) is dropped."""
+        if run >= 0 and run != replica.run:
+            return []
         if what == "loaded":
             replica.engine, replica.state = value, "ready"
+            replica.answered_since_load = 0
             log.info("replica_ready", profile=self.profile.name, replica=replica.index,
                      where=replica.where)
         elif what == "load_failed":
@@ -194,8 +216,9 @@ class ReplicaSet:
         elif what is _DEAD:
             self._stopped(replica)
             self._died(replica, value)
-        elif what is _END:
+        elif what is _END:  # its feed ended: what it still held is dealt again
             self._stopped(replica)
+            self.redo.extendleft(reversed(replica.take_back()))
         elif what == "answers":
             taken = []
             with replica.lock:
@@ -203,6 +226,9 @@ class ReplicaSet:
                     if replica.sent.pop(answer.request.key, None) is not None:
                         taken.append(answer)  # once: a request it still held
             replica.requests += len(taken)
+            replica.answered_since_load += len(taken)
+            if replica.deaths and replica.answered_since_load >= HEALTHY:
+                replica.deaths = 0  # healthy again: an old death no longer counts
             now = self.clock()
             for answer in taken:
                 usage = (answer.body or {}).get("usage") or {}
@@ -229,6 +255,7 @@ class ReplicaSet:
         source = iter(requests)
         per = max(1, -(-window // max(1, len(self.replicas))))  # each replica's window
         self.streaming = True
+        self.lost.clear()
         ahead: list[Request] = []  # taken from the source, not dealt yet
         exhausted = False
         try:
@@ -243,6 +270,10 @@ class ReplicaSet:
                 if not any(r.state in ("ready", "loading", "dead") for r in self.replicas):
                     raise EngineDead(f"every replica of {self.profile.name} died "
                                      f"{self.max_failures} times")
+                poison = max(2, self.max_failures)  # deaths one request may be in flight at
+                if any(n >= poison for n in self.lost.values()):
+                    raise EngineDead(f"a request was in flight at {poison} deaths "
+                                     f"of {self.profile.name}'s replicas")
                 if exhausted and not ahead and not self.redo and not any(
                         r.outstanding() for r in self.replicas):
                     return  # every request answered (the replicas' streams end below)
@@ -253,6 +284,8 @@ class ReplicaSet:
                         answers += self._handle(*self.events.get_nowait())
                 except queue.Empty:
                     pass
+                for answer in answers:
+                    self.lost.pop(answer.request.key, None)
                 yield answers
         finally:
             self._stop_all()
@@ -290,7 +323,8 @@ class ReplicaSet:
                 target.queue.append(request)
             if joining:  # a job that joined: its first requests start at once
                 self.joining -= 1
-                target.joining = (target.joining or 0) + 1
+                with target.lock:
+                    target.joining = (target.joining or 0) + 1
 
     def _target(self, request: Request, live: list[Replica], per: int) -> Replica | None:
         if not self.by_family:
@@ -310,6 +344,8 @@ class ReplicaSet:
             if not free:
                 return None
             target = min(free, key=Replica.outstanding)
+        if len(self.families) >= MAX_FAMILIES:
+            self.families.clear()  # a file of unique prompts: nothing to keep together
         self.families[key] = target
         return target
 
@@ -318,6 +354,8 @@ class ReplicaSet:
         end or its death come back as events."""
         replica.stopping = False
         replica.streaming_since = self.clock()
+        replica.run += 1
+        run_id = replica.run
         engine = replica.engine
         assert engine is not None
 
@@ -326,18 +364,19 @@ class ReplicaSet:
             try:
                 for answers in stream:
                     if answers:
-                        self.events.put((replica, "answers", answers))
-                    if replica.joining is not None:
+                        self.events.put((replica, "answers", answers, run_id))
+                    with replica.lock:
                         joining, replica.joining = replica.joining, None
+                    if joining is not None:
                         engine.more(joining)
                     if replica.stopping:
                         break
             except Exception as exc:  # noqa: BLE001 - EngineDead, or the engine's own bug
-                self.events.put((replica, _DEAD, exc))
+                self.events.put((replica, _DEAD, exc, run_id))
                 return
             finally:
                 stream.close()
-            self.events.put((replica, _END, None))
+            self.events.put((replica, _END, None, run_id))
 
         replica.thread = threading.Thread(target=run, daemon=True,
                                           name=f"batchd-replica-{replica.index}")
@@ -346,19 +385,23 @@ class ReplicaSet:
     def _stop_all(self) -> None:
         """Close every replica's stream (what is in flight is aborted); what they
         held goes back to nobody: the session runs those lines again later."""
-        threads = [r.thread for r in self.replicas if r.thread is not None]
+        running = [(r, r.thread) for r in self.replicas if r.thread is not None]
         for replica in self.replicas:
             replica.stopping = True
             wake = getattr(replica.engine, "wake", None)
             if wake is not None and hasattr(wake, "set"):
                 wake.set()
-        for thread in threads:
+        for replica, thread in running:
             thread.join(60)
+            if thread.is_alive():  # its engine does not answer: end it as dead
+                self._died(replica, EngineDead("its stream did not stop within 60 s"))
         while True:  # the threads' last events: answers are dropped with the stream
             try:
-                replica, what, value = self.events.get_nowait()
+                replica, what, value, run = self.events.get_nowait()
             except queue.Empty:
                 break
+            if run >= 0 and run != replica.run:
+                continue
             if what is _DEAD:
                 self._stopped(replica)
                 self._died(replica, value)
@@ -385,6 +428,22 @@ class ReplicaSet:
                 replica.joining = replica.joining or 0
 
     def close(self) -> None:
+        """End every replica's engine, and the loads in progress (their processes
+        killed by their records: a late one must not keep a GPU)."""
+        loading = [r for r in self.replicas if r.state == "loading"]
+        for replica in loading:
+            if self.abort_load is not None:
+                self.abort_load(replica.index)
+        deadline = time.monotonic() + 60
+        while loading and time.monotonic() < deadline:
+            try:
+                replica, what, value, _run = self.events.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if what == "loaded":
+                _close_quietly(value, replica.index)
+            if what in ("loaded", "load_failed") and replica in loading:
+                loading.remove(replica)
         for replica in self.replicas:
             engine, replica.engine = replica.engine, None
             if engine is not None:
@@ -401,14 +460,20 @@ class ReplicaSet:
         return [r.line(now) for r in self.replicas]
 
     def _tend(self) -> None:
-        """Between streams: the loads that ended, and the restarts that are due."""
+        """Between streams: the loads that ended, replicas whose engine process
+        died while idle, and the restarts that are due."""
         while True:
             try:
-                replica, what, value = self.events.get_nowait()
+                replica, what, value, _run = self.events.get_nowait()
             except queue.Empty:
                 break
             if what in ("loaded", "load_failed"):
                 self._handle(replica, what, value)
+        for replica in self.live():
+            proc = getattr(replica.engine, "proc", None)
+            if proc is not None and proc.poll() is not None:
+                self._died(replica, EngineDead(f"engine process exited with code "
+                                               f"{proc.returncode} while idle"))
         for replica in self.replicas:
             if replica.state == "dead" and self.clock() >= replica.restart_at:
                 self._start_load(replica)
@@ -421,6 +486,13 @@ class ReplicaSet:
         return [{"replica": i, "where": self.replicas[i].where, "requests": int(c[0]),
                  "output_tokens": int(c[1]), "generation_s": round(c[3] - c[2], 3)}
                 for i, c in sorted(counts.items())]
+
+
+def _close_quietly(engine: Engine, index: int) -> None:
+    try:
+        engine.close()
+    except Exception as exc:  # noqa: BLE001 - its processes may be gone already
+        log.warning("replica_close_failed", replica=index, error=str(exc))
 
 
 def cpu_slices(count: int, cpus: Iterable[int] | None = None) -> list[list[int]]:

@@ -102,6 +102,14 @@ class Wakeup:
     def fileno(self) -> int:
         return self._read
 
+    def close(self) -> None:
+        """Its pipe's two ends (an engine replica's own wake, engine/hosted.py)."""
+        for fd in (self._read, self._write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
 
 class _Handler(FileSystemEventHandler):
     def __init__(self, watcher: "Watcher"):
