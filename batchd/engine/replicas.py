@@ -12,7 +12,7 @@ and all of one prefix family (the lines sharing their first 256 characters of
 prefix text, ``jobs/order.py``) go to the replica that took the family's first
 request while it has room in its window; a new family goes to the replica
 with the least outstanding work. A family larger than a replica's window is
-cut only when another replica would otherwise starve (below half its window).
+cut only when another replica would otherwise fall below its batch (``STARVED``).
 
 A replica that dies (its engine process killed, its GPU lost) loses only what
 it had in flight: those requests are dealt again to the live replicas, ahead
