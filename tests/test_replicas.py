@@ -7,7 +7,8 @@ import pytest
 from conftest import wait_for
 
 from batchd.engine import EngineDead
-from batchd.engine.replicas import ReplicaSet, cpu_slices, family
+from batchd.engine.places import cpu_slices
+from batchd.engine.replicas import ReplicaSet, family
 from batchd.lines import CHAT, Request
 from batchd.profiles import Profile
 from batchd.testing import FakeEngine
@@ -209,7 +210,7 @@ def test_closing_the_stream_stops_every_replica():
 
 
 def test_replicas_places_on_a_host_without_gpus(monkeypatch):
-    from batchd.engine.hosted import core_range, replica_places
+    from batchd.engine.places import core_range, replica_places
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert replica_places(PROFILE, "auto")[0] == 1  # one replica without GPUs

@@ -12,8 +12,7 @@ import socket
 import psutil
 import pytest
 
-from batchd.engine.hosted import core_range
-from batchd.engine.replicas import cpu_slices
+from batchd.engine.places import core_range, cpu_slices
 
 from conftest import BATCHD, TINY_PROFILE, drop, final_state, outputs, served_spool, wait_for
 

@@ -37,6 +37,7 @@ from ..lines import Request
 from ..profiles import Profile
 from . import Answer, Engine, EngineDead, take
 from ..spool.watcher import Wakeup
+from .places import replica_places
 from .wire import Msg
 
 log = structlog.get_logger()
@@ -66,7 +67,7 @@ def engine_factory(settings: Settings, wake: Waker | None = None
              "domains": list(settings.media.allowed_domains)}
 
     def load(profile: Profile) -> Engine:
-        count, places = replica_places(profile, settings.engine.replicas)
+        count, places = replica_places(profile, settings.engine.replicas)  # places.py
         if count == 1:
             return HostedEngine(profile, settings.routing.models_dir, pidfile, wake, media)
         from .replicas import ReplicaSet
@@ -85,51 +86,6 @@ def engine_factory(settings: Settings, wake: Waker | None = None
                           abort_load=lambda replica: kill_recorded(own(replica)))
 
     return load
-
-
-def visible_gpus() -> list[str]:
-    """The GPUs this process may use: CUDA_VISIBLE_DEVICES, else those the
-    NVIDIA driver lists (none on a host without one)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [g for g in visible.split(",") if g.strip() and g.strip() != "-1"]
-    try:
-        return [str(i) for i in range(len(os.listdir("/proc/driver/nvidia/gpus")))]
-    except OSError:
-        return []
-
-
-def replica_places(profile: Profile, replicas: int | str
-                   ) -> tuple[int, list[tuple[str, dict[str, str]]]]:
-    """How many replicas of PROFILE and, for each, where it runs (for `batchd
-    status`) and its environment: its GPUs (tensor x pipeline parallel of them),
-    or on a host without GPUs its own share of the cores."""
-    from .replicas import cpu_slices
-
-    host = socket.gethostname()
-    gpus = visible_gpus()
-    width = int(profile.engine.get("tensor_parallel_size", 1) or 1) * \
-        int(profile.engine.get("pipeline_parallel_size", 1) or 1)
-    if replicas == "auto":
-        count = max(1, len(gpus) // width) if gpus else 1
-    else:
-        count = int(replicas)
-    if gpus:
-        # tp x pp GPUs a replica; more replicas than groups share them in turn
-        whole = [gpus[i * width:(i + 1) * width] for i in range(max(1, len(gpus) // width))]
-        groups = [whole[i % len(whole)] for i in range(count)]
-        return count, [(f"{host} GPU{','.join(group)}",
-                        {"CUDA_VISIBLE_DEVICES": ",".join(group)}) for group in groups]
-    cores = cpu_slices(count)
-    return count, [(f"{host} cores {core_range(own)}",
-                    {"BATCHD_ENGINE_CPUS": ",".join(map(str, own))}) for own in cores]
-
-
-def core_range(cores: list[int]) -> str:
-    """CORES as a person writes them: "0-7", "3", or "0,2,5" when not a run."""
-    if len(cores) > 1 and cores == list(range(cores[0], cores[-1] + 1)):
-        return f"{cores[0]}-{cores[-1]}"
-    return ",".join(map(str, cores))
 
 
 def reap_engines(settings: Settings, starting: bool = True) -> None:

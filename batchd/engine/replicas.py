@@ -29,7 +29,6 @@ isolation of the jobs an engine died with, not round every replica.
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import threading
 import time
@@ -423,9 +422,10 @@ class ReplicaSet:
         """A job joined: its first JOINING requests are dealt past full windows
         and each replica that gets some makes room for them (Engine.more)."""
         self.joining = joining
-        if not joining:
+        if not joining:  # take from their feeds now, not at their next refill
             for replica in self.live():
-                replica.joining = replica.joining or 0
+                with replica.lock:
+                    replica.joining = replica.joining or 0
 
     def close(self) -> None:
         """End every replica's engine, and the loads in progress (their processes
@@ -493,18 +493,3 @@ def _close_quietly(engine: Engine, index: int) -> None:
         engine.close()
     except Exception as exc:  # noqa: BLE001 - its processes may be gone already
         log.warning("replica_close_failed", replica=index, error=str(exc))
-
-
-def cpu_slices(count: int, cpus: Iterable[int] | None = None) -> list[list[int]]:
-    """This process's cores cut into COUNT runs of neighbours, one per replica
-    (a replica on fewer cores than the others when they do not divide)."""
-    allowed = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
-    if count >= len(allowed):
-        return [[allowed[i % len(allowed)]] for i in range(count)]
-    size, extra = divmod(len(allowed), count)
-    slices, at = [], 0
-    for i in range(count):
-        n = size + (1 if i < extra else 0)
-        slices.append(allowed[at:at + n])
-        at += n
-    return slices
