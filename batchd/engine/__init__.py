@@ -42,6 +42,11 @@ class EngineDead(Exception):
     """The inference engine died; it must be started again."""
 
 
+class Unplaced(EngineDead):
+    """No node of the Ray cluster had room for an engine replica in time: not a
+    death (the replica is tried again after the backoff, and no line fails for it)."""
+
+
 HOLD = None  # what a source yields when it has nothing to send right now
 _END = object()
 

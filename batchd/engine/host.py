@@ -1,9 +1,13 @@
-"""The engine process: ``python -m batchd.engine.host FD``.
+"""The engine process: ``python -m batchd.engine.host FD`` (a child of the
+daemon, over a socket pair) or ``... --connect HOST:PORT`` (started on a Ray
+node by engine/cluster.py: it dials the daemon and proves the shared secret in
+``BATCHD_ENGINE_KEY``).
 
 Loads one profile's model with ``VllmEngine`` and answers the daemon's streams
-over the socket FD (messages in ``wire.py``; the daemon's side is
-``hosted.py``) until told to close or the daemon is gone. It ignores SIGINT
-and SIGTERM: the daemon decides when it ends.
+(messages in ``wire.py``; the daemon's side is ``hosted.py``) until told to
+close or the daemon is gone. It ignores SIGINT and SIGTERM: the daemon decides
+when it ends. On a Ray node it also ends, with vLLM's processes under it, when
+the actor that started it is gone (``BATCHD_ENGINE_PARENT``).
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ from __future__ import annotations
 import gc
 import os
 import re
-from collections import deque
 import signal
 import sys
+import threading
 import time
-from multiprocessing.connection import Connection
+from collections import deque
+from multiprocessing.connection import Client, Connection
 from typing import Any
 
 from ..lines import Request
@@ -171,13 +176,31 @@ def _stream(conn: Connection, engine: Any, sampling: dict[str, Any], window: int
     return True
 
 
+def _end_with(parent: int) -> None:
+    """End this process group (this process and vLLM's under it) once PARENT,
+    the Ray actor that started it, is gone: a killed actor or a lost node must
+    not leave a model loaded on a GPU."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.killpg(0, signal.SIGKILL)
+
+
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cpus = os.environ.pop("BATCHD_ENGINE_CPUS", "")
     if cpus:  # a replica's own cores (engine/replicas.py): vLLM's auto thread binding reads them
         os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})
-    conn = Connection(int(sys.argv[1]))
+    parent = os.environ.pop("BATCHD_ENGINE_PARENT", "")
+    if parent:
+        threading.Thread(target=_end_with, args=(int(parent),), daemon=True,
+                         name="batchd-engine-parent").start()
+    if sys.argv[1] == "--connect":  # on a Ray node: dial the daemon
+        address, port = sys.argv[2].rsplit(":", 1)
+        conn = Client((address, int(port)),
+                      authkey=bytes.fromhex(os.environ.pop("BATCHD_ENGINE_KEY")))
+    else:
+        conn = Connection(int(sys.argv[1]))
     try:
         return serve(conn)
     except (EOFError, BrokenPipeError, ConnectionError):

@@ -67,6 +67,9 @@ def engine_factory(settings: Settings, wake: Waker | None = None
              "domains": list(settings.media.allowed_domains)}
 
     def load(profile: Profile) -> Engine:
+        if settings.cluster.ray_address:  # placed by Ray on the cluster's nodes
+            from .cluster import ray_replicas
+            return ray_replicas(profile, settings, media)
         count, places = replica_places(profile, settings.engine.replicas)  # places.py
         if count == 1:
             return HostedEngine(profile, settings.routing.models_dir, pidfile, wake, media)
@@ -118,28 +121,17 @@ class HostedEngine:
 
     def __init__(self, profile: Profile, models_dir: Path, pidfile: Path | None = None,
                  wake: Waker | None = None, media: dict[str, Any] | None = None,
-                 env: dict[str, str] | None = None, owns_wake: bool = False):
+                 env: dict[str, str] | None = None, owns_wake: bool = False,
+                 process: "EngineProcess | None" = None):
         self.profile = profile
-        self.pidfile = pidfile
         self.wake = wake
         self.owns_wake = owns_wake  # a replica's own wake: closed with the engine
         self.max_num_seqs: int | None = None  # vLLM's batch, once loaded
         self.streaming = False
-        ours, theirs = socket.socketpair()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batchd.engine.host", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            # its own process group: vLLM's engine core and workers join it, so
-            # they end with it even when it was killed alone (the OOM killer,
-            # mid-load), instead of holding the model's memory as orphans
-            start_new_session=True, env={**os.environ, **(env or {})})
-        theirs.close()
-        if pidfile is not None:
-            record_children(pidfile, self.proc.pid)  # the engine process, from the start
-        assert self.proc.stdout is not None
-        self.output = Output(self.proc.stdout)
-        self.conn = Connection(ours.detach())
+        # on this host, or started on a Ray node by engine/cluster.py
+        self.process = process if process is not None else LocalProcess(env, pidfile)
+        self.where = self.process.where  # a Ray node's name; None here
+        self.conn = self.process.conn
         try:
             self.conn.send((profile, models_dir, media or {}))
             reply = self._recv() or ()
@@ -154,16 +146,15 @@ class HostedEngine:
             raise EngineDead(f"vLLM's engine died while loading {profile.name}: {reply[1]}")
         if reply[0] != Msg.READY:
             self.close()
-            cause = self.output.cause()
+            cause = self.process.cause()
             raise RuntimeError(reply[1] + (f" (engine log: {cause})" if cause else ""))
         line, problems = reply[2]
         self.max_num_seqs = reply[3] if len(reply) > 3 else None
-        log.info("engine_process_started", pid=self.proc.pid, profile=profile.name,
-                 vllm_load_s=round(reply[1], 2), capabilities=line)
+        log.info("engine_process_started", pid=self.process.pid, profile=profile.name,
+                 where=self.where, vllm_load_s=round(reply[1], 2), capabilities=line)
         for problem in problems:
             log.warning("profile_problem", profile=profile.name, problem=problem)
-        if pidfile is not None:
-            record_children(pidfile, self.proc.pid)
+        self.process.loaded()
 
     def _recv(self, wake: Waker | None = None) -> tuple | None:
         """The next message; None when WAKE was set first; EngineDead when the
@@ -178,8 +169,9 @@ class HostedEngine:
                     return None
                 # vLLM's engine core, forked from the host, may hold our socket
                 # open after the host died: do not wait for end of file alone.
-                if self.proc.poll() is not None:
-                    raise EngineDead(f"engine process exited with code {self.proc.returncode}")
+                code = self.process.poll()
+                if code is not None:
+                    raise EngineDead(f"engine process exited with code {code}")
         except (EOFError, OSError) as exc:
             raise EngineDead(f"engine process lost: {exc or type(exc).__name__}") from None
 
@@ -211,7 +203,7 @@ class HostedEngine:
                     return
         except (BrokenPipeError, ConnectionError) as exc:
             over = True
-            raise EngineDead(f"engine process lost: {exc}") from None
+            raise EngineDead(f"engine process lost: {exc or type(exc).__name__}") from None
         finally:
             self.streaming = False
             if not over:
@@ -240,25 +232,81 @@ class HostedEngine:
             self.conn.send((Msg.CLOSE,))
         except OSError:
             pass
+        code = self.process.end(CLOSE_SECONDS)
+        self.conn.close()
+        close_wake = getattr(self.wake, "close", None)
+        if self.owns_wake and close_wake is not None:
+            close_wake()
+        log.info("engine_process_ended", pid=self.process.pid, code=code)
+
+
+class EngineProcess(Protocol):
+    """Where an engine process runs and how it ends: ``LocalProcess`` (a child
+    of the daemon) or ``cluster.RayProcess`` (started on a Ray node)."""
+
+    pid: int
+    where: str | None  # a name for `batchd status` when not this host
+    conn: Connection  # the wire to it (wire.py)
+
+    def loaded(self) -> None: ...  # its model is loaded (vLLM's processes exist now)
+
+    def poll(self) -> int | None: ...  # its exit code once it has exited
+
+    def cause(self) -> str | None: ...  # a failed load's root cause, from its log
+
+    def end(self, timeout: float) -> int | None: ...  # wait for its exit, then kill all
+
+
+class LocalProcess:
+    """``python -m batchd.engine.host FD``, a child of the daemon, over a socket pair."""
+
+    where = None
+
+    def __init__(self, env: dict[str, str] | None, pidfile: Path | None):
+        self.pidfile = pidfile
+        ours, theirs = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "batchd.engine.host", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            # its own process group: vLLM's engine core and workers join it, so
+            # they end with it even when it was killed alone (the OOM killer,
+            # mid-load), instead of holding the model's memory as orphans
+            start_new_session=True, env={**os.environ, **(env or {})})
+        theirs.close()
+        self.pid = self.proc.pid
+        if pidfile is not None:
+            record_children(pidfile, self.pid)  # the engine process, from the start
+        assert self.proc.stdout is not None
+        self.output = Output(self.proc.stdout)
+        self.conn = Connection(ours.detach())
+
+    def loaded(self) -> None:
+        if self.pidfile is not None:
+            record_children(self.pidfile, self.pid)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def cause(self) -> str | None:
+        return self.output.cause()
+
+    def end(self, timeout: float) -> int | None:
         try:
             # the exit seen without reaping it: its group cannot be reused before
             # kill_group below (vLLM's core and workers, should they outlive it)
-            psutil_wait(self.proc.pid, CLOSE_SECONDS)
+            psutil_wait(self.pid, timeout)
         except subprocess.TimeoutExpired:
-            log.warning("engine_process_killed", pid=self.proc.pid,
-                        reason=f"still running {CLOSE_SECONDS:.0f}s after close")
-        kill_group(self.proc.pid)
+            log.warning("engine_process_killed", pid=self.pid,
+                        reason=f"still running {timeout:.0f}s after close")
+        kill_group(self.pid)
         self.proc.kill()
         self.proc.wait()
-        self.conn.close()
         if self.pidfile is not None:
             kill_recorded(self.pidfile)
             self.pidfile.unlink(missing_ok=True)
         self.output.thread.join(5)  # its last lines
-        close_wake = getattr(self.wake, "close", None)
-        if self.owns_wake and close_wake is not None:
-            close_wake()
-        log.info("engine_process_ended", pid=self.proc.pid, code=self.proc.returncode)
+        return self.proc.returncode
 
 
 class Output:

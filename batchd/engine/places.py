@@ -25,6 +25,12 @@ def visible_gpus() -> list[str]:
         return []
 
 
+def gpus_per_replica(profile: Profile) -> int:
+    """The GPUs one engine of PROFILE spans: tensor x pipeline parallel."""
+    return int(profile.engine.get("tensor_parallel_size", 1) or 1) * \
+        int(profile.engine.get("pipeline_parallel_size", 1) or 1)
+
+
 def replica_places(profile: Profile, replicas: int | str
                    ) -> tuple[int, list[tuple[str, dict[str, str]]]]:
     """How many replicas of PROFILE and, for each, where it runs (for `batchd
@@ -32,8 +38,7 @@ def replica_places(profile: Profile, replicas: int | str
     or on a host without GPUs its own share of the cores."""
     host = socket.gethostname()
     gpus = visible_gpus()
-    width = int(profile.engine.get("tensor_parallel_size", 1) or 1) * \
-        int(profile.engine.get("pipeline_parallel_size", 1) or 1)
+    width = gpus_per_replica(profile)
     if replicas == "auto":
         count = max(1, len(gpus) // width) if gpus else 1
     else:

@@ -40,7 +40,7 @@ import structlog
 
 from ..lines import PREFIX_FAMILY_CHARS, Request, prefix_text
 from ..profiles import Profile
-from . import HOLD, Answer, Engine, EngineDead, take
+from . import HOLD, Answer, Engine, EngineDead, Unplaced, take
 
 log = structlog.get_logger()
 
@@ -177,7 +177,9 @@ class ReplicaSet:
                          ).start()
 
     def _died(self, replica: Replica, error: BaseException) -> None:
-        replica.deaths += 1
+        unplaced = isinstance(error, Unplaced)  # no room on the cluster: not a death
+        if not unplaced:
+            replica.deaths += 1
         replica.run += 1  # whatever its old stream still says is stale
         replica.thread = None
         lost = replica.take_back()
@@ -190,7 +192,10 @@ class ReplicaSet:
         if engine is not None:  # off the loop's thread: a clean close may take 30 s
             threading.Thread(target=_close_quietly, args=(engine, replica.index), daemon=True,
                              name=f"batchd-replica-{replica.index}-close").start()
-        if replica.deaths >= self.max_failures or not isinstance(error, EngineDead):
+        if unplaced:
+            replica.state = "dead"  # placed again once the cluster has room
+            replica.restart_at = self.clock() + max(1.0, self.restart_backoff)
+        elif replica.deaths >= self.max_failures or not isinstance(error, EngineDead):
             replica.state = "gone"  # given up, or a model that cannot load: no retry helps
         else:
             replica.state = "dead"
@@ -207,6 +212,7 @@ class ReplicaSet:
             return []
         if what == "loaded":
             replica.engine, replica.state = value, "ready"
+            replica.where = getattr(value, "where", None) or replica.where  # a Ray node
             replica.answered_since_load = 0
             log.info("replica_ready", profile=self.profile.name, replica=replica.index,
                      where=replica.where)
@@ -470,10 +476,11 @@ class ReplicaSet:
             if what in ("loaded", "load_failed"):
                 self._handle(replica, what, value)
         for replica in self.live():
-            proc = getattr(replica.engine, "proc", None)
-            if proc is not None and proc.poll() is not None:
+            process = getattr(replica.engine, "process", None)
+            code = process.poll() if process is not None else None
+            if code is not None:
                 self._died(replica, EngineDead(f"engine process exited with code "
-                                               f"{proc.returncode} while idle"))
+                                               f"{code} while idle"))
         for replica in self.replicas:
             if replica.state == "dead" and self.clock() >= replica.restart_at:
                 self._start_load(replica)
