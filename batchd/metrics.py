@@ -22,6 +22,7 @@ from .layout import FINAL_STATES
 class Metrics:
     def __init__(self, path: Path | None):
         self._running = -1
+        self._replicas: list[tuple] = []
         self.path = path
         self._writing = threading.Lock()
         self.registry = r = CollectorRegistry(auto_describe=True)
@@ -54,6 +55,38 @@ class Metrics:
         self._waiting: tuple[int, int | None] | None = None
         self.last_claim = Gauge("batchd_last_claim_timestamp_seconds",
                                 "Unix time of the last claim.", registry=r)
+        # each engine replica: labels replica (its number) and where (host and GPUs or
+        # cores, or its Ray node); answered counts are since the daemon started
+        replica = ["replica", "where"]
+        self.replica_up = Gauge("batchd_replica_up", "1 for an engine replica that is "
+                                "loaded and serving, 0 for one loading, dead or given up.",
+                                replica, registry=r)
+        self.replica_requests = Gauge("batchd_replica_requests", "Requests the replica "
+                                      "answered.", replica, registry=r)
+        self.replica_tokens = Gauge("batchd_replica_output_tokens", "Output tokens of the "
+                                    "replica's answers.", replica, registry=r)
+        self.replica_deaths = Gauge("batchd_replica_deaths", "The replica's deaths not yet "
+                                    "cleared by answers after a reload.", replica, registry=r)
+
+    def replicas(self, lines: list[dict[str, Any]]) -> None:
+        """Each engine replica (engine/replicas.py; none with one engine): up or
+        not, and what it answered since it was first loaded. Asked once a second;
+        the file is rewritten on a change."""
+        seen = [(line["replica"], line["where"], line["state"], line["requests"],
+                 line["output_tokens"], line["deaths"]) for line in lines]
+        if seen == self._replicas:
+            return
+        self._replicas = seen
+        for gauge in (self.replica_up, self.replica_requests, self.replica_tokens,
+                      self.replica_deaths):
+            gauge.clear()
+        for replica, where, state, requests, tokens, deaths in seen:
+            labels = (str(replica), where)
+            self.replica_up.labels(*labels).set(1 if state == "ready" else 0)
+            self.replica_requests.labels(*labels).set(requests)
+            self.replica_tokens.labels(*labels).set(tokens)
+            self.replica_deaths.labels(*labels).set(deaths)
+        self.write()
 
     def claimed(self) -> None:
         self.last_claim.set(time.time())

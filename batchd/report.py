@@ -71,5 +71,6 @@ class Report:
         self.registry.beat(now, profile, running,
                            self.settings.scheduling.max_running_jobs - len(running),
                            replicas or [])
+        self.metrics.replicas(replicas or [])
         up = sum(1 for line in replicas or [] if line.get("state") == "ready")
         self.replicas_up = f", replicas {up}/{len(replicas)} up" if replicas else ""

@@ -8,7 +8,7 @@ from conftest import wait_for
 
 from batchd.engine import EngineDead, Unplaced
 from batchd.engine.places import cpu_slices
-from batchd.engine.replicas import ReplicaSet, family
+from batchd.engine.replicas import GROW_SECONDS, ReplicaSet, family
 from batchd.lines import CHAT, Request
 from batchd.profiles import Profile
 from batchd.testing import FakeEngine
@@ -184,13 +184,35 @@ def test_a_replica_no_node_has_room_for_waits_without_dying():
                           restart_backoff=2.0, max_failures=1, clock=lambda: now[0])
     a, b = replicas.replicas
     assert a.state == "ready" and a.where == "node0"
-    assert b.state == "dead" and b.deaths == 0 and b.where == "ray (placing)"
+    assert b.state == "unplaced" and b.deaths == 0 and b.where == "ray (placing)"
     for _ in range(2):
         now[0] += 2.0
         replicas.replica_lines()  # tried again: refused once more, then placed
         wait_for(lambda: replicas.replica_lines()[1]["state"] != "loading", 10, what="b tried")
     assert b.state == "ready" and b.deaths == 0 and b.where == "node1"
     replicas.close()
+
+
+def test_an_auto_set_grows_when_the_cluster_has_room_for_more():
+    now, holds = [100.0], [2]
+
+    def load(profile, index):
+        engine = FakeEngine(profile)
+        engine.max_num_seqs = 4  # vLLM's batch of each
+        return engine
+
+    replicas = ReplicaSet(PROFILE, 2, load, lambda i: f"node {i}",
+                          clock=lambda: now[0], wanted=lambda: holds[0])
+    assert replicas.max_num_seqs == 8
+    holds[0] = 3  # a node joined
+    replicas.replica_lines()
+    assert len(replicas.replicas) == 2  # asked at most every GROW_SECONDS
+    now[0] += GROW_SECONDS
+    wait_for(lambda: [r["state"] for r in replicas.replica_lines()] == ["ready"] * 3, 10,
+             what="a third replica")
+    assert replicas.max_num_seqs == 12
+    answers = run(replicas, [chat(i, f"p{i % 6}") for i in range(60)])
+    assert sorted(a.request.line for a in answers) == list(range(60))
 
 
 class Poisoned(FakeEngine):
@@ -253,6 +275,22 @@ def test_replicas_places_on_a_host_without_gpus(monkeypatch):
     assert count == 2 and [env for _, env in places] == [
         {"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
     assert places[1][0].endswith(" GPU2,3")
+
+
+def test_each_replica_in_the_metrics_textfile(tmp_path):
+    from batchd.metrics import Metrics
+
+    metrics = Metrics(tmp_path / "batchd.prom")
+    replicas = ReplicaSet(PROFILE, 2, lambda p, i: FakeEngine(p), lambda i: f"host cores {i}")
+    run(replicas, [chat(i, f"p{i % 4}") for i in range(40)])
+    lines = replicas.replica_lines()
+    metrics.replicas(lines)
+    text = (tmp_path / "batchd.prom").read_text()
+    for line in lines:
+        labels = f'replica="{line["replica"]}",where="{line["where"]}"'
+        assert f"batchd_replica_requests{{{labels}}} {float(line['requests'])}" in text
+        assert f"batchd_replica_up{{{labels}}} 0.0" in text  # closed: given up by now
+    assert sum(line["requests"] for line in lines) == 40
 
 
 def test_cpu_slices():

@@ -119,10 +119,14 @@ def ray_replicas(profile: Profile, settings: Settings, media: dict[str, Any]) ->
         if process is not None:
             process.kill()
 
+    def wanted() -> int:  # "auto": as many as the cluster holds now
+        return replica_ask(ray, profile, "auto", settings.cluster.cpus_per_replica)[0]
+
     return ReplicaSet(profile, count, start, lambda replica: "ray (placing)",
                       settings.engine.restart_backoff_seconds,
                       settings.engine.max_engine_failures,
-                      dealing=settings.engine.replica_dealing, abort_load=abort)
+                      dealing=settings.engine.replica_dealing, abort_load=abort,
+                      wanted=wanted if settings.engine.replicas == "auto" else None)
 
 
 class RayProcess:

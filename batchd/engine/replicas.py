@@ -51,6 +51,8 @@ STARVED = 0.8
 HEALTHY = 100  # answers after a (re)load that clear a replica's past deaths
 MAX_BACKOFF = 60.0  # seconds, as the session's own backoff
 MAX_FAMILIES = 100_000  # families remembered at once (a file of unique prompts)
+WAITING = ("dead", "unplaced")  # states that load again at restart_at
+GROW_SECONDS = 10.0  # how often an "auto" set asks how many replicas the cluster holds
 
 
 def family(request: Request) -> bytes:
@@ -67,7 +69,9 @@ class Replica:
     index: int
     where: str  # the host and its GPUs or cores, as `batchd status` shows it
     engine: Engine | None = None
-    state: str = "loading"  # loading, ready, dead (restarts at restart_at), gone
+    # loading, ready, dead (loads again at restart_at), unplaced (no Ray node has
+    # room: placed again at restart_at), gone (given up)
+    state: str = "loading"
     deaths: int = 0
     restart_at: float = 0.0
     queue: deque[Request] = field(default_factory=deque)  # dealt, not yet taken
@@ -125,8 +129,13 @@ class ReplicaSet:
                  load: Callable[[Profile, int], Engine], where: Callable[[int], str],
                  restart_backoff: float = 2.0, max_failures: int = 2,
                  clock: Callable[[], float] = time.monotonic, dealing: str = "prefix",
-                 abort_load: Callable[[int], Any] | None = None):
+                 abort_load: Callable[[int], Any] | None = None,
+                 wanted: Callable[[], int] | None = None):
         self.profile = profile
+        self.where = where
+        # on Ray with replicas = "auto": how many the cluster holds now (nodes join)
+        self.wanted = wanted
+        self.looked = clock()
         self.abort_load = abort_load  # ends a replica's load in progress (close())
         self.lost: dict[tuple[str, int], int] = {}  # deaths each request was in flight at
         self.by_family = dealing == "prefix"  # else each to the least busy replica
@@ -155,9 +164,31 @@ class ReplicaSet:
         if not self.live():
             dead = [e for e in errors if isinstance(e, EngineDead)]
             raise dead[0] if dead or not errors else errors[0]
+        self.max_num_seqs: int | None = None
+        self._batch()
+
+    def _batch(self) -> None:
+        """The batch of all replicas, up or not: the window is split evenly among them."""
         seqs = [s for s in (getattr(r.engine, "max_num_seqs", None) for r in self.live()) if s]
-        # the batch of all replicas, up or not: the window is split evenly among them
-        self.max_num_seqs = max(seqs) * count if seqs else None
+        if seqs:
+            self.max_num_seqs = max(seqs) * len(self.replicas)
+
+    def _grow(self) -> None:
+        """More replicas when the cluster has room for more (nodes joined): asked
+        every GROW_SECONDS. A node that left leaves its replica waiting for room."""
+        if self.wanted is None or self.clock() - self.looked < GROW_SECONDS:
+            return
+        self.looked = self.clock()
+        try:
+            wanted = self.wanted()
+        except Exception as exc:  # noqa: BLE001 - the cluster's answer is only advice
+            log.warning("replicas_not_counted", error=str(exc))
+            return
+        for index in range(len(self.replicas), wanted):
+            replica = Replica(index, self.where(index))
+            self.replicas.append(replica)
+            log.info("replica_added", profile=self.profile.name, replica=index)
+            self._start_load(replica)
 
     # -- replicas ------------------------------------------------------------------
 
@@ -193,7 +224,7 @@ class ReplicaSet:
             threading.Thread(target=_close_quietly, args=(engine, replica.index), daemon=True,
                              name=f"batchd-replica-{replica.index}-close").start()
         if unplaced:
-            replica.state = "dead"  # placed again once the cluster has room
+            replica.state = "unplaced"  # placed again once the cluster has room
             replica.restart_at = self.clock() + max(1.0, self.restart_backoff)
         elif replica.deaths >= self.max_failures or not isinstance(error, EngineDead):
             replica.state = "gone"  # given up, or a model that cannot load: no retry helps
@@ -212,6 +243,7 @@ class ReplicaSet:
             return []
         if what == "loaded":
             replica.engine, replica.state = value, "ready"
+            self._batch()
             replica.where = getattr(value, "where", None) or replica.where  # a Ray node
             replica.answered_since_load = 0
             log.info("replica_ready", profile=self.profile.name, replica=replica.index,
@@ -265,14 +297,15 @@ class ReplicaSet:
         exhausted = False
         try:
             while True:
+                self._grow()
                 exhausted = self._deal(source, ahead, exhausted, per)
                 for replica in self.replicas:
-                    if replica.state == "dead" and self.clock() >= replica.restart_at:
+                    if replica.state in WAITING and self.clock() >= replica.restart_at:
                         self._start_load(replica)
                     if replica.state == "ready" and replica.thread is None and \
                             (replica.outstanding() or not exhausted):
                         self._run(replica, sampling, per)
-                if not any(r.state in ("ready", "loading", "dead") for r in self.replicas):
+                if not any(r.state != "gone" for r in self.replicas):
                     raise EngineDead(f"every replica of {self.profile.name} died "
                                      f"{self.max_failures} times")
                 poison = max(2, self.max_failures)  # deaths one request may be in flight at
@@ -467,7 +500,8 @@ class ReplicaSet:
 
     def _tend(self) -> None:
         """Between streams: the loads that ended, replicas whose engine process
-        died while idle, and the restarts that are due."""
+        died while idle, the restarts that are due, and new replicas."""
+        self._grow()
         while True:
             try:
                 replica, what, value, _run = self.events.get_nowait()
@@ -482,7 +516,7 @@ class ReplicaSet:
                 self._died(replica, EngineDead(f"engine process exited with code "
                                                f"{code} while idle"))
         for replica in self.replicas:
-            if replica.state == "dead" and self.clock() >= replica.restart_at:
+            if replica.state in WAITING and self.clock() >= replica.restart_at:
                 self._start_load(replica)
 
     def take_job(self, job: str) -> list[dict[str, Any]]:
