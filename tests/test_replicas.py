@@ -297,3 +297,25 @@ def test_cpu_slices():
     assert cpu_slices(2, [0, 1]) == [[0], [1]]
     assert cpu_slices(2, range(5)) == [[0, 1, 2], [3, 4]]
     assert cpu_slices(3, [4]) == [[4], [4], [4]]
+
+
+def test_the_dashboard_lists_each_live_daemons_replicas(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from batchd.api.app import create_app
+    from batchd.config import Settings, SpoolConfig
+    from batchd.spool import inbox
+    from batchd.spool.daemons import Registry
+
+    settings = Settings(spool=SpoolConfig(root=tmp_path / "spool"))
+    inbox.ensure_dirs(settings)
+    replicas = ReplicaSet(PROFILE, 2, lambda p, i: FakeEngine(p), lambda i: f"host cores {i}")
+    run(replicas, [chat(i, f"p{i % 4}") for i in range(10)])
+    registry = Registry(settings.layout, 60.0)
+    registry.beat(100.0, "p", [], 8, replicas.replica_lines())
+    shown = TestClient(create_app(settings)).get("/dashboard/replicas").json()
+    assert [(r["daemon"], r["replica"], r["where"]) for r in shown] == [
+        (registry.me, 0, "host cores 0"), (registry.me, 1, "host cores 1")]
+    assert sum(r["requests"] for r in shown) == 10
+    page = TestClient(create_app(settings)).get("/").text
+    assert 'id="replicas"' in page and "/dashboard/replicas" in page

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ConfigError, Settings
 from ..layout import BENCH
+from ..spool.daemons import Registry
 from ..spool.listing import bench_groups, job_rows, waiting_file
 from ..spool.outbox import read_status
 from .batches import Store
@@ -280,6 +281,13 @@ def create_app(settings: Settings, keys: Keys | None = None) -> FastAPI:
         waiting = None if history else waiting_file(settings, job)
         return {"batch": batch, "history": history, "bench": record,
                 "waiting": waiting.record() if waiting else None}
+
+    @app.get("/dashboard/replicas", dependencies=v1)
+    def dashboard_replicas() -> list[dict[str, Any]]:
+        """Each live daemon's engine replicas (none with one engine each)."""
+        registry = Registry(settings.layout, settings.scheduling.lease_seconds)
+        return [{"daemon": record.get("daemon"), **line} for record in registry.all()
+                if record.get("live") for line in record.get("replicas") or []]
 
     @app.get("/dashboard/bench", dependencies=v1)
     def dashboard_bench() -> dict[str, Any]:
