@@ -2,9 +2,10 @@
 
 Tensor and data parallelism run for real on the CPU build: two CPU workers,
 one core each; two engine cores under vLLM's async client (as `vllm serve
---data-parallel-size 2`). The Ray backend cannot run here (Ray is not
-installed); that test shows the arguments arriving in vLLM and vLLM's own
-refusal in the job.
+--data-parallel-size 2`). vLLM's Ray backend cannot run here (the CPU
+build refuses it, Ray installed or not); that test shows the arguments arriving
+in vLLM and vLLM's own refusal in the job. batchd's own replicas on Ray are in
+test_vllm_ray.py.
 """
 
 import json

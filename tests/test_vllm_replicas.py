@@ -1,7 +1,8 @@
 """Engine replicas on real vLLM (CPU build): one daemon, `[engine] replicas = 2`,
 each replica an engine process on a core of its own. A file is dealt to both;
 kill -9 of one replica's engine process mid-job loses nothing, the replica
-comes back, and the file is published once in input order."""
+comes back, and the file is published once in input order. A file for another
+profile then swaps every replica (the old engine processes all end first)."""
 
 import json
 import os
@@ -14,7 +15,8 @@ import pytest
 
 from batchd.engine.places import core_range, cpu_slices
 
-from conftest import BATCHD, TINY_PROFILE, drop, final_state, outputs, served_spool, wait_for
+from conftest import (BATCHD, OTHER_PROFILE, TINY_PROFILE, drop, final_state, outputs,
+                      served_spool, wait_for)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -31,16 +33,17 @@ def engine_processes(daemon):
             if "batchd.engine.host" in " ".join(p.cmdline())]
 
 
-def exactly_once_in_order(outbox, job, n):
+def exactly_once_in_order(outbox, job, n, prefix=None):
     results, errors = outputs(outbox, job)
     assert errors == []
-    assert [r["custom_id"] for r in results] == [f"{job}{i}" for i in range(n)]
+    assert [r["custom_id"] for r in results] == [f"{prefix or job}{i}" for i in range(n)]
 
 
 def test_two_replicas_share_a_job_and_survive_a_kill(tiny_model, tmp_path, daemons):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two cores")
-    config = served_spool(tmp_path, tiny_model.parent, {"tiny": TINY_PROFILE},
+    config = served_spool(tmp_path, tiny_model.parent,
+                          {"tiny": TINY_PROFILE, "other": OTHER_PROFILE},
                           "[engine]\nreplicas = 2\nwindow = 32\n")
     daemon = daemons(config)
     daemon.wait_ready()
@@ -90,4 +93,21 @@ def test_two_replicas_share_a_job_and_survive_a_kill(tiny_model, tmp_path, daemo
     status = subprocess.run([BATCHD, "status", "--config", str(config)], capture_output=True,
                             text=True, check=True).stdout
     assert f"{host} cores {core_range(shares[1])}" in status and "ready" in status
+
+    # a swap swaps them all: every engine process of the old profile (and its
+    # memory) gone before the other profile's replicas answer, a core each again
+    old = engine_processes(daemon)
+    old_memory = sum(p.memory_info().rss for p in old)
+    drop(inbox, "other__swap.jsonl", lines("swap", 200))
+    job = "other__swap"  # the PROFILE__ prefix chose the profile; the job keeps the name
+    assert wait_for(lambda: final_state(outbox, job), 600, what="swap") == "completed"
+    exactly_once_in_order(outbox, job, 200, prefix="swap")
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in old)
+    new = engine_processes(daemon)
+    assert len(new) == 2 and not {p.pid for p in new} & {p.pid for p in old}
+    assert sorted(p.cpu_affinity() for p in new) == shares
+    swapped = [e for e in daemon.logs() if e.get("event") == "engine_process_ended"]
+    assert len(swapped) >= 3  # the killed one, then both of the old profile
+    print(f"memory of the old profile's engine processes, freed by the swap: "
+          f"{old_memory / 2**20:.0f} MiB")
     assert daemon.stop() == 0
