@@ -202,3 +202,31 @@ def test_status_follow_until_the_job_ends(spool_config, tmp_path, daemons):
     assert live.returncode == 0 and "watched: completed" in live.stdout
     assert any(e.get("event") == "job_state" and e.get("state") == "in_progress"
                for e in daemon.logs())
+
+
+def test_failed_lines_show_wherever_progress_does(spool_config, tmp_path):
+    """A job whose every line failed never reads as a plain success: the table's
+    DONE/TOTAL and state, one job's line and `--follow`'s last line count the
+    failed lines apart from the answered ones and say where they are."""
+    import os
+    config = spool_config()
+    (tmp_path / "allbad.jsonl").write_text('{oops\n{"prompt": "x", "max_tokens": "many"}\n')
+    (tmp_path / "mixed.jsonl").write_text('{"prompt": "x"}\n{oops\n')
+    (tmp_path / "fine.jsonl").write_text('{"prompt": "x"}\n')
+    for name in ("allbad", "mixed", "fine"):
+        assert batchd("submit", str(tmp_path / f"{name}.jsonl"), config=config).returncode == 0
+    assert batchd("run", "--once", config=config, env={**os.environ}, fake=True).returncode == 0
+    table = {line.split()[0]: line for line in batchd("status", config=config).stdout.splitlines()
+             if line.strip()}
+    assert "completed (all failed)" in table["allbad"] and "2/2, 2 failed" in table["allbad"]
+    assert "2/2, 1 failed" in table["mixed"] and "(all failed)" not in table["mixed"]
+    assert "1/1" in table["fine"] and "failed" not in table["fine"]
+    one = batchd("status", "allbad", config=config).stdout
+    assert "completed (all failed)" in one and "0 answered, 2 failed" in one
+    end = batchd("status", "allbad", "--follow", config=config)
+    assert end.stdout.splitlines()[-1] == \
+        "allbad: completed: 0 answered, 2 failed \N{EM DASH} see allbad.errors.jsonl"
+    assert "0/None" not in end.stdout
+    end = batchd("status", "fine", "--follow", config=config)
+    assert end.returncode == 0 and end.stdout.splitlines()[-1] == \
+        "fine: completed: 1 answered, 0 failed"
