@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import tomli_w
 
@@ -17,7 +17,7 @@ from .jobs.validate import validate
 from .layout import INPUT, is_final
 from .lines import LineError, Request
 from .profiles import ProfileSet, shipped_profiles
-from .spool import inbox
+from .spool import inbox, media
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, func, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
+    def command(name: str, func, help: str, **more: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=more.pop("description", help),
+                           **more)
         p.add_argument("--config", help="config file (default: $BATCHD_CONFIG, "
                        "./config.toml, /etc/batchd/config.toml)")
         p.set_defaults(func=func)
@@ -57,9 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", cmd_run, "run the daemon")
     p.add_argument("--once", action="store_true", help="drain inbox and work/, then exit")
-    p = command("submit", cmd_submit, "copy a file into the inbox atomically")
-    p.add_argument("file")
-    p.add_argument("--profile")
+    p = command("submit", cmd_submit, "copy a file (and its media folder) into the inbox",
+                description="Copy FILE into the inbox atomically (hidden name, fsync, "
+                "rename) and print the job name it will run under. A media folder beside "
+                "it (photos.media/ beside photos.jsonl: the pictures its lines name) is "
+                "copied in first, the same way, so it is there when the file is claimed.")
+    p.add_argument("file", help="a JSONL job file; its NAME.media/ folder comes with it")
+    p.add_argument("--profile", help="the profile to run it on (written as a sidecar "
+                   "NAME.toml); default: routed by the lines' model, else the default profile")
     p = command("status", cmd_status, "table of jobs, or one job")
     p.add_argument("job", nargs="?")
     p.add_argument("--follow", action="store_true",
@@ -134,7 +140,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     name, n = stem, 1
     while any(path.exists() for path in (
             layout.inbox / f"{name}{INPUT}", layout.inbox_sidecar(f"{name}{INPUT}"),
-            layout.status(name), layout.input(name))):
+            layout.inbox_media(f"{name}{INPUT}"), layout.status(name), layout.input(name))):
         n += 1
         name = f"{stem}-{n}"
     if args.profile:
@@ -143,6 +149,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown profile {args.profile!r}; known: {profiles.known()}")
         _copy_in(tomli_w.dumps({"profile": args.profile}).encode(),
                  layout.inbox_sidecar(f"{name}{INPUT}"))
+    folder = media.beside(source)
+    if folder is not None:  # the folder first, as users drop it (docs/FORMATS.md, "Images")
+        count = media.copy_in(folder, layout.inbox_media(f"{name}{INPUT}"))
+        print(f"{folder.name}/: {count} files copied with {source.name}", file=sys.stderr)
     with open(source, "rb") as stream:
         _copy_in(stream, layout.inbox / f"{name}{INPUT}")
     print(name)
@@ -208,12 +218,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     # its pictures, in the media folder beside it (NAME.media/), as the daemon checks them
     from .jobs import images
 
-    folder = path.with_name(path.name.removesuffix(INPUT) + ".media")
-    media = folder if folder.is_dir() else None
+    folder = media.beside(path)
 
     def on_request(item: Request, _offset: int) -> None:
         if images.count(item.body):
-            problem = images.check(item, media)
+            problem = images.check(item, folder)
             if problem is not None:
                 on_error(problem)
 

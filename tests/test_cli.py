@@ -230,3 +230,33 @@ def test_failed_lines_show_wherever_progress_does(spool_config, tmp_path):
     end = batchd("status", "fine", "--follow", config=config)
     assert end.returncode == 0 and end.stdout.splitlines()[-1] == \
         "fine: completed: 1 answered, 0 failed"
+
+
+def test_submit_brings_the_media_folder_beside_the_file(spool_config, tmp_path):
+    """`batchd submit photos.jsonl` copies photos.media/ in first, as users are told
+    to drop it, so the lines' pictures are there when the file is claimed."""
+    import io
+    import os
+    from PIL import Image
+    config = spool_config()
+    (tmp_path / "photos.media").mkdir()
+    picture = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(picture, format="PNG")
+    (tmp_path / "photos.media" / "red.png").write_bytes(picture.getvalue())
+    line = {"custom_id": "red", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "colour?"},
+        {"type": "image_url", "image_url": {"url": "red.png"}}]}]}
+    (tmp_path / "photos.jsonl").write_text(json.dumps(line) + "\n")
+    assert batchd("validate", str(tmp_path / "photos.jsonl"), config=config).returncode == 0
+    out = batchd("submit", str(tmp_path / "photos.jsonl"), config=config)
+    assert out.returncode == 0 and out.stdout == "photos\n"
+    assert "photos.media/: 1 files copied" in out.stderr
+    inbox = tmp_path / "spool" / "inbox"
+    assert sorted(p.name for p in inbox.iterdir()) == ["photos.jsonl", "photos.media"]
+    assert (inbox / "photos.media" / "red.png").read_bytes() == picture.getvalue()
+    assert batchd("run", "--once", config=config, env={**os.environ}, fake=True).returncode == 0
+    outbox = tmp_path / "spool" / "outbox"
+    assert [r["custom_id"] for r in read_jsonl(outbox / "photos.results.jsonl")] == ["red"]
+    assert read_jsonl(outbox / "photos.errors.jsonl") == []
+    assert (outbox / "photos.media" / "red.png").exists()
+    assert "media folder" in batchd("submit", "--help").stdout
