@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", cmd_run, "run the daemon")
     p.add_argument("--once", action="store_true", help="drain inbox and work/, then exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="in a terminal, show the engines' own log lines (vLLM, torch) here "
+                   "too; without it they go to SPOOL/logs/engine-HOST.log (outside a "
+                   "terminal, e.g. under systemd, they always go to stdout)")
     p = command("submit", cmd_submit, "copy a file (and its media folder) into the inbox",
                 description="Copy FILE into the inbox atomically (hidden name, fsync, "
                 "rename) and print the job name it will run under. A media folder beside "
@@ -116,6 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         inbox.ensure_dirs(settings)
         inbox.check_writable(settings)
+        _engine_output(settings, args.verbose)
     except OSError as exc:
         raise ConfigError(f"cannot use the spool at {settings.spool.root}: "
                           f"{exc.strerror or exc}") from None
@@ -127,6 +132,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _engine_output(settings: Settings, verbose: bool) -> None:
+    """A person at a terminal sees batchd's own lines and the --follow bars, not
+    the engines' warnings: those go to a log file unless --verbose. Outside a
+    terminal (systemd, a pipe) they stay on stdout, where the journal keeps them."""
+    import socket
+
+    import structlog
+
+    from .logs import engine_output_to
+
+    if verbose or not sys.stdout.isatty():
+        return
+    path = settings.layout.engine_log(socket.gethostname())
+    engine_output_to(path)
+    structlog.get_logger().info("engine_output", to=str(path), hint="--verbose shows it here")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

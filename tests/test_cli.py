@@ -260,3 +260,48 @@ def test_submit_brings_the_media_folder_beside_the_file(spool_config, tmp_path):
     assert read_jsonl(outbox / "photos.errors.jsonl") == []
     assert (outbox / "photos.media" / "red.png").exists()
     assert "media folder" in batchd("submit", "--help").stdout
+
+
+def test_run_in_a_terminal_keeps_the_engines_chatter_in_a_log_file(spool_config, tmp_path):
+    """`batchd run` whose stdout is a terminal sends the engines' own output to
+    SPOOL/logs/engine-HOST.log and says so once; --verbose, or no terminal
+    (systemd's journal), keeps it on stdout."""
+    import os
+    import pty
+    import socket
+    config = spool_config()
+    for args, sent in (((), True), (("--verbose",), False)):
+        leader, follower = pty.openpty()
+        log = tmp_path / "stderr.log"
+        with open(log, "wb") as stderr:
+            code = subprocess.run([*FAKE_BATCHD, "run", "--once", "--config", str(config),
+                                   *args], stdout=follower, stderr=stderr, timeout=120,
+                                  env={**os.environ}).returncode
+        os.close(follower)
+        os.close(leader)
+        assert code == 0, log.read_text()
+        events = [json.loads(l) for l in log.read_text().splitlines() if l.startswith("{")]
+        told = [e for e in events if e.get("event") == "engine_output"]
+        expected = tmp_path / "spool" / "logs" / f"engine-{socket.gethostname()}.log"
+        assert [e["to"] for e in told] == ([str(expected)] if sent else [])
+
+
+def test_the_engines_output_goes_where_the_command_line_sent_it(tmp_path, capfdbinary):
+    """The relay of an engine process's output (engine/hosted.py's Output) writes
+    to the log file once one is set, keeping the last lines for a failed load's cause."""
+    import sys
+    from batchd.engine.hosted import Output
+    from batchd.logs import engine_output_to
+    target = tmp_path / "logs" / "engine.log"
+    engine_output_to(target)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", "print('WARNING torch chatter')"],
+                                stdout=subprocess.PIPE)
+        relay = Output(proc.stdout)
+        relay.thread.join(30)
+        proc.wait(30)
+    finally:
+        engine_output_to(None)
+    assert target.read_text() == "WARNING torch chatter\n"
+    assert list(relay.lines) == ["WARNING torch chatter"]
+    assert b"chatter" not in capfdbinary.readouterr().out
