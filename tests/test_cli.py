@@ -305,3 +305,30 @@ def test_the_engines_output_goes_where_the_command_line_sent_it(tmp_path, capfdb
     assert target.read_text() == "WARNING torch chatter\n"
     assert list(relay.lines) == ["WARNING torch chatter"]
     assert b"chatter" not in capfdbinary.readouterr().out
+
+
+def test_messages_for_people_unknown_keys_and_bad_json(spool_config, tmp_path):
+    """An unknown config key is called unknown, with the nearest valid key and
+    where it came from (the file, or the environment variable); a bad JSON
+    line's message has one line number and a plain reason."""
+    import os
+    config = spool_config("[scheduling]\nmax_wait_secnds = 5\n")
+    out = batchd("status", config=config)
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1
+    assert out.stderr.startswith(f"batchd: {config}: unknown key scheduling.max_wait_secnds "
+                                 "(did you mean scheduling.max_wait_seconds?); "
+                                 "[scheduling] keys: ")
+    assert "part_lines" not in out.stderr  # retired: never suggested
+    config = spool_config()
+    env = {**os.environ, "BATCHD_SCHEDULING__MAX_WAIT_SECNDS": "5"}
+    out = batchd("status", config=config, env=env)
+    assert out.returncode == 2 and out.stderr.startswith(
+        "batchd: environment variable BATCHD_SCHEDULING__MAX_WAIT_SECNDS: unknown key "
+        "scheduling.max_wait_secnds (did you mean scheduling.max_wait_seconds?)")
+    out = batchd("status", config=spool_config("[schedulng]\nmax_wait_seconds = 5\n"))
+    assert "unknown key schedulng (did you mean scheduling?); sections: spool, " in out.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n\n{oops\n')
+    out = batchd("validate", str(bad), config=spool_config())
+    assert "bad.jsonl line 3: invalid_json_line: not valid JSON: expecting property name " \
+        "enclosed in double quotes at character 2\n" in out.stdout
