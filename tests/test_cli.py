@@ -332,3 +332,23 @@ def test_messages_for_people_unknown_keys_and_bad_json(spool_config, tmp_path):
     out = batchd("validate", str(bad), config=spool_config())
     assert "bad.jsonl line 3: invalid_json_line: not valid JSON: expecting property name " \
         "enclosed in double quotes at character 2\n" in out.stdout
+
+
+def test_help_teaches(spool_config):
+    """Every argument and option is explained, in words and without source markup;
+    --version names batchd and vLLM; models --help names the recipes."""
+    import argparse
+    from batchd.cli import build_parser
+    top = batchd("--help")
+    assert top.returncode == 0 and "``" not in top.stdout
+    version = batchd("--version")
+    assert version.returncode == 0 and version.stdout.startswith("batchd ") \
+        and "vLLM" in version.stdout
+    models = batchd("models", "--help").stdout
+    for recipe in ("smollm2-135m", "tiny-llama", "tiny-vision"):
+        assert recipe in models
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help, f"batchd {name}: {action.dest} is not explained"
