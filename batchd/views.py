@@ -155,8 +155,10 @@ def print_job(path: Path, as_json: bool = False) -> int:
 def _waiting_line(record: dict[str, Any]) -> str:
     total = record["request_counts"]["total"]
     size = f"{record['bytes']} bytes" + (f", {total} lines" if total else "")
+    # a sidecar's profile when it names one; otherwise the claim routes it
+    profile = f"profile={record['profile']} " if record["profile"] else ""
     return (f"{record['job']}: {record['state']} ({record['phase']}) "
-            f"profile={record['profile']} {record['file']} ({size}): {record['message']}")
+            f"{profile}{record['file']} ({size}): {record['message']}")
 
 
 def print_waiting(waiting: WaitingFile, as_json: bool = False) -> int:

@@ -352,3 +352,30 @@ def test_help_teaches(spool_config):
     for name, sub in commands.choices.items():
         for action in sub._actions:
             assert action.help, f"batchd {name}: {action.dest} is not explained"
+
+
+def test_small_leaks(spool_config, tmp_path):
+    """The published input's mode is the other outbox files' (not the dropper's
+    world-readable one); a waiting file's line names no profile it does not
+    have; the dashboard has an icon."""
+    import os
+    import stat
+    config = spool_config()
+    src = tmp_path / "questions.jsonl"
+    src.write_text('{"prompt": "x"}\n')
+    assert batchd("submit", str(src), config=config).returncode == 0
+    dropped = tmp_path / "spool" / "inbox" / "questions.jsonl"
+    dropped.chmod(0o644)
+    waiting = batchd("status", "questions", config=config).stdout
+    assert "None" not in waiting and "profile=" not in waiting
+    assert batchd("run", "--once", config=config, env={**os.environ}, fake=True).returncode == 0
+    outbox = tmp_path / "spool" / "outbox"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in outbox.iterdir() if p.is_file()}
+    assert modes["questions.input.jsonl"] == modes["questions.results.jsonl"] == 0o640, modes
+
+
+def test_dashboard_icon(settings):
+    from fastapi.testclient import TestClient
+    from batchd.api.app import create_app
+    icon = TestClient(create_app(settings)).get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
