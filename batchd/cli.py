@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import tomli_w
 
 from .config import ConfigError, Settings, load_settings
-from .jobs.router import JobRejected, Sidecar, route
+from .jobs.router import JobRejected, Sidecar, explain, route, routes
 from .jobs.validate import validate
 from .layout import INPUT, is_final
 from .lines import LineError, Request
@@ -261,7 +261,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
     profiles = ProfileSet.load(settings.routing.profiles_dir)
+    if args.profile and profiles.lookup(args.profile) is None:
+        raise UsageError(f"--profile: unknown profile {args.profile!r}; "
+                         f"known: {profiles.known()}")
     bad = 0
+    named: dict[str, list[int]] = {}  # model -> the valid lines naming it
 
     def on_error(item: LineError) -> None:
         nonlocal bad
@@ -279,6 +283,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             problem = images.check(item, folder)
             if problem is not None:
                 on_error(problem)
+                return
+        if item.model:
+            named.setdefault(item.model, []).append(item.line)
 
     total = 0
     try:
@@ -286,6 +293,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         job = path.name.removesuffix(INPUT) if path.name.endswith(INPUT) else path.stem
         profile, reason = route(job, Sidecar(profile=args.profile), votes, profiles,
                                 settings.routing.default_profile)
+        found = routes(reason, votes, profiles)
+        for model, lines in named.items():  # the run's model_not_found lines
+            if found is not None and found.models.get(model) is None:
+                for line in lines:
+                    on_error(LineError(line, "", "model_not_found",
+                                       f"no profile serves model {model!r}"))
         where = f"profile {profile.name} ({reason})"
     except JobRejected as exc:
         print(f"{path.name}: {exc.code}: {exc.message}")
@@ -293,6 +306,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         where = "no profile"
     if bad > 100:
         print(f"... and {bad - 100} more")
+    if named and where != "no profile":
+        for said in explain(list(named), profile, reason, found):
+            print(f"{path.name}: model {said}")
     print(f"{path.name}: {total} requests, {total - bad} valid, {bad} invalid; {where}")
     return 0 if bad == 0 else 1
 

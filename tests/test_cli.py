@@ -379,3 +379,28 @@ def test_dashboard_icon(settings):
     from batchd.api.app import create_app
     icon = TestClient(create_app(settings)).get("/favicon.ico")
     assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+
+
+def test_validate_says_which_profile_answers_each_model(spool_config, tmp_path):
+    """validate names each model the lines ask for and the profile that answers;
+    a line naming an unknown model beside a known one is invalid, as the run
+    gives it model_not_found; an unknown --profile names the flag."""
+    config = spool_config()
+    unknown = tmp_path / "gpt.jsonl"
+    unknown.write_text('{"model": "gpt-4o-mini", "prompt": "x"}\n' * 2)
+    out = batchd("validate", str(unknown), config=config)
+    assert out.returncode == 0, out.stdout
+    assert "gpt.jsonl: model gpt-4o-mini \N{RIGHTWARDS ARROW} tiny (default: no profile " \
+        "serves gpt-4o-mini)" in out.stdout
+    assert "2 requests, 2 valid, 0 invalid; profile tiny (default)" in out.stdout
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"model": "tiny", "prompt": "x"}\n{"model": "gpt-4o-mini", "prompt": "y"}\n')
+    out = batchd("validate", str(mixed), config=config)
+    assert out.returncode == 1
+    assert "mixed.jsonl line 2: model_not_found: no profile serves model 'gpt-4o-mini'" \
+        in out.stdout
+    assert "mixed.jsonl: model tiny \N{RIGHTWARDS ARROW} tiny" in out.stdout
+    assert "2 requests, 1 valid, 1 invalid" in out.stdout
+    flag = batchd("validate", str(mixed), "--profile", "gpt-4o-mini", config=config)
+    assert flag.returncode == 2 and flag.stderr.startswith("batchd: --profile: unknown profile")
+    assert "sidecar" not in flag.stderr
