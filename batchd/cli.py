@@ -7,17 +7,17 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import tomli_w
 
 from .config import ConfigError, Settings, load_settings
-from .jobs.router import JobRejected, Sidecar, route
+from .jobs.router import JobRejected, Sidecar, explain, route, routes
 from .jobs.validate import validate
 from .layout import INPUT, is_final
 from .lines import LineError, Request
 from .profiles import ProfileSet, shipped_profiles
-from .spool import inbox
+from .spool import inbox, media
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -44,12 +44,34 @@ def main(argv: list[str] | None = None,
         return 130
 
 
+DESCRIPTION = """Run JSONL batch files through vLLM: drop a file into the spool's inbox
+(or `batchd submit` it), the daemon (`batchd run`) answers every line, and the
+outbox gets its results, errors, status and bench record. `batchd COMMAND --help`
+explains each command. Bad usage or a bad config exits 2 with one line."""
+
+
+class _Version(argparse.Action):
+    """--version: batchd's and vLLM's versions (looked up only when asked)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from .bench import versions
+
+        found = versions()
+        print(f"batchd {found['batchd'] or 'unknown'}, vLLM {found['vllm'] or 'not installed'}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batchd", description=__doc__)
+    from .engine.recipes import RECIPES
+
+    parser = argparse.ArgumentParser(prog="batchd", description=DESCRIPTION)
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print batchd's and vLLM's versions and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, func, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
+    def command(name: str, func, help: str, **more: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=more.pop("description", help),
+                           **more)
         p.add_argument("--config", help="config file (default: $BATCHD_CONFIG, "
                        "./config.toml, /etc/batchd/config.toml)")
         p.set_defaults(func=func)
@@ -57,41 +79,61 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("run", cmd_run, "run the daemon")
     p.add_argument("--once", action="store_true", help="drain inbox and work/, then exit")
-    p = command("submit", cmd_submit, "copy a file into the inbox atomically")
-    p.add_argument("file")
-    p.add_argument("--profile")
+    p.add_argument("--verbose", action="store_true",
+                   help="in a terminal, show the engines' own log lines (vLLM, torch) here "
+                   "too; without it they go to SPOOL/logs/engine-HOST.log (outside a "
+                   "terminal, e.g. under systemd, they always go to stdout)")
+    p = command("submit", cmd_submit, "copy a file (and its media folder) into the inbox",
+                description="Copy FILE into the inbox atomically (hidden name, fsync, "
+                "rename) and print the job name it will run under. A media folder beside "
+                "it (photos.media/ beside photos.jsonl: the pictures its lines name) is "
+                "copied in first, the same way, so it is there when the file is claimed.")
+    p.add_argument("file", help="a JSONL job file; its NAME.media/ folder comes with it")
+    p.add_argument("--profile", help="the profile to run it on (written as a sidecar "
+                   "NAME.toml); default: routed by the lines' model, else the default profile")
     p = command("status", cmd_status, "table of jobs, or one job")
-    p.add_argument("job", nargs="?")
+    p.add_argument("job", nargs="?", help="a job's name (its file's name without .jsonl, "
+                   "as `submit` prints it); without it, the table of every job")
     p.add_argument("--follow", action="store_true",
                    help="live: the job until it ends, or every running job until none is")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable: the job's last status line, or the table's rows, "
+                   "as JSON (with --follow: one JSON line per update)")
     p = command("validate", cmd_validate, "check every line without loading a model")
-    p.add_argument("file")
-    p.add_argument("--profile")
+    p.add_argument("file", help="a JSONL job file; its NAME.media/ folder is checked too")
+    p.add_argument("--profile", help="check as `submit --profile` would run it")
     p = command("profiles", cmd_profiles, "list, show or check profiles")
-    p.add_argument("action", nargs="?", default="list", choices=["list", "show", "check"])
-    p.add_argument("name", nargs="?")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "show", "check"],
+                   help="list (default): every profile; show: one as resolved TOML; check: "
+                   "whether it fits the GPU memory, and what vLLM does with its options")
+    p.add_argument("name", nargs="?", help="a profile's name or alias (check: default all)")
     p.add_argument("--vram", default="16GiB", help="GPU memory for `check` (default 16GiB)")
     p.add_argument("--fit-only", action="store_true",
                    help="`check` without asking the installed vLLM about the server options")
-    p = command("models", cmd_models, "build a local model from a shipped recipe")
-    p.add_argument("action", choices=["prepare", "list"])
-    p.add_argument("name", nargs="?")
-    p.add_argument("--force", action="store_true")
+    recipes = "; ".join(f"{name}: {about}" for name, (about, _) in sorted(RECIPES.items()))
+    p = command("models", cmd_models, "build a local model from a shipped recipe",
+                description="Build a local model from a recipe batchd ships, into "
+                "[routing] models_dir. Recipes: " + recipes + ".")
+    p.add_argument("action", choices=["prepare", "list"],
+                   help="prepare: build NAME; list: every recipe, and whether it is built")
+    p.add_argument("name", nargs="?", help=f"the recipe to prepare: {', '.join(sorted(RECIPES))}")
+    p.add_argument("--force", action="store_true",
+                   help="build it again even when the folder is already there")
     p = command("cancel", cmd_cancel, "ask the daemon to cancel a job")
-    p.add_argument("job")
+    p.add_argument("job", help="the job's name")
     p = command("retry", cmd_retry, "drop a job's retryable failed lines as a new job")
-    p.add_argument("job")
+    p.add_argument("job", help="the job whose failed lines to run again")
     p.add_argument("--codes", help="error codes to retry, comma-separated (default: "
                    "engine_error,cancelled,batch_cancelled,batch_expired)")
     p = command("init", cmd_init, "create a spool and a config.toml")
-    p.add_argument("dir", nargs="?", default=".")
+    p.add_argument("dir", nargs="?", default=".",
+                   help="where (default: here); an existing config.toml is kept")
     p = command("api", cmd_api, "serve OpenAI's Files and Batches API and a dashboard")
     p.add_argument("--listen", help="HOST:PORT (default: [api] listen, 127.0.0.1:8080)")
     p = command("bench", cmd_bench, "bench records: report")
-    p.add_argument("action", choices=["report"])
-    p.add_argument("--outbox")
-    p.add_argument("--plot")
+    p.add_argument("action", choices=["report"], help="report: throughput by profile")
+    p.add_argument("--outbox", help="the folder of bench records (default: the spool's outbox)")
+    p.add_argument("--plot", help="also write a bar chart to this PNG file")
     return parser
 
 
@@ -110,6 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         inbox.ensure_dirs(settings)
         inbox.check_writable(settings)
+        _engine_output(settings, args.verbose)
     except OSError as exc:
         raise ConfigError(f"cannot use the spool at {settings.spool.root}: "
                           f"{exc.strerror or exc}") from None
@@ -123,6 +166,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     os._exit(code)
 
 
+def _engine_output(settings: Settings, verbose: bool) -> None:
+    """A person at a terminal sees batchd's own lines and the --follow bars, not
+    the engines' warnings: those go to a log file unless --verbose. Outside a
+    terminal (systemd, a pipe) they stay on stdout, where the journal keeps them."""
+    import socket
+
+    import structlog
+
+    from .logs import engine_output_to
+
+    if verbose or not sys.stdout.isatty():
+        return
+    path = settings.layout.engine_log(socket.gethostname())
+    engine_output_to(path)
+    structlog.get_logger().info("engine_output", to=str(path), hint="--verbose shows it here")
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     settings = _settings(args)
     source = Path(args.file)
@@ -134,7 +194,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     name, n = stem, 1
     while any(path.exists() for path in (
             layout.inbox / f"{name}{INPUT}", layout.inbox_sidecar(f"{name}{INPUT}"),
-            layout.status(name), layout.input(name))):
+            layout.inbox_media(f"{name}{INPUT}"), layout.status(name), layout.input(name))):
         n += 1
         name = f"{stem}-{n}"
     if args.profile:
@@ -143,6 +203,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown profile {args.profile!r}; known: {profiles.known()}")
         _copy_in(tomli_w.dumps({"profile": args.profile}).encode(),
                  layout.inbox_sidecar(f"{name}{INPUT}"))
+    folder = media.beside(source)
+    if folder is not None:  # the folder first, as users drop it (docs/FORMATS.md, "Images")
+        count = media.copy_in(folder, layout.inbox_media(f"{name}{INPUT}"))
+        print(f"{folder.name}/: {count} files copied with {source.name}", file=sys.stderr)
     with open(source, "rb") as stream:
         _copy_in(stream, layout.inbox / f"{name}{INPUT}")
     print(name)
@@ -197,7 +261,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
     profiles = ProfileSet.load(settings.routing.profiles_dir)
+    if args.profile and profiles.lookup(args.profile) is None:
+        raise UsageError(f"--profile: unknown profile {args.profile!r}; "
+                         f"known: {profiles.known()}")
     bad = 0
+    named: dict[str, list[int]] = {}  # model -> the valid lines naming it
 
     def on_error(item: LineError) -> None:
         nonlocal bad
@@ -208,14 +276,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     # its pictures, in the media folder beside it (NAME.media/), as the daemon checks them
     from .jobs import images
 
-    folder = path.with_name(path.name.removesuffix(INPUT) + ".media")
-    media = folder if folder.is_dir() else None
+    folder = media.beside(path)
 
     def on_request(item: Request, _offset: int) -> None:
         if images.count(item.body):
-            problem = images.check(item, media)
+            problem = images.check(item, folder)
             if problem is not None:
                 on_error(problem)
+                return
+        if item.model:
+            named.setdefault(item.model, []).append(item.line)
 
     total = 0
     try:
@@ -223,6 +293,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         job = path.name.removesuffix(INPUT) if path.name.endswith(INPUT) else path.stem
         profile, reason = route(job, Sidecar(profile=args.profile), votes, profiles,
                                 settings.routing.default_profile)
+        found = routes(reason, votes, profiles)
+        for model, lines in named.items():  # the run's model_not_found lines
+            if found is not None and found.models.get(model) is None:
+                for line in lines:
+                    on_error(LineError(line, "", "model_not_found",
+                                       f"no profile serves model {model!r}"))
         where = f"profile {profile.name} ({reason})"
     except JobRejected as exc:
         print(f"{path.name}: {exc.code}: {exc.message}")
@@ -230,6 +306,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         where = "no profile"
     if bad > 100:
         print(f"... and {bad - 100} more")
+    if named and where != "no profile":
+        for said in explain(list(named), profile, reason, found):
+            print(f"{path.name}: model {said}")
     print(f"{path.name}: {total} requests, {total - bad} valid, {bad} invalid; {where}")
     return 0 if bad == 0 else 1
 

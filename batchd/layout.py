@@ -14,6 +14,7 @@ typed in two modules drifts apart the first time one changes.
     ROOT/api/files/, ROOT/api/batches/   what `batchd api` keeps
     ROOT/cache/                the result cache, when [cache] is enabled
     ROOT/events/JOB.json       a job's end, until its hook ran and its webhook was delivered
+    ROOT/logs/engine-HOST.log  the engines' own output, when the daemon runs in a terminal
 """
 
 from __future__ import annotations
@@ -181,6 +182,11 @@ class Layout:
     def daemons(self) -> Path:
         """daemons/: one record per running daemon of the spool (spool/daemons.py)."""
         return self.root / "daemons"
+
+    def engine_log(self, host: str) -> Path:
+        """logs/engine-HOST.log: the engine processes' own output (vLLM's, torch's)
+        while `batchd run` runs in a terminal (batchd/logs.py)."""
+        return self.root / "logs" / f"engine-{host}.log"
 
     def claim(self, pid: int, n: int, host: str, name: str) -> Path:
         """A claim in flight: unique to the process, keeping the inbox NAME."""

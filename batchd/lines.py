@@ -185,13 +185,26 @@ def parse_line(raw: RawLine, max_line_bytes: int = 1 << 62) -> Request | LineErr
     try:
         obj = _DECODER.decode(raw.data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        return LineError(raw.number, default_id, "invalid_json_line", f"not valid JSON: {exc}")
+        return LineError(raw.number, default_id, "invalid_json_line", _why_not_json(exc))
     if not isinstance(obj, dict):
         return LineError(
             raw.number, default_id, "invalid_json_line",
             f"a line must be a JSON object, got {type(obj).__name__}",
         )
     return _to_request(raw.number, obj)
+
+
+def _why_not_json(exc: Exception) -> str:
+    """A plain reason, placed by character: the error already names the file's
+    line, and json's own "line 1 column 2" would be a second, different line number."""
+    if isinstance(exc, json.JSONDecodeError):
+        reason = exc.msg[:1].lower() + exc.msg[1:]
+        return f"not valid JSON: {reason} at character {exc.pos + 1}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text: byte {exc.object[exc.start]:#04x} at character {exc.start + 1}"
+    if isinstance(exc, RecursionError):
+        return "not valid JSON here: nested too deeply"
+    return f"not valid JSON: {exc}"
 
 
 def _to_request(number: int, obj: dict[str, Any]) -> Request | LineError:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+from pathlib import Path
 
 import openai
 import pytest
@@ -246,3 +248,35 @@ def test_uploads_stream_to_disk(stack):
                            / f"{upload.id}.jsonl") == len(body)
     assert read_jsonl(api.config.parent / "spool" / "api" / "files" / f"{upload.id}.json") \
         == [client.files.retrieve(upload.id).model_dump()]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make system-deps "
+                    "installs it); the dashboard was not loaded in a browser")
+def test_dashboard_shows_failed_lines(stack, settings, tmp_path):
+    """A job whose lines partly failed carries a failed share on its bar and a
+    badge; one whose every line failed says so beside its state. Its screenshot
+    (BATCHD_SCREENSHOT=docs/dashboard-failed.png keeps it) shows both."""
+    from conftest import final_state
+    _, _, api = stack()
+    drop(settings.inbox, "partly.jsonl", [GOOD | {"custom_id": "a"}, "{oops",
+                                          GOOD | {"custom_id": "b"}, "{oops"])
+    drop(settings.inbox, "allbad.jsonl", ["{oops", '{"prompt": 1}'])
+    for job in ("partly", "allbad"):
+        wait_for(lambda job=job: final_state(settings.outbox, job), 60, what=f"{job} to end")
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                          "--virtual-time-budget=3000", "--dump-dom", api.url + "/"],
+                         capture_output=True, text=True, timeout=60).stdout
+    rows = {job: dom.split(f'id="job-{job}"', 1)[1].split("</tr>", 1)[0]
+            for job in ("partly", "allbad")}
+    assert 'data-failed="2"' in rows["partly"] and ">2 failed<" in rows["partly"]
+    assert 'class="bad" style="width: 50%;"' in rows["partly"]
+    assert ">all 2 failed<" in rows["allbad"] and 'data-state="completed"' in rows["allbad"]
+    shot = Path(os.environ.get("BATCHD_SCREENSHOT", tmp_path / "dashboard-failed.png"))
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                    "--hide-scrollbars", "--window-size=1400,500", "--virtual-time-budget=3000",
+                    f"--screenshot={shot.resolve()}", api.url + "/#job=partly"],
+                   capture_output=True, timeout=60, check=True)
+    assert shot.stat().st_size > 10_000

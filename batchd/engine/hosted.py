@@ -324,7 +324,9 @@ class Output:
         self.thread.start()
 
     def _pump(self, stream: IO[bytes]) -> None:
-        out = sys.stdout.buffer
+        from ..logs import engine_output  # stdout (the journal), or a log file
+
+        out = engine_output()
         for raw in iter(stream.readline, b""):
             self.lines.append(raw.decode("utf-8", "replace").rstrip())
             try:

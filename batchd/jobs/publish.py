@@ -183,15 +183,22 @@ def place_input(job: Job) -> None:
     """Put the input in the outbox before the final status line, so a reader
     who sees that line finds everything. A hard link keeps work/JOB.jsonl in
     place until the line is written (a crash in between just publishes again);
-    filesystems without links get a copy."""
+    filesystems without links, and files another user dropped (whose mode we
+    may not change), get a copy. Either way its mode is the outbox files'."""
     target = job.out(PUBLISHED_INPUT)
     if target.exists() or not job.input.exists():
         return
     try:
         os.link(job.input, target, follow_symlinks=False)
+        # the dropper's mode (often world-readable) made like the other outbox files'
+        os.chmod(target, 0o666 & ~job.settings.spool.umask)
+        return
+    except PermissionError:
+        target.unlink(missing_ok=True)  # another user's file: a copy of our own instead
     except OSError:
-        with open_regular(job.input) as source:
-            write_atomic(target, iter(partial(source.read, 1 << 20), b""))
+        pass
+    with open_regular(job.input) as source:
+        write_atomic(target, iter(partial(source.read, 1 << 20), b""))
 
 
 def cleanup(job: Job, final: JobState, rejected: bool | None = None) -> JobState:

@@ -138,6 +138,25 @@ def routes(reason: str, votes: ModelVote, profiles: ProfileSet) -> Routes | None
                   {m: p.name if p else None for m, p in models.items()})
 
 
+def explain(models: list[str], profile: Profile, reason: str,
+            found: Routes | None) -> list[str]:
+    """For people (`batchd validate`): each model the lines name, and the profile
+    that answers it, or model_not_found when the run gives its lines that error."""
+    said = []
+    for model in models:
+        if found is not None:
+            target = found.models.get(model)
+            said.append(f"{model} \N{RIGHTWARDS ARROW} {target}" if target else
+                        f"{model} \N{RIGHTWARDS ARROW} model_not_found (no profile serves it; "
+                        f"its lines fail)")
+        elif reason == "default":
+            said.append(f"{model} \N{RIGHTWARDS ARROW} {profile.name} (default: no profile "
+                        f"serves {model})")
+        else:
+            said.append(f"{model} \N{RIGHTWARDS ARROW} {profile.name} ({reason})")
+    return said
+
+
 def prefix_profile(job: str, profiles: ProfileSet) -> Profile | None:
     head, sep, _ = job.partition("__")
     return profiles.lookup(head) if sep and head else None

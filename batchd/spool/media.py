@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from ..layout import Layout
+from ..layout import INPUT, MEDIA, Layout
 
 log = structlog.get_logger()
 
@@ -65,6 +65,38 @@ def pending(folder: Path, now: float, settle_seconds: float) -> float | None:
                 stack.append(entry.path)
     due = newest + settle_seconds
     return due if due > now else None
+
+
+def beside(path: Path) -> Path | None:
+    """The media folder a user keeps beside a job file (``photos.media/`` beside
+    ``photos.jsonl``), as `batchd validate` checks it and `batchd submit` brings
+    it; None when there is none (or it is no folder)."""
+    folder = path.with_name(path.name.removesuffix(INPUT) + MEDIA)
+    return folder if folder.is_dir() else None
+
+
+def copy_in(source: Path, target: Path) -> int:
+    """`batchd submit`: SOURCE (a media folder) copied to TARGET (the inbox's
+    NAME.media/) under a hidden name, every file fsynced, then renamed into
+    place, so the daemon never sees half a folder; symbolic links are copied as
+    links (validation refuses those that lead out). The files copied."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    copied = 0
+
+    def copy(src: str, dst: str) -> None:
+        nonlocal copied
+        shutil.copy2(src, dst)
+        with open(dst, "rb") as stream:
+            os.fsync(stream.fileno())
+        copied += 1
+
+    try:
+        shutil.copytree(source, tmp, symlinks=True, copy_function=copy)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return copied
 
 
 def claim(layout: Layout, name: str, job: str) -> bool:
