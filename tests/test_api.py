@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -274,6 +275,16 @@ def test_dashboard_shows_failed_lines(stack, settings, tmp_path):
     assert 'data-failed="2"' in rows["partly"] and ">2 failed<" in rows["partly"]
     assert 'class="bad" style="width: 50%;"' in rows["partly"]
     assert ">all 2 failed<" in rows["allbad"] and 'data-state="completed"' in rows["allbad"]
+    # a job's history: newest first, a run of lines saying the same folded into one row
+    detail = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                             "--virtual-time-budget=3000", "--dump-dom",
+                             api.url + "/#job=partly"], capture_output=True, text=True,
+                            timeout=60).stdout
+    history = re.findall(r'<tr class="history">(.*?)</tr>', detail)
+    states = [re.findall(r"<td[^>]*>([^<]*)</td>", row)[1] for row in history]
+    assert states[0] == "completed" and states[-1] == "queued", states
+    said = [re.sub(r"^<td>[^<]*</td>", "", row) for row in history]  # all but the time
+    assert all(a != b for a, b in zip(said, said[1:])), said
     shot = Path(os.environ.get("BATCHD_SCREENSHOT", tmp_path / "dashboard-failed.png"))
     subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
                     "--hide-scrollbars", "--window-size=1400,500", "--virtual-time-budget=3000",

@@ -3,6 +3,8 @@
 import json
 import subprocess
 
+import pytest
+
 from conftest import BATCHD, FAKE_BATCHD, read_jsonl
 
 
@@ -128,6 +130,14 @@ def test_run_once_with_fake_engine(spool_config, tmp_path):
     status = read_jsonl(tmp_path / "spool" / "outbox" / "f.status.jsonl")
     assert status[-1]["state"] == "completed"
     assert status[-1]["request_counts"]["completed"] == 3
+    # a file whose lines name a model no profile serves: its status says what routing did
+    src = tmp_path / "g.jsonl"
+    src.write_text('{"model": "gpt-4o-mini", "prompt": "x"}\n' * 2)
+    assert batchd("submit", str(src), config=config).returncode == 0
+    assert batchd("run", "--once", config=config, fake=True).returncode == 0
+    said = [s.get("message") for s in read_jsonl(tmp_path / "spool" / "outbox" / "g.status.jsonl")]
+    assert "routed: gpt-4o-mini \N{RIGHTWARDS ARROW} tiny (default: no profile serves " \
+        "gpt-4o-mini)" in said, said
 
 
 def test_bench_report_table_and_plot(spool_config, tmp_path):
@@ -404,3 +414,18 @@ def test_validate_says_which_profile_answers_each_model(spool_config, tmp_path):
     flag = batchd("validate", str(mixed), "--profile", "gpt-4o-mini", config=config)
     assert flag.returncode == 2 and flag.stderr.startswith("batchd: --profile: unknown profile")
     assert "sidecar" not in flag.stderr
+
+
+@pytest.mark.vllm
+def test_models_prepare_copies_what_the_checkout_built(tiny_model, tmp_path):
+    """A new spool's `models prepare` copies the recipe's model the checkout
+    already built (same recipe version) instead of building it again."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[routing]\nmodels_dir = "{tmp_path / "models"}"\n')
+    done = subprocess.run([BATCHD, "models", "prepare", "tiny-llama", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "model_copying" in done.stdout + done.stderr
+    copied = tmp_path / "models" / "tiny-llama"
+    assert done.stdout.strip().endswith(str(copied))
+    assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in tiny_model.iterdir())

@@ -265,3 +265,17 @@ def test_turns_make_progress_when_loads_outlast_max_wait(settings):
     assert final_state(outbox, "bulk") == final_state(outbox, "other__x") == "completed"
     assert len(outputs(outbox, "bulk")[0]) == 400 and len(outputs(outbox, "other__x")[0]) == 30
     assert loads == ["tiny", "other", "tiny"]  # one turn each way, not a swap per step
+
+
+def test_the_eta_follows_the_recent_pace_not_the_slow_start():
+    """Answers come in waves: none for the first 90 s (the first batch generating),
+    then 79 at once, then steadily. The time left comes from the last 30 s."""
+    from batchd.jobs.share import Running
+
+    r = Running(job=None, level=0.0)  # type: ignore[arg-type]
+    assert r.recent_rate(0.0, 0) is None  # one look: no pace yet
+    for t in range(2, 90, 2):
+        assert r.recent_rate(float(t), 0) == 0.0
+    rate = r.recent_rate(90.0, 79)
+    assert rate is not None and 79 / 32 <= rate <= 79 / 30  # not 79 / 90
+    assert 321 / rate < 130  # the time left: ~2 minutes, as it then took (not 445 s)

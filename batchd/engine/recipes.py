@@ -233,6 +233,25 @@ def _built_version(target: Path) -> str:
         return "1"
 
 
+# The checkout's own models folder (config.toml's models_dir), where `make demo`
+# and the tests build the recipes; absent when batchd is installed from a wheel.
+CHECKOUT_MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def built_in_checkout(name: str, version: str, target: Path) -> Path | None:
+    """The recipe NAME already built, at VERSION, in the checkout's models
+    folder (not TARGET itself): a new spool's `models prepare` copies it."""
+    found = CHECKOUT_MODELS / name
+    try:
+        if found.resolve() == target.resolve():
+            return None
+    except OSError:
+        return None
+    if (found / "config.json").is_file() and _built_version(found) == version:
+        return found
+    return None
+
+
 def prepare(name: str, models_dir: Path, force: bool = False) -> Path:
     """Build model NAME into MODELS_DIR/NAME unless it is there; return the folder."""
     if name not in RECIPES:
@@ -244,10 +263,15 @@ def prepare(name: str, models_dir: Path, force: bool = False) -> Path:
         log.info("model_present", recipe=name, path=str(target))
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
+    built = None if force else built_in_checkout(name, version, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=models_dir))
     try:
-        log.info("model_preparing", recipe=name, path=str(target))
-        RECIPES[name][1](tmp)
+        if built is not None:  # the same recipe's output: a copy, not a rebuild
+            log.info("model_copying", recipe=name, path=str(target), source=str(built))
+            shutil.copytree(built, tmp, dirs_exist_ok=True)
+        else:
+            log.info("model_preparing", recipe=name, path=str(target))
+            RECIPES[name][1](tmp)
         (tmp / STAMP).write_text(version + "\n")
         if target.exists():
             shutil.rmtree(target)

@@ -114,12 +114,14 @@ class Job:
     def order_name(self) -> str:
         return "input" if self.order is None else "prefix"
 
-    def progress(self, done_now: int = 0, seconds: float = 0.0) -> dict[str, Any]:
+    def progress(self, done_now: int = 0, seconds: float = 0.0,
+                 pace: float | None = None) -> dict[str, Any]:
         """The counting fields of a status line: DONE_NOW answers in SECONDS give
-        the rates and the time left."""
+        the rates; the time left comes from PACE (its recent rate) once it has one."""
         tally: Tally = self.ckpt.tally
         rate = done_now / seconds if seconds > 0 else 0.0
         remaining = self.total - tally.completed - tally.failed
+        ahead = pace if pace else rate
         return {
             "profile": self.profile.name if self.profile else None,
             "model": self.profile.model if self.profile else None,
@@ -131,7 +133,7 @@ class Job:
             "throughput": {"requests_per_s": round(rate, 3),
                            "output_tokens_per_s": round(
                                tally.completion_tokens / seconds if seconds > 0 else 0.0, 3)},
-            "eta_s": round(remaining / rate, 1) if rate > 0 else None,
+            "eta_s": round(remaining / ahead, 1) if ahead > 0 else None,
             **({"cache": self.cache_counts()} if self.cache is not None else {}),
         }
 

@@ -21,8 +21,10 @@ from ..spool.outbox import error_line, read_status, result_line
 from . import images, publish
 from .job import Job
 from .publish import Outcome
-from .router import JobRejected, route, routes
+from .router import JobRejected, explain, route, routes
 from .validate import classified, validate_job
+
+MODELS_SAID = 5  # models named in the routing line of a job's status
 
 
 def prepare(settings: Settings, name: str, profiles: ProfileSet,
@@ -67,8 +69,13 @@ def prepare(settings: Settings, name: str, profiles: ProfileSet,
         job.routes = routes(reason, votes, profiles)
         job.parts = list(job.routes.parts) if job.routes else [job.profile]
         job.log = job.log.bind(profile=job.profile.name)
+        said = explain(list(votes.models), job.profile, reason, job.routes)
         job.log.info("job_routed", reason=reason, total=job.total,
-                     parts=[p.name for p in job.parts])
+                     parts=[p.name for p in job.parts], models=said[:MODELS_SAID])
+        if said:  # which profile answers each model the lines name, said once
+            more = f"; and {len(said) - MODELS_SAID} more" if len(said) > MODELS_SAID else ""
+            job.status.write(JobState.VALIDATING, phase=Phase.VALIDATING,
+                             message="routed: " + "; ".join(said[:MODELS_SAID]) + more)
         job.deadline = sidecar.deadline(claimed_at)
         job.sidecar_sampling = sidecar.sampling
         job.priority = sidecar.priority

@@ -99,8 +99,11 @@ def interrupted(job: Job) -> None:
 def job_toml(job: Job, sidecar: Sidecar, reason: str, models_dir: Path) -> None:
     """JOB.job.toml: what the job runs with, written once it is routed."""
     assert job.profile is not None
-    doc = {"job": job.name, "input": str(job.input), "profile": job.profile.name,
-           "model": job.profile.model, "routed_by": reason, "priority": sidecar.priority,
+    # where the input is once the job has ended (outbox/JOB.input.jsonl), not
+    # work/JOB.jsonl, which is gone by then
+    doc = {"job": job.name, "input": str(job.out(PUBLISHED_INPUT)),
+           "profile": job.profile.name, "model": job.profile.model, "routed_by": reason,
+           "priority": sidecar.priority,
            "requests": job.total, "order": job.order_name,
            "engine": job.profile.engine_args(models_dir),
            "sampling": job.sampling,

@@ -166,7 +166,8 @@ class Session:
                 since = r.since if r.since is not None else measured
                 turn.progress.append(job.status.write(
                     JobState.IN_PROGRESS, phase=Phase.GENERATING,
-                    **job.progress(job.answered - r.done_before, measured - since)))
+                    **job.progress(job.answered - r.done_before, measured - since,
+                                   r.recent_rate(measured, job.answered))))
         return turn
 
     def _open(self, now: float) -> bool:

@@ -11,6 +11,7 @@ joins starts level with the least served, and its first few requests
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
@@ -44,6 +45,9 @@ def auto_window(engine: Engine) -> int:
     return seqs + max(1, seqs // 4)
 
 
+PACE_SECONDS = 30.0  # the window of a running job's recent rate (its ETA)
+
+
 @dataclass(eq=False)
 class Running:
     """A job in the session's stream and its place in the fair share."""
@@ -57,6 +61,18 @@ class Running:
     done_before: int = 0  # lines answered when it joined it
     tokens_at_join: tuple[int, int] = (0, 0)
     boost: int = 0  # requests still to send before jobs without one (it just joined)
+    # (when, lines answered) at its recent status lines: its pace for the ETA
+    pace: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def recent_rate(self, now: float, answered: int) -> float | None:
+        """Lines answered a second over the last PACE_SECONDS (None before two
+        looks): answers come in waves as a batch finishes, so the rate since
+        the stream began, slow start included, would overstate the time left."""
+        self.pace.append((now, answered))
+        while len(self.pace) > 2 and now - self.pace[1][0] >= PACE_SECONDS:
+            self.pace.popleft()
+        then, before = self.pace[0]
+        return (answered - before) / (now - then) if now > then else None
 
     @property
     def answered(self) -> bool:
