@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from .candidates import Candidates
+from .clock import Wall
+from .clock import wall as clock_wall
 from .config import Settings
 from .jobs import publish
 from .jobs.job import Job
@@ -63,14 +65,15 @@ class Admitted:
 class Admission:
     def __init__(self, settings: Settings, leases: Leases, metrics: Metrics,
                  profiles: ProfileSet, results: ResultCache | None, wake: Wakeup,
-                 registry: Registry | None = None):
+                 registry: Registry | None = None, wall: Wall = clock_wall):
         self.settings = settings
+        self.wall = wall  # for mtimes and deadlines; the loop's clock comes as `now`
         self.leases = leases
         self.metrics = metrics
         self.profiles = profiles  # the daemon's set; reloaded() on SIGHUP
         self.results = results  # the result cache, None when off
         self.wake = wake  # the watcher's: a change in the inbox
-        self.candidates = Candidates(settings, metrics, profiles, registry)
+        self.candidates = Candidates(settings, metrics, profiles, registry, wall)
         self.retry_at: dict[str, float] = {}  # job or file -> when to try again after OSError
         self.retry_seconds = 10.0
         self.held: dict[str, Held] = {}  # job -> a prepared job waiting for its profile
@@ -223,7 +226,8 @@ class Admission:
         """The job validated and routed into FOUND: to run, or ended (rejected, ...);
         one that stalls is tried again later."""
         try:
-            prepared = prepare(self.settings, name, self.profiles, self.results, note, waited)
+            prepared = prepare(self.settings, name, self.profiles, self.results, note, waited,
+                               self.wall)
         except OSError as exc:  # other jobs go on; this one is retried later
             self.job_stalled(name, now, exc)
             return

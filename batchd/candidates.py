@@ -7,8 +7,9 @@ every time it looks at the spool, and decides with ``scheduler.order``.
 from __future__ import annotations
 
 import os
-import time
 
+from .clock import Wall
+from .clock import wall as clock_wall
 from .config import Settings
 from .jobs import publish
 from .metrics import Metrics
@@ -23,8 +24,9 @@ DEFER_SECONDS = 2.0  # how long a cold daemon leaves a file to a warm one of the
 
 class Candidates:
     def __init__(self, settings: Settings, metrics: Metrics, profiles: ProfileSet,
-                 registry: Registry | None = None):
+                 registry: Registry | None = None, wall: Wall = clock_wall):
         self.settings = settings
+        self.wall = wall  # a media folder's mtimes are compared with it
         self.metrics = metrics
         self.profiles = profiles
         self.registry = registry  # the spool's other daemons (spool/daemons.py)
@@ -73,7 +75,7 @@ class Candidates:
             # its media folder, dropped first, still being written (rsync, a share);
             # walked until seen settled once, not at every look while the file waits
             if name not in self.media_settled:
-                wall = time.time()
+                wall = self.wall()
                 unsettled = media.pending(self.settings.layout.inbox_media(name), wall,
                                           self.settler.settle_seconds)
                 if unsettled is not None:

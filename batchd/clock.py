@@ -9,6 +9,16 @@ from typing import Any, Callable
 
 Clock = Callable[[], float]  # seconds, monotonic; the daemon's, injected by tests
 monotonic: Clock = time.monotonic
+# The other clock: seconds since the epoch, for what is compared with file
+# mtimes and calendar deadlines (a media folder settling, a completion window);
+# injected beside the loop's, so a test moves it instead of sleeping.
+Wall = Callable[[], float]
+wall: Wall = time.time
+
+
+def wall_datetime(now: Wall) -> datetime:
+    """NOW as an aware datetime in UTC."""
+    return datetime.fromtimestamp(now(), timezone.utc)
 
 
 def utc_now() -> str:

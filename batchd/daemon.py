@@ -21,7 +21,8 @@ from typing import Callable
 import structlog
 
 from .admission import Admission
-from .clock import Clock, monotonic
+from .clock import Clock, Wall, monotonic
+from .clock import wall as clock_wall
 from .config import Settings
 from .engine import Engine, EnginePool
 from .engine.cluster import require_ray
@@ -47,10 +48,12 @@ REAP_SECONDS = 60.0  # how often an idle daemon ends engines left by daemons kil
 
 class Daemon:
     def __init__(self, settings: Settings, profiles: ProfileSet | None = None,
-                 factory: Callable[[Profile], Engine] | None = None, clock: Clock = monotonic):
+                 factory: Callable[[Profile], Engine] | None = None, clock: Clock = monotonic,
+                 wall: Wall = clock_wall):
         self.settings = settings
         self.profiles = profiles or ProfileSet.load(settings.routing.profiles_dir)
-        self.clock = clock  # the loop's one clock; run_once(now) takes a test's
+        self.clock = clock  # the loop's clock; run_once(now) takes a test's
+        self.wall = wall  # the other: file mtimes and deadlines (clock.py)
         self.stop = threading.Event()
         self.reload = threading.Event()
         self.wake = Wakeup()  # the watcher's "look again", also heard inside a stream
@@ -63,7 +66,7 @@ class Daemon:
         results = ResultCache(cache.folder or settings.layout.cache, int(cache.size_limit)) \
             if cache.enabled else None
         self.admission = Admission(settings, self.leases, self.report.metrics, self.profiles,
-                                   results, self.wake, self.report.registry)
+                                   results, self.wake, self.report.registry, wall)
         self.owned = Owned(settings, self.admission, self.leases)
         self.hooks = Hooks(settings, self.report.metrics.webhook)
         self.watcher: Watcher | None = None

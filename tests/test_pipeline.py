@@ -325,24 +325,18 @@ def test_expired_before_it_ran(daemon, settings):
     assert job_toml["expires_at"].isoformat() == "2020-01-01T00:00:00+00:00"
 
 
-def test_completion_window_passes_mid_job(settings, monkeypatch):
+def test_completion_window_passes_mid_job(settings):
     """A window that ends while the job runs: answered lines stay, the rest expire.
-    The engine's steps move the time the deadline is checked against (a
-    FakeClock), so the window ends after step 30 of 100 at any machine speed."""
+    The engine's steps move both of the daemon's clocks (a FakeClock, and the wall
+    clock the expiry is checked on), so the window ends after step 30 of 100 at
+    any machine speed."""
     from datetime import datetime, timedelta, timezone
-    from batchd.jobs import prepare
     from batchd.testing import FakeClock
     clock = FakeClock(0.0)
     start = datetime.now(timezone.utc)
-
-    class Now(datetime):  # the wall clock the expiry is checked on, moved by the steps
-        @classmethod
-        def now(cls, tz=None):
-            return start + timedelta(seconds=clock())
-
-    monkeypatch.setattr(prepare, "datetime", Now)
     d = Daemon(settings, factory=lambda p: FakeEngine(p, step_seconds=0.05, per_step=4,
-                                                      sleep=clock.sleep), clock=clock)
+                                                      sleep=clock.sleep), clock=clock,
+               wall=lambda: start.timestamp() + clock())
     d.setup()
     soon = start + timedelta(seconds=1.5)  # the job needs 100 steps of 0.05 s
     (settings.inbox / "w.toml").write_text(f'expires_at = {soon.isoformat()}\n')

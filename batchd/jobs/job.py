@@ -16,7 +16,7 @@ from ..layout import Layout
 from ..profiles import Profile
 from ..spool.cache import ResultCache
 from ..spool.checkpoint import Checkpoint, LineSet, Tally
-from ..clock import utc_now
+from ..clock import Wall, utc_now, wall
 from ..spool.outbox import StatusFile, anthropic_line
 from .order import PrefixOrder
 from .router import Routes
@@ -36,6 +36,7 @@ class Job:
     order: PrefixOrder | None = None  # None: requests go to the engine in input order
     total: int = 0
     waited: float = 0.0  # seconds in the inbox before the claim
+    wall: Wall = wall  # the daemon's wall clock: its completion window is checked on it
     started: float = field(default_factory=time.monotonic)
     started_at: str = field(default_factory=utc_now)
     # seconds spent, for the bench record

@@ -7,10 +7,9 @@ checkpoint: answered lines are never asked again and never written twice.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from ..clock import parse_iso
+from ..clock import Wall, parse_iso, wall, wall_datetime
 from ..config import Settings
 from ..layout import CANCELLED, EXPIRED, Ending, JobState, Phase
 from ..lines import LineError, Request, open_regular, read_line_at
@@ -28,19 +27,19 @@ MODELS_SAID = 5  # models named in the routing line of a job's status
 
 
 def prepare(settings: Settings, name: str, profiles: ProfileSet,
-            results: ResultCache | None, note: str = "", waited: float = 0.0
-            ) -> Job | Outcome:
+            results: ResultCache | None, note: str = "", waited: float = 0.0,
+            now: Wall = wall) -> Job | Outcome:
     """Open a claimed job, validate and route it: the Job, ready for a session
     (batchd/jobs/session.py), or how it ended when it cannot run (rejected,
     cancelled or expired before it ran, or already published before a crash).
 
     PROFILES are the daemon's (reloaded on SIGHUP); RESULTS the daemon's result
     cache (None when off); NOTE says why it was claimed; WAITED is how long it
-    sat in the inbox."""
-    job = Job(name, settings, waited=waited)
+    sat in the inbox; NOW the daemon's wall clock (clock.py)."""
+    job = Job(name, settings, waited=waited, wall=now)
     history = read_status(job.status.path)
     claimed_at = parse_iso(history[0].get("ts") if history else None) or \
-        parse_iso(job.started_at) or datetime.now(timezone.utc)
+        parse_iso(job.started_at) or wall_datetime(now)
     if history and JobState(history[-1]["state"]).final:
         # a crash came after publishing: only the cleanup is left
         return Outcome(publish.cleanup(job, JobState(history[-1]["state"])), None)
@@ -104,7 +103,7 @@ def cancel_requested(job: Job) -> bool:
 
 
 def expired(job: Job) -> bool:
-    return job.deadline is not None and datetime.now(timezone.utc) >= job.deadline
+    return job.deadline is not None and wall_datetime(job.wall) >= job.deadline
 
 
 def runnable(job: Job) -> Iterator[Request]:
