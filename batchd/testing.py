@@ -55,13 +55,16 @@ class FakeEngine:
     Its completions are a hash of the prompt, with token counts from word
     counts; ``step_seconds`` makes each step take time (on ``sleep``: a
     ``FakeClock``'s to take none), to test progress, cancel and stop without a
-    model. While ``held()`` is true it takes requests but answers none.
+    model. While ``held()`` is true it takes requests but answers none. Every
+    request it takes is appended to ``fed``, when a test gives it a list.
     """
 
     def __init__(self, profile: Profile, step_seconds: float = 0.0, per_step: int = 8,
                  sleep: Callable[[float], None] = time.sleep,
-                 held: Callable[[], bool] = lambda: False):
+                 held: Callable[[], bool] = lambda: False,
+                 fed: list[Request] | None = None):
         self.profile = profile
+        self.fed = fed
         self.step_seconds = step_seconds
         self.per_step = per_step
         self.sleep = sleep
@@ -81,6 +84,8 @@ class FakeEngine:
             if not exhausted and len(pending) < window:
                 batch, exhausted = take(source, window - len(pending))
                 pending += batch
+                if self.fed is not None:
+                    self.fed.extend(batch)
             if not pending:
                 if exhausted:
                     return

@@ -69,6 +69,19 @@ def outputs(outbox: Path, job: str) -> tuple[list, list]:
     return read_jsonl(outbox / f"{job}.results.jsonl"), read_jsonl(outbox / f"{job}.errors.jsonl")
 
 
+def prompts(prefix: str, n: int) -> list[dict]:
+    """N completion lines, custom_ids PREFIX0, PREFIX1, ..."""
+    return [{"custom_id": f"{prefix}{i}", "prompt": f"{prefix} {i}"} for i in range(n)]
+
+
+def family_chats(prefix: str, n: int) -> list[dict]:
+    """N chat lines in eight prefix families (a long shared system prompt each),
+    8 tokens each: what engine replicas deal by family."""
+    return [{"custom_id": f"{prefix}{i}", "max_tokens": 8, "ignore_eos": True,
+             "messages": [{"role": "system", "content": f"Rubric {i % 8}: " + "be fair. " * 20},
+                          {"role": "user", "content": f"Item {i}?"}]} for i in range(n)]
+
+
 def drop(inbox: Path, name: str, lines: list, how: str = "rename") -> Path:
     """Drop a file as users do: 'rename' (write hidden, then rename in) or 'inplace'."""
     data = "".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines)

@@ -9,34 +9,22 @@ from collections import Counter
 from batchd.daemon import Daemon
 from batchd.testing import FakeClock, FakeEngine
 from batchd.jobs.share import weight
-from conftest import one_pass, turns, drop, final_state, outputs, read_jsonl
+from conftest import drop, final_state, one_pass, outputs, prompts, read_jsonl, turns
 
 
-class Recording(FakeEngine):
-    """Remembers the job of every request fed to it, in order."""
+def jobs(fed):
+    """The job of every request the fake engines took, in order."""
+    return [request.job for request in fed]
 
-    fed: list = []
-
-    def stream(self, requests, sampling, window):
-        def record():
-            for request in requests:
-                if request is not None:
-                    Recording.fed.append(request.job)
-                yield request
-        return super().stream(record(), sampling, window)
-
-
-def lines(prefix, n):
-    return [{"custom_id": f"{prefix}{i}", "prompt": f"{prefix} {i}"} for i in range(n)]
 
 
 def daemon_for(settings, window=4):
     settings.watch.settle_seconds = 0  # every file is ready when first seen
     settings.engine.window = window
-    Recording.fed = []
-    d = Daemon(settings, factory=lambda profile: Recording(profile, per_step=2))
+    fed: list = []
+    d = Daemon(settings, factory=lambda profile: FakeEngine(profile, per_step=2, fed=fed))
     d.setup()
-    return d
+    return d, fed
 
 
 def test_weights():
@@ -47,14 +35,14 @@ def test_jobs_share_the_window_by_priority_and_each_answers_every_line(settings)
     """b (priority 3) is claimed first; bulk, a and c join it at the first check,
     within one refill of the window, which they share: b gets four requests for
     each one of the others'. Every line once, in input order."""
-    d = daemon_for(settings)
-    drop(settings.inbox, "bulk.jsonl", lines("bulk", 200))
-    drop(settings.inbox, "a.jsonl", lines("a", 40))
+    d, fed = daemon_for(settings)
+    drop(settings.inbox, "bulk.jsonl", prompts("bulk", 200))
+    drop(settings.inbox, "a.jsonl", prompts("a", 40))
     (settings.inbox / "b.toml").write_text("priority = 3\n")
-    drop(settings.inbox, "b.jsonl", lines("b", 100))
-    drop(settings.inbox, "c.jsonl", lines("c", 40))
+    drop(settings.inbox, "b.jsonl", prompts("b", 100))
+    drop(settings.inbox, "c.jsonl", prompts("c", 40))
     assert one_pass(d, now=1.0)  # b first (priority), the others join it
-    fed = Recording.fed
+    fed = jobs(fed)
     assert fed[0] == "b" and set(fed) == {"bulk", "a", "b", "c"}
     joined = max(fed.index(j) for j in ("a", "c", "bulk"))
     assert joined <= 4 + 3  # within one refill of the window (4)
@@ -79,11 +67,11 @@ def test_jobs_share_the_window_by_priority_and_each_answers_every_line(settings)
 
 def test_running_jobs_are_capped(settings):
     settings.scheduling.max_running_jobs = 2
-    d = daemon_for(settings)
+    d, fed = daemon_for(settings)
     for name in ("a", "b", "c"):
-        drop(settings.inbox, f"{name}.jsonl", lines(name, 30))
+        drop(settings.inbox, f"{name}.jsonl", prompts(name, 30))
     assert one_pass(d, now=1.0)
-    fed = Recording.fed
+    fed = jobs(fed)
     last = {j: len(fed) - 1 - fed[::-1].index(j) for j in "ab"}
     assert fed.index("b") < last["a"]  # a and b ran at once ...
     assert fed.index("c") > min(last.values())  # ... c only once one of them had left
@@ -96,12 +84,12 @@ def slow_daemon(settings, max_wait=600.0):
     settings.watch.settle_seconds = 0
     settings.engine.window = 4
     settings.scheduling.max_wait_seconds = max_wait
-    Recording.fed = []
+    fed: list = []
     clock = FakeClock()
-    d = Daemon(settings, factory=lambda p: Recording(p, step_seconds=0.01, per_step=2,
-                                                     sleep=clock.sleep), clock=clock)
+    d = Daemon(settings, factory=lambda p: FakeEngine(p, step_seconds=0.01, per_step=2,
+                                                      sleep=clock.sleep, fed=fed), clock=clock)
     d.setup()
-    return d, clock
+    return d, clock, fed
 
 
 def phases(outbox, job):
@@ -109,11 +97,11 @@ def phases(outbox, job):
 
 
 def test_cancel_one_of_several(settings):
-    d, clock = slow_daemon(settings)
+    d, clock, fed = slow_daemon(settings)
     outbox = settings.outbox
-    drop(settings.inbox, "keep.jsonl", lines("keep", 200))
-    drop(settings.inbox, "doomed.jsonl", lines("doomed", 200))
-    turns(d, clock, lambda: Recording.fed.count("doomed") > 10)
+    drop(settings.inbox, "keep.jsonl", prompts("keep", 200))
+    drop(settings.inbox, "doomed.jsonl", prompts("doomed", 200))
+    turns(d, clock, lambda: jobs(fed).count("doomed") > 10)
     (settings.inbox / "doomed.cancel").touch()
     turns(d, clock, lambda: final_state(outbox, "keep"))
     assert final_state(outbox, "doomed") == "cancelled"
@@ -131,11 +119,11 @@ def test_cancel_one_of_several(settings):
 def test_an_overdue_file_of_another_profile_makes_the_running_jobs_yield(settings):
     """A file for 'other' waits 0.3 s (max_wait_seconds) during a long tiny job:
     the job yields, 'other' runs, then the job resumes from its checkpoint."""
-    d, clock = slow_daemon(settings, max_wait=0.3)
+    d, clock, fed = slow_daemon(settings, max_wait=0.3)
     outbox = settings.outbox
-    drop(settings.inbox, "bulk.jsonl", lines("bulk", 300))
-    turns(d, clock, lambda: Recording.fed.count("bulk") > 10)
-    drop(settings.inbox, "other__x.jsonl", lines("x", 3))
+    drop(settings.inbox, "bulk.jsonl", prompts("bulk", 300))
+    turns(d, clock, lambda: jobs(fed).count("bulk") > 10)
+    drop(settings.inbox, "other__x.jsonl", prompts("x", 3))
     turns(d, clock, lambda: final_state(outbox, "bulk"))
     assert final_state(outbox, "other__x") == "completed"
     assert "yielded" in phases(outbox, "bulk")
@@ -144,7 +132,7 @@ def test_an_overdue_file_of_another_profile_makes_the_running_jobs_yield(setting
     results, errors = outputs(outbox, "bulk")
     assert [r["custom_id"] for r in results] == [f"bulk{i}" for i in range(300)]
     assert errors == []
-    assert Recording.fed.count("bulk") <= 300 + 4  # resumed, not restarted
+    assert jobs(fed).count("bulk") <= 300 + 4  # resumed, not restarted
     bench = json.loads((outbox / "bulk.bench.json").read_text())
     assert bench["timing_s"]["model_load"] >= 0 and bench["requests"]["succeeded"] == 300
 
@@ -204,9 +192,9 @@ def test_a_file_that_kills_the_engine_fails_alone(settings):
     settings.engine.restart_backoff_seconds = 0
     d = Daemon(settings, factory=lambda p: Poisoned(p, per_step=2))
     d.setup()
-    drop(settings.inbox, "bad.jsonl", lines("bad", 10) + [{"custom_id": "p", "prompt": "poison"}]
-         + lines("late", 10))
-    drop(settings.inbox, "good.jsonl", lines("good", 30))
+    drop(settings.inbox, "bad.jsonl", prompts("bad", 10) + [{"custom_id": "p", "prompt": "poison"}]
+         + prompts("late", 10))
+    drop(settings.inbox, "good.jsonl", prompts("good", 30))
     while one_pass(d, now=1.0):
         pass
     assert final_state(settings.outbox, "good") == "completed"
@@ -224,8 +212,8 @@ def test_a_file_that_kills_the_engine_fails_alone(settings):
 def test_a_claimed_file_that_routes_elsewhere_waits_for_its_model(settings):
     """Its first line names no model (so it looked like the loaded profile's), its
     others name 'other': claimed beside tiny's job, it waits, then runs on other."""
-    d = daemon_for(settings)
-    drop(settings.inbox, "a.jsonl", lines("a", 40))
+    d, _ = daemon_for(settings)
+    drop(settings.inbox, "a.jsonl", prompts("a", 40))
     drop(settings.inbox, "sneaky.jsonl", [{"custom_id": "s0", "prompt": "x"},
                                           {"custom_id": "s1", "model": "other", "prompt": "y"}])
     while one_pass(d, now=1.0):
@@ -246,21 +234,21 @@ def test_turns_make_progress_when_loads_outlast_max_wait(settings):
     settings.watch.settle_seconds = 0
     settings.engine.window = 4
     settings.scheduling.max_wait_seconds = 0.2
-    Recording.fed = []
+    fed: list = []
     clock = FakeClock()
     loads = []
 
     def slow_load(profile):
         loads.append(profile.name)
         clock.sleep(0.3)
-        return Recording(profile, step_seconds=0.01, per_step=2, sleep=clock.sleep)
+        return FakeEngine(profile, step_seconds=0.01, per_step=2, sleep=clock.sleep, fed=fed)
 
     d = Daemon(settings, factory=slow_load, clock=clock)
     d.setup()
     outbox = settings.outbox
-    drop(settings.inbox, "bulk.jsonl", lines("bulk", 400))
-    turns(d, clock, lambda: Recording.fed.count("bulk") > 10)
-    drop(settings.inbox, "other__x.jsonl", lines("x", 30))
+    drop(settings.inbox, "bulk.jsonl", prompts("bulk", 400))
+    turns(d, clock, lambda: jobs(fed).count("bulk") > 10)
+    drop(settings.inbox, "other__x.jsonl", prompts("x", 30))
     turns(d, clock, lambda: final_state(outbox, "bulk") and final_state(outbox, "other__x"))
     assert final_state(outbox, "bulk") == final_state(outbox, "other__x") == "completed"
     assert len(outputs(outbox, "bulk")[0]) == 400 and len(outputs(outbox, "other__x")[0]) == 30

@@ -199,21 +199,10 @@ def test_a_media_folder_still_being_written_holds_its_file(tmp_path):
         (root / "a").chmod(0o755)
 
 
-class Recording(FakeEngine):
-    sent: list[Request] = []
-
-    def stream(self, requests, sampling, *args, **kwargs):
-        def seen():
-            for item in requests:
-                if item is not None:
-                    Recording.sent.append(item)
-                yield item
-        return super().stream(seen(), sampling, *args, **kwargs)
-
-
 def test_a_job_with_its_media_folder_through_the_daemon(spool_config, tmp_path):
     settings = load_settings(spool_config("[cache]\nenabled = true\n"))
-    d = Daemon(settings, factory=lambda profile: Recording(profile, per_step=64),
+    sent: list[Request] = []  # what reached the engine
+    d = Daemon(settings, factory=lambda profile: FakeEngine(profile, per_step=64, fed=sent),
                clock=lambda: 1000.0, wall=LATER)
     d.setup()
     inbox = settings.inbox
@@ -244,10 +233,10 @@ def test_a_job_with_its_media_folder_through_the_daemon(spool_config, tmp_path):
         assert error["message"].startswith("line "), error
     # what reached the engine: files of work/media/pics/ as file:// URLs, nothing else local
     root = os.path.realpath(settings.layout.media("pics"))
-    local = [ref.url for item in Recording.sent for ref in images.refs(item.body)
+    local = [ref.url for item in sent for ref in images.refs(item.body)
              if ref.kind == "file"]
     assert local and all(u.startswith(Path(root).as_uri() + "/") for u in local)
-    assert sorted(item.custom_id for item in Recording.sent) == ["data", "rel", "text", "two"]
+    assert sorted(item.custom_id for item in sent) == ["data", "rel", "text", "two"]
     # kept in outbox/, gone from the inbox and work/, counted
     kept = settings.layout.out_media("pics")
     assert (kept / "sub" / "dog.png").is_file() and not pics.exists()
@@ -255,14 +244,14 @@ def test_a_job_with_its_media_folder_through_the_daemon(spool_config, tmp_path):
     bench = json.loads(settings.layout.out("pics", "bench.json").read_text())
     assert bench["images"] == 4
     # the same pictures under other names in another job: answered from the cache
-    Recording.sent = []
+    sent.clear()
     again = inbox / "again.media"
     again.mkdir()
     (again / "kitten.png").write_bytes(png())
     drop(inbox, "again.jsonl", [chat("rel", "kitten.png")])
     drain(d)
     results, _ = outputs(settings.outbox, "again")
-    assert [r["custom_id"] for r in results] == ["rel"] and Recording.sent == []
+    assert [r["custom_id"] for r in results] == ["rel"] and sent == []
     # a retry gets the job's pictures again
     name, count = drop_retry(settings, "pics", codes=("invalid_image",))
     assert count == 7 and (inbox / f"{name}.media" / "cat.png").is_file()

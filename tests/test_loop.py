@@ -11,11 +11,8 @@ from batchd.engine.hosted import reap_engines
 from batchd.layout import Phase
 from batchd.testing import FakeEngine
 
-from conftest import drop, final_state, one_pass, outputs, read_jsonl
+from conftest import drop, final_state, one_pass, outputs, prompts, read_jsonl
 
-
-def lines(prefix, n):
-    return [{"custom_id": f"{prefix}{i}", "prompt": f"{prefix} {i}"} for i in range(n)]
 
 
 def phases(outbox, job):
@@ -51,7 +48,7 @@ def test_a_load_killed_below_the_limit_waits_and_loads_again(settings):
     clock = [0.0]
     d = Daemon(settings, factory=factory, clock=lambda: clock[0])
     d.setup()
-    drop(settings.inbox, "a.jsonl", lines("a", 30))
+    drop(settings.inbox, "a.jsonl", prompts("a", 30))
     assert d.run_once(now=0.0)  # claimed, and its load died
     assert phases(settings.outbox, "a")[-1] == Phase.ENGINE_DIED
     assert not d.run_once(now=0.5)  # the backoff (2 s): no load yet
@@ -72,8 +69,8 @@ def test_loads_killed_max_engine_failures_times_fail_the_job_naming_the_deaths(s
     factory, calls = flaky(2)
     d = Daemon(settings, factory=factory)
     d.setup()
-    drop(settings.inbox, "a.jsonl", lines("a", 5))
-    drop(settings.inbox, "b.jsonl", lines("b", 5))
+    drop(settings.inbox, "a.jsonl", prompts("a", 5))
+    drop(settings.inbox, "b.jsonl", prompts("b", 5))
     clock = [0.0]
     run_until_idle(d, clock)
     assert final_state(settings.outbox, "a") == "failed"
@@ -95,13 +92,13 @@ def test_a_load_that_fails_by_itself_fails_its_job_at_once_and_the_next_file_run
 
     d = Daemon(settings, factory=factory)
     d.setup()
-    drop(settings.inbox, "bad__x.jsonl", lines("x", 3))
+    drop(settings.inbox, "bad__x.jsonl", prompts("x", 3))
     assert one_pass(d, now=0.0)
     assert final_state(settings.outbox, "bad__x") == "failed"
     last = read_jsonl(settings.outbox / "bad__x.status.jsonl")[-1]
     assert "model failed to load" in last["errors"][0]["message"]
     assert "Nope" in last["errors"][0]["message"]
-    drop(settings.inbox, "next.jsonl", lines("n", 3))
+    drop(settings.inbox, "next.jsonl", prompts("n", 3))
     assert one_pass(d, now=1.0)
     assert final_state(settings.outbox, "next") == "completed"
 
@@ -111,7 +108,7 @@ def test_a_waiting_job_is_cancelled_without_waiting_for_its_turn(settings):
     settings.watch.settle_seconds = 0
     d = Daemon(settings, factory=lambda p: FakeEngine(p, step_seconds=0.01, per_step=2))
     d.setup()
-    drop(settings.inbox, "long.jsonl", lines("long", 400))
+    drop(settings.inbox, "long.jsonl", prompts("long", 400))
     assert d.run_once(now=0.0)  # long's session starts
     drop(settings.inbox, "sneaky.jsonl", [{"custom_id": "s0", "prompt": "x"},
                                           {"custom_id": "s1", "model": "other", "prompt": "y"}])
@@ -157,27 +154,21 @@ def test_the_idle_reaper_spares_its_own_engine(settings):
 def test_a_job_that_joins_has_its_first_requests_sent_next(settings):
     """On the auto window a job that joins a running stream gets its first
     requests (up to 1/32 of vLLM's batch) sent before any more of the bulk's."""
-    fed = []
+    taken: list = []  # every request the fake engine took, in order
 
-    class Recording(FakeEngine):
-        def stream(self, requests, sampling, window):
-            def record():
-                for request in requests:
-                    if request is not None:
-                        fed.append(request.job)
-                    yield request
-            return super().stream(record(), sampling, window)
+    def fed():
+        return [request.job for request in taken]
 
     settings.watch.settle_seconds = 0
-    d = Daemon(settings, factory=lambda p: Recording(p, per_step=4))
+    d = Daemon(settings, factory=lambda p: FakeEngine(p, per_step=4, fed=taken))
     d.setup()
-    drop(settings.inbox, "bulk.jsonl", lines("bulk", 2000))
+    drop(settings.inbox, "bulk.jsonl", prompts("bulk", 2000))
     for _ in range(5):
         d.run_once(now=0.0)
-    assert fed and set(fed) == {"bulk"}
-    drop(settings.inbox, "small.jsonl", lines("small", 5))
+    assert fed() and set(fed()) == {"bulk"}
+    drop(settings.inbox, "small.jsonl", prompts("small", 5))
     while final_state(settings.outbox, "small") is None:
         d.run_once(now=0.0)
-    first = fed.index("small")
-    assert fed[first:first + 5] == ["small"] * 5
+    first = fed().index("small")
+    assert fed()[first:first + 5] == ["small"] * 5
     assert final_state(settings.outbox, "bulk") is None  # it ran beside the bulk

@@ -55,22 +55,15 @@ def check_grouped(groups):
     assert leaders == sorted(set(followers), key=followers.index)  # same group order
 
 
-class Recording(FakeEngine):
-    fed: list = []
-
-    def stream(self, requests, sampling, window):
-        def record():
-            for request in requests:
-                if request is not None:  # None: the shared stream holds (engine/__init__.py)
-                    Recording.fed.append(request)
-                yield request
-        return super().stream(record(), sampling, window)
+@pytest.fixture
+def fed():
+    """Every request the fake engine took, in the order it took them."""
+    return []
 
 
 @pytest.fixture
-def recording(settings):
-    Recording.fed = []
-    d = Daemon(settings, factory=Recording, clock=lambda: 1000.0)
+def recording(settings, fed):
+    d = Daemon(settings, factory=lambda p: FakeEngine(p, fed=fed), clock=lambda: 1000.0)
     d.setup()
     return d
 
@@ -102,13 +95,13 @@ def test_prefix_text_is_what_a_template_renders_first():
     assert sort_key(a) >> 6 == sort_key(b) >> 6 and sort_key(b) < sort_key(a)
 
 
-def test_engine_is_fed_by_prefix_and_results_come_in_input_order(recording, settings):
+def test_engine_is_fed_by_prefix_and_results_come_in_input_order(recording, settings, fed):
     lines = shuffled_file()
     lines.insert(3, "not json")
     lines.insert(9, "")
     drop(settings.inbox, "grade.jsonl", lines)
     drain(recording)
-    fed = [r.custom_id for r in Recording.fed]
+    fed = [r.custom_id for r in fed]
     assert len(fed) == len(set(fed)) == GROUPS * PER_GROUP  # each request once
     check_grouped([group_of(c) for c in fed])
     results = read_jsonl(settings.outbox / "grade.results.jsonl")
@@ -122,29 +115,28 @@ def test_engine_is_fed_by_prefix_and_results_come_in_input_order(recording, sett
     assert status[-1]["order"] == "prefix" and "cached" in status[-1]["tokens"]
 
 
-def test_sidecar_chooses_input_order(recording, settings):
+def test_sidecar_chooses_input_order(recording, settings, fed):
     lines = shuffled_file()
     (settings.inbox / "plain.toml").write_text('order = "input"\n')
     drop(settings.inbox, "plain.jsonl", lines)
     drain(recording)
-    assert [r.custom_id for r in Recording.fed] == [line["custom_id"] for line in lines]
+    assert [r.custom_id for r in fed] == [line["custom_id"] for line in lines]
     bench = json.loads((settings.outbox / "plain.bench.json").read_text())
     assert bench["order"] == "input"
 
 
-def test_config_input_order(spool_config):
+def test_config_input_order(spool_config, fed):
     from batchd.config import load_settings
     settings = load_settings(spool_config('[engine]\norder = "input"\n'))
-    Recording.fed = []
-    d = Daemon(settings, factory=Recording, clock=lambda: 1000.0)
+    d = Daemon(settings, factory=lambda p: FakeEngine(p, fed=fed), clock=lambda: 1000.0)
     d.setup()
     lines = shuffled_file(seed=2)
     drop(settings.inbox, "cfg.jsonl", lines)
     drain(d)
-    assert [r.custom_id for r in Recording.fed] == [line["custom_id"] for line in lines]
+    assert [r.custom_id for r in fed] == [line["custom_id"] for line in lines]
 
 
-def test_resume_in_prefix_order_skips_answered_lines(recording, settings):
+def test_resume_in_prefix_order_skips_answered_lines(recording, settings, fed):
     lines = shuffled_file(seed=3)
     drop(settings.work, "r.jsonl", lines)
     (settings.outbox / "r.status.jsonl").write_text(
@@ -155,7 +147,7 @@ def test_resume_in_prefix_order_skips_answered_lines(recording, settings):
                                "response": {"body": {"usage": {"prompt_tokens": 1}}}})
     ckpt.close()
     drain(recording)
-    fed = {r.line for r in Recording.fed}
+    fed = {r.line for r in fed}
     assert fed.isdisjoint({2, 30, 55}) and len(fed) == len(lines) - 3
     results = read_jsonl(settings.outbox / "r.results.jsonl")
     assert [r["custom_id"] for r in results] == [line["custom_id"] for line in lines]

@@ -12,16 +12,12 @@ import signal
 import psutil
 import pytest
 
-from conftest import FAKE_BATCHD, TINY_PROFILE, drop, final_state, outputs, served_spool, wait_for
+from conftest import (FAKE_BATCHD, TINY_PROFILE, drop, family_chats, final_state, outputs,
+                      served_spool, wait_for)
 
 # Ray on the loopback address only (../ENVIRONMENT: else it dials the host's address)
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_DISABLE_USAGE_STATS": "1"}
 
-
-def lines(prefix, n):
-    return [{"custom_id": f"{prefix}{i}", "max_tokens": 8, "ignore_eos": True,
-             "messages": [{"role": "system", "content": f"Rubric {i % 8}: " + "be fair. " * 20},
-                          {"role": "user", "content": f"Item {i}?"}]} for i in range(n)]
 
 
 @pytest.fixture
@@ -67,7 +63,7 @@ def test_replicas_on_two_ray_nodes_survive_a_node_lost(cluster, tiny_model, tmp_
     daemon = daemons(config, env=RAY_ENV)
     daemon.wait_ready()
     inbox, outbox = tmp_path / "spool" / "inbox", tmp_path / "spool" / "outbox"
-    drop(inbox, "spread.jsonl", lines("spread", 600))
+    drop(inbox, "spread.jsonl", family_chats("spread", 600))
 
     def replicas():
         records = [json.loads(p.read_text())

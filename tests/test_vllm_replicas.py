@@ -15,17 +15,11 @@ import pytest
 
 from batchd.engine.places import core_range, cpu_slices
 
-from conftest import (BATCHD, OTHER_PROFILE, TINY_PROFILE, drop, final_state, outputs,
-                      served_spool, wait_for)
+from conftest import (BATCHD, OTHER_PROFILE, TINY_PROFILE, drop, family_chats, final_state,
+                      outputs, served_spool, wait_for)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-
-def lines(prefix, n):
-    # eight prefix families of a long shared system prompt each, in input order
-    return [{"custom_id": f"{prefix}{i}", "max_tokens": 8, "ignore_eos": True,
-             "messages": [{"role": "system", "content": f"Rubric {i % 8}: " + "be fair. " * 20},
-                          {"role": "user", "content": f"Item {i}?"}]} for i in range(n)]
 
 
 def engine_processes(daemon):
@@ -50,7 +44,7 @@ def test_two_replicas_share_a_job_and_survive_a_kill(tiny_model, tmp_path, daemo
     inbox, outbox = tmp_path / "spool" / "inbox", tmp_path / "spool" / "outbox"
 
     # kill -9 of the second replica's engine process while the job runs on both
-    drop(inbox, "shared.jsonl", lines("shared", 1200))
+    drop(inbox, "shared.jsonl", family_chats("shared", 1200))
 
     def answered_by_both():  # the daemon's record (once a second): each replica's count
         records = [json.loads(p.read_text())
@@ -98,7 +92,7 @@ def test_two_replicas_share_a_job_and_survive_a_kill(tiny_model, tmp_path, daemo
     # memory) gone before the other profile's replicas answer, a core each again
     old = engine_processes(daemon)
     old_memory = sum(p.memory_info().rss for p in old)
-    drop(inbox, "other__swap.jsonl", lines("swap", 200))
+    drop(inbox, "other__swap.jsonl", family_chats("swap", 200))
     job = "other__swap"  # the PROFILE__ prefix chose the profile; the job keeps the name
     assert wait_for(lambda: final_state(outbox, job), 600, what="swap") == "completed"
     exactly_once_in_order(outbox, job, 200, prefix="swap")
