@@ -1,7 +1,7 @@
 """structlog set-up, done once by the command line: JSON lines when stderr is not
 a terminal (journald, files), readable console lines when it is. And where the
 engine processes' own output goes (vLLM's and torch's log lines, relayed by
-batchd/engine/hosted.py): our stdout, for systemd's journal, or a log file while
+batchd/engine/processes.py): our stdout, for systemd's journal, or a log file while
 a person watches the terminal."""
 
 from __future__ import annotations

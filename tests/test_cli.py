@@ -297,10 +297,10 @@ def test_run_in_a_terminal_keeps_the_engines_chatter_in_a_log_file(spool_config,
 
 
 def test_the_engines_output_goes_where_the_command_line_sent_it(tmp_path, capfdbinary):
-    """The relay of an engine process's output (engine/hosted.py's Output) writes
+    """The relay of an engine process's output (engine/processes.py's Output) writes
     to the log file once one is set, keeping the last lines for a failed load's cause."""
     import sys
-    from batchd.engine.hosted import Output
+    from batchd.engine.processes import Output
     from batchd.logs import engine_output_to
     target = tmp_path / "logs" / "engine.log"
     engine_output_to(target)

@@ -44,7 +44,8 @@ from ..config import ConfigError, Settings
 from ..profiles import Profile
 from ..spool.watcher import Wakeup
 from . import Engine, EngineDead, Unplaced
-from .hosted import HostedEngine, Output, kill_group, psutil_wait
+from .hosted import HostedEngine
+from .processes import Output, kill_group, psutil_wait
 from .places import gpus_per_replica
 
 log = structlog.get_logger()
