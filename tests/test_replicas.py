@@ -8,7 +8,8 @@ from conftest import wait_for
 
 from batchd.engine import EngineDead, Unplaced
 from batchd.engine.places import cpu_slices
-from batchd.engine.replicas import GROW_SECONDS, ReplicaSet, family
+from batchd.engine.dealing import family
+from batchd.engine.replicas import GROW_SECONDS, ReplicaSet
 from batchd.lines import CHAT, Request
 from batchd.profiles import Profile
 from batchd.testing import FakeEngine
@@ -62,7 +63,7 @@ def deal_all(replicas, requests, per):
     Which replica got each request (by line), in dealing order."""
     source, ahead, exhausted, got = iter(requests), [], False, {}
     while not exhausted or ahead:
-        exhausted = replicas._deal(source, ahead, exhausted, per)
+        exhausted = replicas.dealer.deal(source, ahead, exhausted, per, replicas.live())
         for replica in replicas.replicas:
             for request in replica.queue:
                 got[request.line] = replica.index
@@ -95,14 +96,15 @@ def test_a_family_is_cut_only_when_another_replica_would_starve():
     replicas, _ = make()
     a, b = replicas.replicas
     source, ahead = iter(one), []
-    replicas._deal(source, ahead, False, 20)  # the family fills its home, then the other
+    # the family fills its home, then the other
+    replicas.dealer.deal(source, ahead, False, 20, replicas.live())
     assert [len(a.queue), len(b.queue)] == [20, 20]
     for _ in range(4):
         a.queue.pop()  # a answered four: its batch is still full, its home (b) is full
-    replicas._deal(source, ahead, False, 20)
+    replicas.dealer.deal(source, ahead, False, 20, replicas.live())
     assert [len(a.queue), len(b.queue)] == [16, 20]
     a.queue.pop()  # below 0.8: the family is cut to it
-    replicas._deal(source, ahead, False, 20)
+    replicas.dealer.deal(source, ahead, False, 20, replicas.live())
     assert [len(a.queue), len(b.queue)] == [20, 20]
     replicas.close()
 
@@ -145,16 +147,16 @@ def test_a_dead_replicas_requests_go_first_to_the_others_and_it_loads_again_late
     a, b = replicas.replicas
     requests = [chat(i, f"family {i % 2}") for i in range(8)]
     source, ahead = iter(requests), []
-    replicas._deal(source, ahead, False, 4)
+    replicas.dealer.deal(source, ahead, False, 4, replicas.live())
     b.sent = {r.key: r for r in list(b.queue)[:2]}  # two taken by its engine, two queued
     held = list(b.sent.values()) + list(b.queue)[2:]
     b.queue = type(b.queue)(list(b.queue)[2:])
     replicas._died(b, EngineDead("killed"))
     assert b.state == "dead" and b.restart_at == 102.0 and b.engine is None
-    assert list(replicas.redo) == held  # dealt again before anything new
+    assert list(replicas.dealer.redo) == held  # dealt again before anything new
     a.queue.clear()
-    replicas._deal(source, ahead, False, 4)
-    assert list(a.queue) == held and not replicas.redo
+    replicas.dealer.deal(source, ahead, False, 4, replicas.live())
+    assert list(a.queue) == held and not replicas.dealer.redo
     now[0] = 102.0  # between streams, the daemon's once-a-second look loads it again
     replicas.replica_lines()
     assert b.state == "loading"

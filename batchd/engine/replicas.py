@@ -7,12 +7,9 @@ session's source on the loop's thread and deals them to the replicas, each of
 which runs its own engine stream on a thread of its own; their answers come
 back merged, one list per turn, as from one engine.
 
-Dealing keeps vLLM's prefix cache useful: the requests come in prefix order,
-and all of one prefix family (the lines sharing their first 256 characters of
-prefix text, ``jobs/order.py``) go to the replica that took the family's first
-request while it has room in its window; a new family goes to the replica
-with the least outstanding work. A family larger than a replica's window is
-cut only when another replica would otherwise fall below its batch (``STARVED``).
+Dealing keeps vLLM's prefix cache useful: a prefix family's requests go to
+one replica while it has room (``dealing.py`` decides; this module runs the
+replicas, their threads and their deaths).
 
 A replica that dies (its engine process killed, its GPU lost) loses only what
 it had in flight: those requests are dealt again to the live replicas, ahead
@@ -28,93 +25,25 @@ isolation of the jobs an engine died with, not round every replica.
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable
 
 import structlog
 
-from ..lines import PREFIX_FAMILY_CHARS, Request, prefix_text
+from ..lines import Request
 from ..profiles import Profile
-from . import HOLD, Answer, Engine, EngineDead, Unplaced, take
+from . import Answer, Engine, EngineDead, Unplaced
+from .dealing import Dealer, Replica
 
 log = structlog.get_logger()
 
 POLL_SECONDS = 0.1  # how often an idle merged stream yields, so the loop gets its turn
-# A replica below this share of its window takes from another's family: the
-# auto window is vLLM's batch and a quarter more, so 0.8 keeps every batch full
-STARVED = 0.8
 HEALTHY = 100  # answers after a (re)load that clear a replica's past deaths
 MAX_BACKOFF = 60.0  # seconds, as the session's own backoff
-MAX_FAMILIES = 100_000  # families remembered at once (a file of unique prompts)
 WAITING = ("dead", "unplaced")  # states that load again at restart_at
 GROW_SECONDS = 10.0  # how often an "auto" set asks how many replicas the cluster holds
-
-
-def family(request: Request) -> bytes:
-    """The request's prefix family: a digest of its first 256 characters of
-    prefix text (what vLLM's prefix cache can share between them)."""
-    text = prefix_text(request.body)[:PREFIX_FAMILY_CHARS]
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-
-
-@dataclass(eq=False)
-class Replica:
-    """One engine of the set and what it holds."""
-
-    index: int
-    where: str  # the host and its GPUs or cores, as `batchd status` shows it
-    engine: Engine | None = None
-    # loading, ready, dead (loads again at restart_at), unplaced (no Ray node has
-    # room: placed again at restart_at), gone (given up)
-    state: str = "loading"
-    deaths: int = 0
-    restart_at: float = 0.0
-    queue: deque[Request] = field(default_factory=deque)  # dealt, not yet taken
-    sent: dict[tuple[str, int], Request] = field(default_factory=dict)  # taken, unanswered
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    thread: threading.Thread | None = None
-    stopping: bool = False
-    joining: int | None = None  # a job joined: its requests at once (Engine.more)
-    run: int = 0  # its current stream's number: events of an older one are stale
-    answered_since_load: int = 0
-    requests: int = 0  # answered, in all
-    output_tokens: int = 0
-    generation_s: float = 0.0
-    streaming_since: float | None = None
-
-    def outstanding(self) -> int:
-        with self.lock:
-            return len(self.queue) + len(self.sent)
-
-    def source(self) -> Iterator[Request | None]:
-        """The replica's own feed: what was dealt to it, HOLD when nothing is."""
-        while not self.stopping:
-            with self.lock:
-                request = self.queue.popleft() if self.queue else None
-                if request is not None:
-                    self.sent[request.key] = request
-            yield request if request is not None else HOLD
-
-    def take_back(self) -> list[Request]:
-        """Everything it held, sent or not (its engine died)."""
-        with self.lock:
-            lost = list(self.sent.values()) + list(self.queue)
-            self.sent.clear()
-            self.queue.clear()
-        return lost
-
-    def line(self, now: float) -> dict[str, Any]:
-        """Its entry in the daemon's record and `batchd status` (seconds streaming
-        counted up to NOW)."""
-        streaming = now - self.streaming_since if self.streaming_since is not None else 0.0
-        return {"replica": self.index, "where": self.where, "state": self.state,
-                "requests": self.requests, "output_tokens": self.output_tokens,
-                "generation_s": round(self.generation_s + streaming, 3), "deaths": self.deaths}
 
 
 _DEAD = object()  # a replica's stream ended in a death
@@ -138,7 +67,7 @@ class ReplicaSet:
         self.looked = clock()
         self.abort_load = abort_load  # ends a replica's load in progress (close())
         self.lost: dict[tuple[str, int], int] = {}  # deaths each request was in flight at
-        self.by_family = dealing == "prefix"  # else each to the least busy replica
+        self.dealer = Dealer(by_family=dealing == "prefix")
         self.load = load
         self.restart_backoff = restart_backoff
         self.max_failures = max_failures
@@ -146,9 +75,6 @@ class ReplicaSet:
         self.replicas = [Replica(i, where(i)) for i in range(count)]
         # (replica, what, value, its stream's number or -1): answers, ends, deaths, loads
         self.events: queue.SimpleQueue[tuple[Replica, Any, Any, int]] = queue.SimpleQueue()
-        self.families: dict[bytes, Replica] = {}
-        self.redo: deque[Request] = deque()  # a dead replica's, dealt before anything new
-        self.joining = 0  # requests of a job that joined, to start at once (more())
         self.streaming = False
         # each job's answers by replica: [requests, output tokens, first, last answer]
         self.by_job: dict[str, dict[int, list[float]]] = {}
@@ -214,11 +140,10 @@ class ReplicaSet:
         replica.run += 1  # whatever its old stream still says is stale
         replica.thread = None
         lost = replica.take_back()
-        self.redo.extendleft(reversed(lost))  # first again, in the order they were dealt
+        self.dealer.give_back(lost)  # first again, in the order they were dealt
         for request in lost:
             self.lost[request.key] = self.lost.get(request.key, 0) + 1
-        for key in [k for k, r in self.families.items() if r is replica]:
-            del self.families[key]
+        self.dealer.forget(replica)
         engine, replica.engine = replica.engine, None
         if engine is not None:  # off the loop's thread: a clean close may take 30 s
             threading.Thread(target=_close_quietly, args=(engine, replica.index), daemon=True,
@@ -255,7 +180,7 @@ class ReplicaSet:
             self._died(replica, value)
         elif what is _END:  # its feed ended: what it still held is dealt again
             self._stopped(replica)
-            self.redo.extendleft(reversed(replica.take_back()))
+            self.dealer.give_back(replica.take_back())
         elif what == "answers":
             taken = []
             with replica.lock:
@@ -298,7 +223,7 @@ class ReplicaSet:
         try:
             while True:
                 self._grow()
-                exhausted = self._deal(source, ahead, exhausted, per)
+                exhausted = self.dealer.deal(source, ahead, exhausted, per, self.live())
                 for replica in self.replicas:
                     if replica.state in WAITING and self.clock() >= replica.restart_at:
                         self._start_load(replica)
@@ -312,7 +237,7 @@ class ReplicaSet:
                 if any(n >= poison for n in self.lost.values()):
                     raise EngineDead(f"a request was in flight at {poison} deaths "
                                      f"of {self.profile.name}'s replicas")
-                if exhausted and not ahead and not self.redo and not any(
+                if exhausted and not ahead and not self.dealer.redo and not any(
                         r.outstanding() for r in self.replicas):
                     return  # every request answered (the replicas' streams end below)
                 answers: list[Answer] = []
@@ -328,64 +253,6 @@ class ReplicaSet:
         finally:
             self._stop_all()
             self.streaming = False
-
-    def _deal(self, source: Iterator[Request | None], ahead: list[Request],
-              exhausted: bool, per: int) -> bool:
-        """Top up the live replicas' windows: a dead replica's requests first, then
-        the source's, each family to its replica while it has room."""
-        live = self.live()
-        if not live:
-            return exhausted
-        while True:
-            if self.redo:
-                request = self.redo[0]
-            elif ahead:
-                request = ahead[0]
-            elif exhausted:
-                return True
-            else:
-                batch, exhausted = take(source, 1)
-                if not batch:
-                    return exhausted
-                ahead.append(batch[0])
-                request = batch[0]
-            joining = self.joining > 0
-            target = self._target(request, live, per + (1 << 30 if joining else 0))
-            if target is None:
-                return exhausted  # every window is full: the request waits here
-            if self.redo and self.redo[0] is request:
-                self.redo.popleft()
-            else:
-                ahead.pop(0)
-            with target.lock:
-                target.queue.append(request)
-            if joining:  # a job that joined: its first requests start at once
-                self.joining -= 1
-                with target.lock:
-                    target.joining = (target.joining or 0) + 1
-
-    def _target(self, request: Request, live: list[Replica], per: int) -> Replica | None:
-        if not self.by_family:
-            free = [r for r in live if r.outstanding() < per]
-            return min(free, key=Replica.outstanding) if free else None
-        key = family(request)
-        home = self.families.get(key)
-        if home is not None and home.state == "ready":
-            if home.outstanding() < per:
-                return home
-            starved = [r for r in live if r.outstanding() < per * STARVED]
-            if not starved:
-                return None  # its home will have room soon: keep the family together
-            target = min(starved, key=Replica.outstanding)  # the family is cut
-        else:
-            free = [r for r in live if r.outstanding() < per]
-            if not free:
-                return None
-            target = min(free, key=Replica.outstanding)
-        if len(self.families) >= MAX_FAMILIES:
-            self.families.clear()  # a file of unique prompts: nothing to keep together
-        self.families[key] = target
-        return target
 
     def _run(self, replica: Replica, sampling: dict[str, Any], window: int) -> None:
         """The replica's engine stream, on a thread of its own: its answers, its
@@ -453,14 +320,12 @@ class ReplicaSet:
             wake = getattr(replica.engine, "wake", None)
             if wake is not None and hasattr(wake, "clear"):
                 wake.clear()
-        self.redo.clear()
-        self.families.clear()
-        self.joining = 0
+        self.dealer.clear()
 
     def more(self, joining: int = 0) -> None:
         """A job joined: its first JOINING requests are dealt past full windows
         and each replica that gets some makes room for them (Engine.more)."""
-        self.joining = joining
+        self.dealer.joining = joining
         if not joining:  # take from their feeds now, not at their next refill
             for replica in self.live():
                 with replica.lock:
