@@ -23,7 +23,7 @@ LAYERS = [
     ("daemon", ["batchd.daemon", "batchd.admission", "batchd.hooks", "batchd.scheduler",
                 "batchd.views", "batchd.metrics", "batchd.notify", "batchd.signals",
                 "batchd.owner", "batchd.report", "batchd.candidates"]),
-    ("command line", ["batchd.cli", "batchd.__main__"]),
+    ("command line", ["batchd.cli", "batchd.commands", "batchd.__main__"]),
     ("testing", ["batchd.testing"]),  # for tests only: nothing in the package imports it
 ]
 
