@@ -184,6 +184,18 @@ class Admission:
         another profile): it waits beside the inbox's files, from NOW."""
         self.held[job.name] = Held(job, now)
 
+    def unhold(self, name: str) -> Held | None:
+        """NAME no longer waits here (it ended, or another daemon has it now)."""
+        return self.held.pop(name, None)
+
+    def ended(self, name: str) -> None:
+        """NAME ended: no retry of it is pending."""
+        self.retry_at.pop(name, None)
+
+    def look_later(self, now: float) -> None:
+        """The spool itself failed: look at it again after retry_seconds."""
+        self.next_look = now + self.retry_seconds
+
     def _looked(self, now: float) -> None:
         self.next_look = now + self.settings.watch.poll_interval
         if self.watcher is not None:

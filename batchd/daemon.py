@@ -113,7 +113,7 @@ class Daemon:
             worked = self._admit(now)
         except OSError as exc:  # the spool itself failed (a scan, a lease): look later
             log.error("spool_error", error=f"{exc.strerror or exc} ({exc.filename or ''})")
-            self.admission.next_look = now + self.admission.retry_seconds
+            self.admission.look_later(now)
             worked = False
         if self.session is not None:
             try:
@@ -179,7 +179,7 @@ class Daemon:
         try:
             session.add(job)
         except OSError as exc:  # its checkpoint or input could not be read: later
-            session.running.pop(job.name, None)
+            session.remove(job.name)
             try:
                 job.ckpt.close()
             except OSError:
@@ -222,7 +222,7 @@ class Daemon:
 
     def _ended(self, ended: list[tuple[str, Outcome]]) -> None:
         for name, outcome in ended:
-            self.admission.retry_at.pop(name, None)
+            self.admission.ended(name)
             self.leases.release(name)  # finished: nothing left in work/ to own
             self.report.finished(name, outcome)
             self.hooks.wake()

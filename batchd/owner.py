@@ -60,7 +60,7 @@ class Owned:
             if session is not None and name in session.running:
                 session.drop(name)
                 continue
-            held = self.admission.held.pop(name, None)
+            held = self.admission.unhold(name)
             if held is not None:
                 try:
                     held.job.ckpt.close()
@@ -72,7 +72,7 @@ class Owned:
             ending = requested_ending(held.job)
             if ending is None:
                 continue
-            del self.admission.held[name]
+            self.admission.unhold(name)
             self._publish(name, held.job, ending, now, found)
 
     def _publish(self, name: str, job: Job, ending: Ending, now: float,

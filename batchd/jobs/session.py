@@ -109,6 +109,11 @@ class Session:
                 # its first requests go in now, into running slots
                 self.pool.engine.more(min(running.boost, job.total - job.answered))
 
+    def remove(self, name: str) -> None:
+        """NAME could not join after all (its files failed to open): out, with
+        nothing written for it (the daemon stalls it)."""
+        self.running.pop(name, None)
+
     def leave(self, name: str, ending: Ending) -> None:
         """End the running job NAME as ENDING says (cancel, expiry)."""
         self._leave(self.running[name], ending)
