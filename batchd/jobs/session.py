@@ -42,7 +42,7 @@ from ..layout import COMPLETED, Ending, JobState, Phase
 from ..profiles import Profile
 from . import publish
 from .job import Job
-from .share import Running, Share, auto_window, credit
+from .share import Running, Share, auto_window, head_start_for
 from .publish import Outcome
 
 log = structlog.get_logger()
@@ -91,14 +91,14 @@ class Session:
         self.ready_at: float | None = None  # the loop's clock when its engine first answered
         self.load_at = 0.0  # after an engine death: not loading again before this
         self._turn = Turn()
-        self.credit = 0  # requests a joining job sends before anyone else's
+        self.head_start = 0  # requests a joining job sends before anyone else's
 
     # -- membership --------------------------------------------------------------
 
     def add(self, job: Job) -> None:
         """JOB joins: into the running stream, its requests the next ones sent,
         or into the next stream to start."""
-        running = self.share.add(job, self.credit)
+        running = self.share.add(job, self.head_start)
         if self.stream is not None:
             self.share.prime(running)
             if running.answered:  # by the cache, or nothing was left: no engine time
@@ -107,7 +107,7 @@ class Session:
             self._start(running)
             if running.head is not None and self.pool.engine is not None:
                 # its first requests go in now, into running slots
-                self.pool.engine.more(min(running.boost, job.total - job.answered))
+                self.pool.engine.more(min(running.head_start, job.total - job.answered))
 
     def remove(self, name: str) -> None:
         """NAME could not join after all (its files failed to open): out, with
@@ -207,7 +207,7 @@ class Session:
             self._start(r)
         window = self.settings.engine.window or auto_window(engine)
         # a fixed window is the operator's: requests go in fair-share order only
-        self.credit = 0 if self.settings.engine.window else credit(engine)
+        self.head_start = 0 if self.settings.engine.window else head_start_for(engine)
         log.info("stream_opened", profile=self.profile.name, window=window,
                  max_num_seqs=getattr(engine, "max_num_seqs", None), jobs=sorted(self.running))
         self.stream = engine.stream(self.share.source(), {}, window)

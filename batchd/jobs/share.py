@@ -5,7 +5,7 @@ The source takes the next request from the job served least so far, each
 request costing 1/weight (stride scheduling). A job's weight is ``1 + priority``
 for a sidecar priority of 0 or more and ``1 / (1 - priority)`` below. A job that
 joins starts level with the least served, and its first few requests
-(``credit``) go before anyone else's, so they are the next sent.
+(``head_start``) go before anyone else's, so they are the next sent.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def weight(priority: int) -> float:
     return 1.0 + priority if priority >= 0 else 1.0 / (1 - priority)
 
 
-def credit(engine: Engine) -> int:
+def head_start_for(engine: Engine) -> int:
     """How many requests of a job that joins go before everyone else's: a
     thirty-second of vLLM's batch (max_num_seqs)."""
     seqs = getattr(engine, "max_num_seqs", None) or 256
@@ -60,7 +60,7 @@ class Running:
     since: float | None = None  # when it joined the current stream (None: not yet)
     done_before: int = 0  # lines answered when it joined it
     tokens_at_join: tuple[int, int] = (0, 0)
-    boost: int = 0  # requests still to send before jobs without one (it just joined)
+    head_start: int = 0  # requests still to send before jobs without one (it just joined)
     # (when, lines answered) at its recent status lines: its pace for the ETA
     pace: deque[tuple[float, int]] = field(default_factory=deque)
 
@@ -87,14 +87,14 @@ class Share:
         self.running: dict[str, Running] = {}
         self.tokens = [0, 0]  # prompt and completion tokens answered in this session
 
-    def add(self, job: Job, credit: int = 0) -> Running:
+    def add(self, job: Job, head_start: int = 0) -> Running:
         """JOB joins level with the least served; its first CREDIT requests go
         before those of jobs that have used theirs."""
         level = min((r.level for r in self.running.values()), default=0.0)
         for other in self.running.values():
             other.job.overlapped.add(job.name)
             job.overlapped.add(other.job.name)
-        self.running[job.name] = running = Running(job, level, boost=credit)
+        self.running[job.name] = running = Running(job, level, head_start=head_start)
         return running
 
     def prime(self, r: Running) -> None:
@@ -118,9 +118,9 @@ class Share:
             if not ready:
                 yield HOLD
                 continue
-            r = min(ready, key=lambda r: (r.boost <= 0, r.level))
+            r = min(ready, key=lambda r: (r.head_start <= 0, r.level))
             request = r.head
-            r.boost -= 1
+            r.head_start -= 1
             r.level += 1.0 / weight(r.job.priority)
             r.inflight += 1
             r.head = next(r.todo, None)
