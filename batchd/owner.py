@@ -52,7 +52,7 @@ class Owned:
         for them. After a late heartbeat every lease is checked before the turn
         writes anything."""
         if self.leases.overdue():
-            for name in list(self.leases.held):
+            for name in list(self.leases.mine):
                 self.leases.check(name)
         if not self.leases.lost:
             return

@@ -52,7 +52,7 @@ class Leases:
         self.lease_seconds = lease_seconds
         self.host = hostname()
         self.pid = os.getpid()
-        self.held: set[str] = set()
+        self.mine: set[str] = set()  # the jobs whose leases this daemon holds
         self.lost: set[str] = set()  # leases another daemon took over while we held them
         self.beaten = time.monotonic()  # the last heartbeat
         self._lock = threading.Lock()
@@ -70,7 +70,7 @@ class Leases:
         with os.fdopen(fd, "w") as out:
             json.dump({"host": self.host, "pid": self.pid, "since": time.time()}, out)
         with self._lock:
-            self.held.add(job)
+            self.mine.add(job)
         return True
 
     def acquire(self, job: str) -> bool:
@@ -87,7 +87,7 @@ class Leases:
             owner = {}  # torn by a crash while it was written
         if owner.get("host") == self.host and owner.get("pid") == self.pid:
             with self._lock:
-                self.held.add(job)
+                self.mine.add(job)
             return True
         if not self._gone(owner, mtime):
             return False
@@ -128,7 +128,7 @@ class Leases:
         """Give JOB's lease up: removed, unless another daemon took it over
         meanwhile (then it is that daemon's, and stays)."""
         with self._lock:
-            self.held.discard(job)
+            self.mine.discard(job)
         path = self.path(job)
         try:
             owner = json.loads(path.read_text())
@@ -145,10 +145,10 @@ class Leases:
         still ours (a daemon cut off from the spool for over lease_seconds finds
         its lease taken over: it is lost, never touched again)."""
         with self._lock:
-            jobs = list(self.held)
+            jobs = list(self.mine)
         for job in jobs:
             self.check(job)
-            if job in self.held:
+            if job in self.mine:
                 try:
                     os.utime(self.path(job))
                 except OSError:
@@ -167,8 +167,8 @@ class Leases:
         if owner.get("host") == self.host and owner.get("pid") == self.pid:
             return True
         with self._lock:
-            if job in self.held:
-                self.held.discard(job)
+            if job in self.mine:
+                self.mine.discard(job)
                 self.lost.add(job)
                 log.warning("lease_lost", job=job, now_held_by=owner or None)
         return False
