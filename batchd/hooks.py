@@ -1,11 +1,11 @@
-"""A signal when a job ends: the ``[hooks] on_final`` command and the webhook.
+"""When a job ends: the ``[hooks] on_final`` command and the webhook.
 
 A thread of the daemon works through ``events/`` (batchd/spool/events.py): for
 each job whose final status line is written, it runs the hook command once
 (argv, no shell, a timeout that kills its process group) and POSTs the webhook
 until the receiver answers 2xx, backing off between tries, or the deadline
 passes. Records are updated as each part is done and removed when both are,
-so a restart neither loses a signal nor repeats a finished one; records still
+so a restart neither loses an event nor repeats a finished one; records still
 pending when a daemon starts are tried at once.
 
 The webhook's body is OpenAI's event (``batch.completed``, ...), signed per
@@ -40,7 +40,7 @@ OUTPUT_LOGGED = 2000  # characters of a hook's output kept in the log
 
 
 class Hooks:
-    """The signalling thread; ``wake()`` after a job ends, ``stop()`` at the end."""
+    """The hooks thread; ``wake()`` after a job ends, ``stop()`` at the end."""
 
     def __init__(self, settings: Settings,
                  counted: Callable[[str], None] = lambda outcome: None):
@@ -83,7 +83,7 @@ class Hooks:
             self._wake.clear()
 
     def run_due(self, now: float) -> float:
-        """Signal every record that is due; returns seconds until the next is."""
+        """Act on every record that is due; returns seconds until the next is."""
         next_in = 5.0  # look again now and then: another daemon may have ended a job
         with events.dispatching(self.settings) as mine:
             if not mine:
