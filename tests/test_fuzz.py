@@ -78,8 +78,8 @@ def test_any_routing_input_gives_a_known_profile_or_a_rejection(job, named, mode
                           "lines' models, per line", "default")
         found = routes(reason, votes, PROFILES)
         if found is not None:  # per line: every model goes to a part or is unknown
-            assert found.parts[0] is profile
-            names = {p.name for p in found.parts}
+            assert found.stages[0] is profile
+            names = {p.name for p in found.stages}
             assert all(found.of(m) in names | {None} for m in models)
             assert found.of(None) == profile.name
 

@@ -46,7 +46,7 @@ def test_lines_naming_several_models_route_per_line(profiles):
     p, why = route("x", Sidecar(), v, profiles, "tiny")
     assert (p.name, why) == ("other", "lines' models, per line")
     r = routes(why, v, profiles)
-    assert [p.name for p in r.parts] == ["other", "tiny"]  # first named first
+    assert [p.name for p in r.stages] == ["other", "tiny"]  # first named first
     assert (r.of("tiny"), r.of("batchd/tiny-llama"), r.of("gpt-9"), r.of(None)) == \
         ("tiny", "tiny", None, "other")  # no model: the first named profile's
     # no line names a known model: the default runs them all, as before

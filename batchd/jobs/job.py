@@ -48,11 +48,11 @@ class Job:
     # set when routed: the sidecar's sampling defaults and priority (higher first)
     sidecar_sampling: dict[str, Any] = field(default_factory=dict)
     priority: int = 0
-    # a file whose lines name several profiles runs in parts, one per profile
-    # (router.Routes); ``profile`` is the part running or next, ``parts`` the
+    # a file whose lines name several profiles runs in stages, one per profile
+    # (router.Routes); ``profile`` is the stage running or next, ``stages`` the
     # profiles still to run, that one first
     routes: Routes | None = None
-    parts: list[Profile] = field(default_factory=list)
+    stages: list[Profile] = field(default_factory=list)
     # engine deaths while it ran (in this daemon): a job with any runs alone
     # from then on, so a file that kills the engine fails itself, not its neighbours
     deaths: int = 0
@@ -171,21 +171,21 @@ class Job:
 
     def prefer(self, profile: Profile) -> bool:
         """Run PROFILE's lines first when it has some (it is loaded); whether it has."""
-        for i, part in enumerate(self.parts):
-            if part == profile:
+        for i, stage in enumerate(self.stages):
+            if stage == profile:
                 if i:
-                    self.parts.insert(0, self.parts.pop(i))
+                    self.stages.insert(0, self.stages.pop(i))
                     self.profile = profile
                     self.log = self.log.bind(profile=profile.name)
                 return True
         return False
 
-    def next_part(self) -> bool:
-        """Done with the current profile's lines: move to the next part, if any."""
-        self.parts = self.parts[1:]
-        if not self.parts:
+    def next_stage(self) -> bool:
+        """Done with the current profile's lines: move to the next stage, if any."""
+        self.stages = self.stages[1:]
+        if not self.stages:
             return False
-        self.profile = self.parts[0]
+        self.profile = self.stages[0]
         self.log = self.log.bind(profile=self.profile.name)
         return True
 

@@ -66,11 +66,11 @@ def prepare(settings: Settings, name: str, profiles: ProfileSet,
         except JobRejected as exc:
             return publish.reject(job, exc)
         job.routes = routes(reason, votes, profiles)
-        job.parts = list(job.routes.parts) if job.routes else [job.profile]
+        job.stages = list(job.routes.stages) if job.routes else [job.profile]
         job.log = job.log.bind(profile=job.profile.name)
         said = explain(list(votes.models), job.profile, reason, job.routes)
         job.log.info("job_routed", reason=reason, total=job.total,
-                     parts=[p.name for p in job.parts], models=said[:MODELS_SAID])
+                     parts=[p.name for p in job.stages], models=said[:MODELS_SAID])
         if said:  # which profile answers each model the lines name, said once
             more = f"; and {len(said) - MODELS_SAID} more" if len(said) > MODELS_SAID else ""
             job.status.write(JobState.VALIDATING, phase=Phase.VALIDATING,
@@ -124,11 +124,11 @@ def runnable(job: Job) -> Iterator[Request]:
             job.record(item.line, "error", error_line(LineError(
                 item.line, item.custom_id, "model_not_found",
                 f"The model `{item.model}` does not exist: no profile serves it "
-                f"(known profiles: {', '.join(p.name for p in job.parts)} and the "
+                f"(known profiles: {', '.join(p.name for p in job.stages)} and the "
                 "others in `batchd profiles list`)", "model", 404)))
             continue
         if target != job.profile.name:
-            continue  # another part's line: it runs when that profile is loaded
+            continue  # another stage's line: it runs when that profile is loaded
         over = job.profile.limits.violation({**sampling, **item.body})
         if over:
             job.record(item.line, "error", error_line(LineError(

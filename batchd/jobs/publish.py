@@ -111,8 +111,8 @@ def job_toml(job: Job, sidecar: Sidecar, reason: str, models_dir: Path) -> None:
            "media": job.profile.media.model_dump()}
     if job.deadline is not None:
         doc["expires_at"] = job.deadline
-    if job.routes is not None and len(job.routes.parts) > 1:
-        doc["parts"] = [p.name for p in job.routes.parts]  # lines run on each (per line)
+    if job.routes is not None and len(job.routes.stages) > 1:
+        doc["parts"] = [p.name for p in job.routes.stages]  # lines run on each (per line)
     write_atomic(job.out(JOB_TOML), [tomli_w.dumps(doc).encode()])
 
 
@@ -161,7 +161,7 @@ def outputs(job: Job, final: JobState, models_dir: Path) -> dict[str, Any]:
         for _line, kind, out in job.ckpt.ordered():  # already as dumps_line writes it
             streams[kind].write(out)
     tally = job.ckpt.tally
-    profile = job.routes.parts[0] if job.routes else job.profile  # the first named
+    profile = job.routes.stages[0] if job.routes else job.profile  # the first named
     record = bench.record(
         job=job.name, profile=profile.name if profile else None,
         model=profile.model if profile else None,
@@ -175,7 +175,7 @@ def outputs(job: Job, final: JobState, models_dir: Path) -> dict[str, Any]:
         resumed=job.ckpt.resumed_lines > 0,
         order=job.order_name, images=job.images,
         cached_tokens=tally.cached_tokens, concurrency=job.concurrency(),
-        parts=[p.name for p in job.routes.parts] if job.routes else None,
+        parts=[p.name for p in job.routes.stages] if job.routes else None,
         cache=job.cache_counts(), by_model=tally.by_model,
         replicas=list(job.replicas.values()))
     write_atomic(job.out(BENCH), [json.dumps(record, indent=2).encode() + b"\n"])

@@ -115,13 +115,14 @@ class Routes:
     """Where each line of a file whose lines name models runs (CONTRACT 3, per
     line): the profile its ``model`` names; a line without one runs with the
     file's first named profile; a model no profile knows is that line's
-    ``model_not_found``. ``parts`` are the profiles with lines, first named first."""
+    ``model_not_found``. ``stages`` are the profiles with lines, first named first:
+    the file runs on each in turn."""
 
-    parts: tuple[Profile, ...]
+    stages: tuple[Profile, ...]
     models: dict[str, str | None]  # model value -> profile name, None: unknown
 
     def of(self, model: str | None) -> str | None:
-        return self.parts[0].name if not model else self.models.get(model)
+        return self.stages[0].name if not model else self.models.get(model)
 
 
 def routes(reason: str, votes: ModelVote, profiles: ProfileSet) -> Routes | None:
@@ -130,11 +131,11 @@ def routes(reason: str, votes: ModelVote, profiles: ProfileSet) -> Routes | None
     if not reason.startswith("lines' model"):
         return None
     models = {m: profiles.lookup(m) for m in votes.models}
-    parts: dict[str, Profile] = {}
+    stages: dict[str, Profile] = {}
     for profile in models.values():
         if profile is not None:
-            parts.setdefault(profile.name, profile)
-    return Routes(tuple(parts.values()),
+            stages.setdefault(profile.name, profile)
+    return Routes(tuple(stages.values()),
                   {m: p.name if p else None for m, p in models.items()})
 
 

@@ -59,7 +59,7 @@ class Drain(str, Enum):
 class Left:
     """A job that left its session: ended (OUTCOME), stalled (ERROR: publishing
     failed; it stays in work/ with its checkpoint), or neither: it waits,
-    unfinished, for its profile's next turn (a yield, its next part, running alone)."""
+    unfinished, for its profile's next turn (a yield, its next stage, running alone)."""
 
     job: Job
     outcome: Outcome | None = None
@@ -102,7 +102,7 @@ class Session:
         if self.stream is not None:
             self.share.prime(running)
             if running.answered:  # by the cache, or nothing was left: no engine time
-                self._part_done(running)
+                self._stage_done(running)
                 return
             self._start(running)
             if running.head is not None and self.pool.engine is not None:
@@ -166,7 +166,7 @@ class Session:
             job = r.job
             job.ckpt.tick()
             if r.answered:
-                self._part_done(r)
+                self._stage_done(r)
             elif measured - job.status.written_at >= interval:
                 since = r.since if r.since is not None else measured
                 turn.progress.append(job.status.write(
@@ -183,7 +183,7 @@ class Session:
         for r in list(self.running.values()):
             self.share.prime(r)
             if r.answered:  # by the cache, or nothing was left: no engine needed
-                self._part_done(r)
+                self._stage_done(r)
         if not self.running:
             return True
         if self.pool.engine is None or self.pool.engine.profile != self.profile:
@@ -289,22 +289,22 @@ class Session:
         r.job.ckpt.close()
         self._turn.left.append(Left(r.job, outcome))
 
-    def _part_done(self, r: Running) -> None:
+    def _stage_done(self, r: Running) -> None:
         """Every line of the job's current profile is answered: it publishes, or
-        waits for the profile of its next part (a file whose lines name several)."""
+        waits for the profile of its next stage (a file whose lines name several)."""
         job = r.job
-        if job.answered >= job.total or not job.next_part():
+        if job.answered >= job.total or not job.next_stage():
             self._leave(r, COMPLETED if job.answered >= job.total else Ending.failed(
                 "engine_error", "internal error: lines left without a profile"))
             return
         self._stopped(r)
         del self.running[job.name]
         job.ckpt.sync()
-        assert job.profile is not None  # next_part() set it
+        assert job.profile is not None  # next_stage() set it
         job.status.write(JobState.IN_PROGRESS, phase=Phase.WAITING_FOR_MODEL,
                          message=f"lines for {self.profile.name} answered; those for "
                          f"{job.profile.name} run when it is loaded", **job.progress())
-        job.log.info("job_part_done", next_profile=job.profile.name)
+        job.log.info("job_stage_done", next_profile=job.profile.name)
         self._turn.left.append(Left(job))
 
     def _died(self, exc: EngineDead, now: float, loading: bool) -> None:
