@@ -25,7 +25,7 @@ from typing import Any
 
 from ..lines import Request
 from . import HOLD, EngineDead
-from .wire import WANT_BATCH, Msg
+from .wire import WANT_BATCH, Load, LoadFailed, Msg, Ready
 
 FLUSH_SECONDS = 0.1  # answers go back at most this often ...
 QUIET_SECONDS = 0.25  # ... and something goes back at least this often
@@ -39,14 +39,14 @@ def serve(conn: Connection) -> int:
     """Load the profile's model, then answer streams until told to close."""
     from .vllm_engine import VllmEngine
 
-    profile, models_dir, media = conn.recv()
+    profile, models_dir, media = Load(*conn.recv())
     try:
         engine = VllmEngine(profile, models_dir, media=media)
     except Exception as exc:  # noqa: BLE001 - the daemon reports it as the job's error
         text = f"{type(exc).__name__}: {exc}"
         # vLLM's engine core killed (the OOM killer) is a death, not a model
         # that cannot load: the daemon loads again after a backoff
-        conn.send((Msg.DEAD if killed_while_loading(str(exc)) else Msg.ERROR, text))
+        conn.send(LoadFailed(text, killed_while_loading(str(exc))))
         return 1
     # What vLLM's own server does once started: the heap that loading built
     # (modules, the model's Python objects, the serving layer) leaves the
@@ -62,7 +62,7 @@ def serve(conn: Connection) -> int:
     # At 50,000 it runs twice (0.05 s), and resident memory stayed flat over
     # six such runs and from 1,000 to 100,000 lines (docs/BENCHMARKING.md).
     gc.set_threshold(50_000, 20, 20)
-    conn.send((Msg.READY, engine.load_seconds, _capabilities(profile), engine.max_num_seqs))
+    conn.send(Ready(engine.load_seconds, *_capabilities(profile), engine.max_num_seqs))
     try:
         while True:
             message = conn.recv()

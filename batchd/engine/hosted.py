@@ -34,7 +34,7 @@ from .places import replica_places
 from .processes import LocalProcess, kill_recorded, reap_engines
 
 __all__ = ["HostedEngine", "engine_factory", "reap_engines"]
-from .wire import Msg
+from .wire import Load, LoadFailed, Msg, Ready
 
 log = structlog.get_logger()
 
@@ -104,7 +104,7 @@ class HostedEngine:
         self.where = self.process.where  # a Ray node's name; None here
         self.conn = self.process.conn
         try:
-            self.conn.send((profile, models_dir, media or {}))
+            self.conn.send(Load(profile, models_dir, media or {}))
             reply = self._recv() or ()
         except (EngineDead, OSError) as exc:
             # Killed while loading (the OOM killer, a kill): an engine death, not
@@ -112,17 +112,18 @@ class HostedEngine:
             self.close()
             raise EngineDead(f"engine process for {profile.name} died while loading: "
                              f"{exc}") from None
-        if reply[0] == Msg.DEAD:  # vLLM's own processes killed while loading
+        if isinstance(reply, LoadFailed) and reply.killed:  # vLLM's processes killed mid-load
             self.close()
-            raise EngineDead(f"vLLM's engine died while loading {profile.name}: {reply[1]}")
-        if reply[0] != Msg.READY:
+            raise EngineDead(f"vLLM's engine died while loading {profile.name}: {reply.text}")
+        if not isinstance(reply, Ready):
             self.close()
             cause = self.process.cause()
-            raise RuntimeError(reply[1] + (f" (engine log: {cause})" if cause else ""))
-        line, problems = reply[2]
-        self.max_num_seqs = reply[3] if len(reply) > 3 else None
+            text = reply.text if isinstance(reply, LoadFailed) else f"unexpected {reply!r}"
+            raise RuntimeError(text + (f" (engine log: {cause})" if cause else ""))
+        line, problems = reply.capabilities, reply.problems
+        self.max_num_seqs = reply.max_num_seqs
         log.info("engine_process_started", pid=self.process.pid, profile=profile.name,
-                 where=self.where, vllm_load_s=round(reply[1], 2), capabilities=line)
+                 where=self.where, vllm_load_s=round(reply.load_seconds, 2), capabilities=line)
         for problem in problems:
             log.warning("profile_problem", profile=profile.name, problem=problem)
         self.process.loaded()

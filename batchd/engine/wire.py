@@ -4,11 +4,12 @@ the daemon's side, ``host.py`` the engine process's).
 They travel over a socket pair with multiprocessing's message framing, each a
 tuple whose first item is a ``Msg``:
 
-    daemon -> host   (profile, models_dir, media)         once, at start (media: the
+    daemon -> host   Load(profile, models_dir, media)     once, at start (media: the
                                                           spool's image folder and hosts)
-    host -> daemon   (READY, load_seconds, (capabilities, problems), max_num_seqs)
-                     | (ERROR, text)                      a load that failed by itself
-                     | (DEAD, text)                       vLLM's processes killed mid-load
+    host -> daemon   Ready(load_seconds, capabilities, problems, max_num_seqs)
+                     | LoadFailed(text, killed)           killed: vLLM's processes were
+                                                          killed mid-load (a death), else
+                                                          a load that failed by itself
     daemon -> host   (STREAM, sampling, window)           one stream: every running job's
                                                           requests, each with its own
                                                           job name and sampling
@@ -28,13 +29,31 @@ tuple whose first item is a ``Msg``:
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
+from typing import Any, NamedTuple
 
 WANT_BATCH = 256  # requests per round trip: few messages, little read ahead
 
 
+class Load(NamedTuple):
+    profile: Any  # profiles.Profile
+    models_dir: Path
+    media: dict[str, Any]
+
+
+class Ready(NamedTuple):
+    load_seconds: float
+    capabilities: str  # one line: what the profile's server options give on this vLLM
+    problems: list[str]
+    max_num_seqs: int | None  # vLLM's batch
+
+
+class LoadFailed(NamedTuple):
+    text: str
+    killed: bool  # vLLM's processes were killed (the OOM killer): an engine death
+
+
 class Msg(str, Enum):
-    READY = "ready"
-    ERROR = "error"
     STREAM = "stream"
     WANT = "want"
     REQUESTS = "requests"
