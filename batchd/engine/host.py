@@ -161,7 +161,7 @@ def _stream(conn: Connection, engine: Any, sampling: dict[str, Any], window: int
                     bunch = []  # the daemon drops what is in flight; so do we
                     break
                 if message[0] == Msg.MORE:  # a job joined: its requests now, not at the next refill
-                    engine.refill(message[1] if len(message) > 1 else 0)
+                    engine.refill(message[1])
     except _Aborted:
         bunch = []
     except EngineDead as exc:
