@@ -34,7 +34,11 @@ enforce_eager = true
 """
 
 
-def run_job(tmp_path, tiny_model, environment: str, engine: str):
+def run_job(tmp_path, tiny_model, environment: str, engine: str, terminal: bool = False):
+    """The job run by `batchd run --once`; its output (the engine's log with it),
+    and the outbox. TERMINAL: stdout is a terminal, as for a person who typed the
+    command: the engine's own log goes to SPOOL/logs/, and the terminal must not
+    see it."""
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "par.toml").write_text(
         BASE.format(environment=environment, engine=engine))
@@ -47,11 +51,47 @@ def run_job(tmp_path, tiny_model, environment: str, engine: str):
     drop(inbox, "job.jsonl", [{"custom_id": "a", "prompt": "Hello", "max_tokens": 4},
                               {"custom_id": "b", "messages": [{"role": "user", "content": "Hi"}],
                                "max_tokens": 4}])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if terminal:
+        return in_a_terminal(config, env), tmp_path / "spool" / "outbox"
     run = subprocess.run([BATCHD, "run", "--once", "--config", str(config)], timeout=600,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert run.returncode == 0, run.stdout[-3000:]
     return run.stdout, tmp_path / "spool" / "outbox"
+
+
+def in_a_terminal(config, env) -> str:
+    """`batchd run --once` with its stdout on a pseudo-terminal: what the terminal
+    showed holds none of vLLM's lines; returns the engine log file and stderr."""
+    import pty
+    import socket
+    import threading
+
+    leader, follower = pty.openpty()
+    shown = bytearray()
+
+    def drain():  # a terminal reads all it is sent, or the writer would block
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    run = subprocess.run([BATCHD, "run", "--once", "--config", str(config)], timeout=600,
+                         stdout=follower, stderr=subprocess.PIPE, text=True, env=env)
+    os.close(follower)
+    reader.join(10)
+    os.close(leader)
+    assert run.returncode == 0, run.stderr[-3000:]
+    terminal = shown.decode(errors="replace")
+    assert "vllm" not in terminal.lower() and "EngineCore" not in terminal, terminal[-3000:]
+    engine_log = config.parent / "spool" / "logs" / f"engine-{socket.gethostname()}.log"
+    return engine_log.read_text() + run.stderr
 
 
 def vllm_config(log: str) -> dict:
@@ -91,7 +131,8 @@ def test_data_parallel_job_runs_on_two_engine_cores(tmp_path, tiny_model):
     """vLLM's async client runs data parallelism in one process (as vllm serve
     does), so a profile's data_parallel_size works; one daemon per GPU remains
     the other way (docs/DEPLOYMENT.md)."""
-    log, outbox = run_job(tmp_path, tiny_model, "", "data_parallel_size = 2")
+    # run as a person in a terminal does: vLLM's lines go to the engine log, not there
+    log, outbox = run_job(tmp_path, tiny_model, "", "data_parallel_size = 2", terminal=True)
     assert final_state(outbox, "job") == "completed", log[-3000:]
     assert len(read_jsonl(outbox / "job.results.jsonl")) == 2
     # vLLM names each replica's engine core process in its log prefix
