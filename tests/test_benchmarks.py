@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.bench]
 
 
 def test_memory_scenario_runs_and_records(tiny_model, tmp_path):
