@@ -103,8 +103,8 @@ demo: model
 	$(BATCHD) bench report --config $(DEMO)/config.toml
 
 # Two pytest runs at once: the real-vLLM tests one at a time (each engine wants
-# a core), and beside them the fake-engine tests, which mostly wait on daemons'
-# timers. Both runs' whole output stays under build/ (test-vllm.log, the
+# a core), and beside them, at a lower CPU priority (nice), the fake-engine
+# tests, which mostly wait on daemons' timers and need the cores less. Both runs' whole output stays under build/ (test-vllm.log, the
 # real-vLLM run, also shown as it goes; test-fake.log, printed when both are
 # done), and the end repeats every failure's traceback, with the logs of the
 # daemons it ran, from both. Every run keeps its timings:
@@ -114,7 +114,7 @@ demo: model
 TESTS ?= tests
 test: $(STAMP) system-deps
 	@mkdir -p build
-	@$(PY) -m pytest -m "not vllm and not bench" $(TESTS) \
+	@nice -n 10 $(PY) -m pytest -m "not vllm and not bench" $(TESTS) \
 	  --durations-file build/test-durations-fake.json \
 	  > build/test-fake.log 2>&1 & fake=$$!; \
 	$(PY) -m pytest -m "vllm and not bench" $(TESTS) --durations-file build/test-durations.json 2>&1 \
