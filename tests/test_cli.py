@@ -140,6 +140,7 @@ def test_run_once_with_fake_engine(spool_config, tmp_path):
         "gpt-4o-mini)" in said, said
 
 
+@pytest.mark.slow  # a few seconds of subprocesses: make test, not make check
 def test_bench_report_table_and_plot(spool_config, tmp_path):
     import os
     config = spool_config()
@@ -214,6 +215,7 @@ def test_status_follow_until_the_job_ends(spool_config, tmp_path, daemons):
                for e in daemon.logs())
 
 
+@pytest.mark.slow  # a few seconds of subprocesses: make test, not make check
 def test_failed_lines_show_wherever_progress_does(spool_config, tmp_path):
     """A job whose every line failed never reads as a plain success: the table's
     DONE/TOTAL and state, one job's line and `--follow`'s last line count the

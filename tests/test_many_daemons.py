@@ -83,6 +83,7 @@ def test_a_cold_daemon_leaves_a_file_to_a_warm_one_for_a_moment(daemon, settings
 FAKE_SLOW = {"BATCHD_FAKE_STEP_SECONDS": "0.02"}
 
 
+@pytest.mark.slow  # ~8 s: make test runs it, make check does not
 def test_a_stopped_daemon_of_another_host_loses_its_job(spool_config, tmp_path, daemons):
     """A daemon presenting another host name is stopped (SIGSTOP, as a host cut
     off from the spool) mid-job: after lease_seconds of silence another daemon

@@ -72,6 +72,7 @@ def test_notify_on_an_abstract_socket(spool_config, daemons):
     assert listener.has("STOPPING", "1")
 
 
+@pytest.mark.slow  # a daemon process for seconds: make test, not make check
 def test_notify_protocol(spool_config, tmp_path, daemons):
     config = spool_config("[engine]\nidle_unload_seconds = 1\n")
     address = str(tmp_path / "notify.sock")
@@ -101,6 +102,7 @@ def test_notify_protocol(spool_config, tmp_path, daemons):
     assert int(stopping["EXTEND_TIMEOUT_USEC"]) > 0  # the drain asks for time
 
 
+@pytest.mark.slow  # a daemon process for seconds: make test, not make check
 def test_hung_loop_stops_watchdog_pings(spool_config, tmp_path, daemons):
     """An engine step that never returns (here: a 60 s fake step) must let the
     watchdog fire: no WATCHDOG=1 while the loop is stuck."""
@@ -143,6 +145,7 @@ def test_an_unread_notify_socket_never_blocks_the_daemon(spool_config, tmp_path,
     assert listener.has("READY", "1")
 
 
+@pytest.mark.slow  # a daemon process for seconds: make test, not make check
 def test_sighup_reloads_profiles_without_dropping_work(spool_config, tmp_path, daemons):
     config = spool_config()
     daemon = daemons(config, env={"BATCHD_FAKE_STEP_SECONDS": "0.05"}, fake=True)
