@@ -257,7 +257,7 @@ class Daemon:
                         continue
                     if self.session is not None and self.session.stream is not None:
                         continue  # the stream itself waits for the engine's next answers
-                    if once and self.session is None and not self.admission.waiting():
+                    if once and self.drained():
                         break
                     now = self.clock()
                     if self.session is None:
@@ -284,6 +284,11 @@ class Daemon:
                 self.pool.close()
                 self.hooks.stop()
         return 0
+
+    def drained(self) -> bool:
+        """Nothing running and nothing waiting to be claimed: where `run --once`
+        ends (after a turn that did no work)."""
+        return self.session is None and not self.admission.waiting()
 
     def _wait(self, now: float) -> float:
         """How long the loop may sleep: until the spool is due a look, a reload

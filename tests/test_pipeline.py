@@ -205,7 +205,7 @@ def test_read_only_outbox_stalls_then_recovers(settings):
         subprocess.run(["chattr", "-i", str(outbox)], check=True)
     d.pool.factory = FakeEngine
     tick = 200.0
-    while one_pass(d, now=tick) or d.admission.waiting():
+    while one_pass(d, now=tick) or not d.drained():
         tick += 1
         assert tick < 300
     for job, n in (("a", 20), ("b", 1)):
