@@ -17,7 +17,7 @@ from ..clock import iso, utc_now
 from ..config import Settings
 from ..layout import BENCH, JobState, Phase
 from .inbox import has_marker, is_regular, safe_stem, scan
-from .outbox import read_status
+from .outbox import StatusLine, read_status
 
 COUNT_LINES_UP_TO = 8 << 20  # bytes: a waiting file's lines are counted when it is smaller
 
@@ -55,13 +55,14 @@ class WaitingFile:
         """A status line's keys for it (what `batchd status JOB --json` prints), with
         state ``waiting`` and its phase; COUNT: its lines as ``request_counts.total``."""
         total = (self.lines() if count else None) or 0
-        return {"ts": utc_now(), "job": self.job, "state": self.state.value,
-                "phase": self.phase.value, "profile": self.profile, "model": None,
-                "request_counts": {"total": total, "completed": 0, "failed": 0},
-                "tokens": {"prompt": 0, "completion": 0},
-                "throughput": {"requests_per_s": 0.0, "output_tokens_per_s": 0.0},
-                "eta_s": None, "message": self.why, "file": self.name, "bytes": self.size,
-                "modified": iso(self.mtime)}
+        return StatusLine(
+            ts=utc_now(), job=self.job, state=self.state.value, phase=self.phase.value,
+            profile=self.profile, model=None,
+            request_counts={"total": total, "completed": 0, "failed": 0},
+            tokens={"prompt": 0, "completion": 0},
+            throughput={"requests_per_s": 0.0, "output_tokens_per_s": 0.0},
+            eta_s=None, message=self.why, file=self.name, bytes=self.size,
+            modified=iso(self.mtime)).line()
 
     def row(self) -> dict[str, Any]:
         """Its row of the job table (job_rows)."""

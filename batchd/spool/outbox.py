@@ -17,6 +17,8 @@ from typing import Any, BinaryIO, Iterable, Iterator
 
 import structlog
 
+from pydantic import BaseModel, ConfigDict
+
 from ..clock import utc_now
 from ..layout import TRANSITIONS, JobState, Phase
 from ..lines import LineError, Request
@@ -27,6 +29,41 @@ log = structlog.get_logger()
 
 # Which daemon wrote a status line: several may share one spool.
 OWNER = daemon_id()
+
+
+class StatusLine(BaseModel):
+    """One line of a job's status file (docs/FORMATS.md, "Status lines"), and
+    the waiting line ``batchd status`` shows for a file still in the inbox.
+    Built here and in ``listing.WaitingFile.record`` only; a key not listed is
+    a bug, refused at once (extra="forbid"). Written with the keys that were
+    given (``line()``), in this order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ts: str
+    job: str
+    state: str  # layout.JobState
+    phase: str | None = None  # layout.Phase
+    profile: str | None = None
+    model: str | None = None
+    request_counts: dict[str, int] | None = None  # total, completed, failed
+    tokens: dict[str, int] | None = None  # prompt, completion, cached
+    order: str | None = None  # prefix | input
+    throughput: dict[str, float] | None = None  # requests_per_s, output_tokens_per_s
+    eta_s: float | None = None
+    cache: dict[str, int] | None = None  # hits, misses (the result cache, when on)
+    errors: list[dict[str, Any]] | None = None  # the job's own errors (a rejected file)
+    merged_file: str | None = None  # a retry's merged answers (jobs/retry.py) ...
+    merged_error: str | None = None  # ... or why they are not
+    message: str = ""
+    # a file still in the inbox (listing.WaitingFile): its name, size and mtime
+    file: str | None = None
+    bytes: int | None = None
+    modified: str | None = None
+    daemon: str | None = None  # HOST:PID of the daemon that wrote it
+
+    def line(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True)
 
 
 class StatusFile:
@@ -46,10 +83,9 @@ class StatusFile:
         if self.state is not None and state != self.state and state not in TRANSITIONS.get(
                 self.state, set()):
             raise ValueError(f"job {self.job}: no transition {self.state.value} -> {state.value}")
-        record = {"ts": utc_now(), "job": self.job, "state": state.value,
-                  **({"phase": Phase(phase).value} if phase is not None else {}), **fields,
-                  "daemon": OWNER}
-        record.setdefault("message", "")
+        record = StatusLine(ts=utc_now(), job=self.job, state=state.value,
+                            **({"phase": Phase(phase).value} if phase is not None else {}),
+                            message=fields.pop("message", ""), **fields, daemon=OWNER).line()
         with open(self.path, "ab") as stream:
             stream.write(json.dumps(record).encode() + b"\n")
             if state.final:
