@@ -57,11 +57,11 @@ class Daemon:
         self.stop = threading.Event()
         self.reload = threading.Event()
         self.wake = Wakeup()  # the watcher's "look again", also heard inside a stream
-        self.report = Report(settings)
+        self.report = Report(settings, wall)
         self.pool = EnginePool(self.report.loading(factory or engine_factory(settings,
                                                                              self.wake)),
                                clock)
-        self.leases = Leases(settings.layout, settings.scheduling.lease_seconds)
+        self.leases = Leases(settings.layout, settings.scheduling.lease_seconds, wall)
         cache = settings.cache
         results = ResultCache(cache.folder or settings.layout.cache, int(cache.size_limit)) \
             if cache.enabled else None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from .clock import Wall
+from .clock import wall as clock_wall
 from .config import Settings
 from .engine import Engine
 from .jobs.publish import Outcome
@@ -18,12 +20,12 @@ from .spool.daemons import Registry
 
 
 class Report:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, wall: Wall = clock_wall):
         self.settings = settings
         self.notifier = Notifier()
         self.beat = watchdog_interval()  # systemd's WatchdogSec in seconds, or 0
         self.metrics = Metrics(settings.metrics.textfile)
-        self.registry = Registry(settings.layout, settings.scheduling.lease_seconds)
+        self.registry = Registry(settings.layout, settings.scheduling.lease_seconds, wall)
         self.pinged = float("-inf")
         self.replicas_up = ""  # ", replicas 2/2 up" in the STATUS line, with several
 

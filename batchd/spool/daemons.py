@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
+from ..clock import Wall
+from ..clock import wall as clock_wall
 from ..layout import Layout
 from .lease import daemon_id, hostname, pid_alive
 from .outbox import write_atomic
@@ -26,14 +27,15 @@ RECORD_SECONDS = 1.0  # a changed record is written at most this often
 
 
 class Registry:
-    def __init__(self, layout: Layout, lease_seconds: float):
+    def __init__(self, layout: Layout, lease_seconds: float, wall: Wall = clock_wall):
         self.folder = layout.daemons()
+        self.wall = wall  # records' mtimes (heartbeats) are compared with it (clock.py)
         self.lease_seconds = lease_seconds
         self.me = daemon_id()
         self.path = self.folder / f"{self.me.replace(':', '~')}.json"
         self.written: dict[str, Any] = {}
         self.written_at = self.looked_at = float("-inf")
-        self.started = time.time()
+        self.started = self.wall()
 
     def due(self, now: float) -> bool:
         """Whether ``beat`` has anything to do: at most every RECORD_SECONDS."""
@@ -55,7 +57,7 @@ class Registry:
         try:
             self.folder.mkdir(exist_ok=True)
             write_atomic(self.path, [json.dumps({**record, "started": self.started,
-                                                 "ts": time.time()}).encode() + b"\n"])
+                                                 "ts": self.wall()}).encode() + b"\n"])
         except OSError:
             return  # the spool is failing; the loop says so where it matters
         self.written, self.written_at = record, now
@@ -79,7 +81,7 @@ class Registry:
                 continue
             try:
                 record = json.loads(Path(entry.path).read_text())
-                age = time.time() - entry.stat().st_mtime
+                age = self.wall() - entry.stat().st_mtime
             except (OSError, ValueError):
                 continue
             if record.get("host") == hostname() and isinstance(record.get("pid"), int):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import structlog
 
+from ..clock import Wall
+from ..clock import wall as clock_wall
 from ..layout import Layout
 
 log = structlog.get_logger()
@@ -47,8 +49,9 @@ def pid_alive(pid: int) -> bool:
 
 
 class Leases:
-    def __init__(self, layout: Layout, lease_seconds: float):
+    def __init__(self, layout: Layout, lease_seconds: float, wall: Wall = clock_wall):
         self.layout = layout
+        self.wall = wall  # lease files' mtimes are compared with it (clock.py)
         self.lease_seconds = lease_seconds
         self.host = hostname()
         self.pid = os.getpid()
@@ -68,7 +71,7 @@ class Leases:
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as out:
-            json.dump({"host": self.host, "pid": self.pid, "since": time.time()}, out)
+            json.dump({"host": self.host, "pid": self.pid, "since": self.wall()}, out)
         with self._lock:
             self.mine.add(job)
         return True
@@ -122,7 +125,7 @@ class Leases:
     def _gone(self, owner: dict, mtime: float) -> bool:
         if owner.get("host") == self.host and isinstance(owner.get("pid"), int):
             return not pid_alive(owner["pid"])
-        return time.time() - mtime > self.lease_seconds
+        return self.wall() - mtime > self.lease_seconds
 
     def release(self, job: str) -> None:
         """Give JOB's lease up: removed, unless another daemon took it over
