@@ -143,6 +143,21 @@ def daemon(settings):
     return d
 
 
+def in_process(settings, factory=None, settle=None, **clocks):
+    """An in-process daemon on SETTINGS, set up: FACTORY loads its engines (the
+    fake one by default), CLOCKS its two clocks (clock=, wall=: batchd/clock.py);
+    SETTLE sets watch.settle_seconds (0: a file is ready when first seen). Drive
+    it with one_pass, drain or turns."""
+    from batchd.daemon import Daemon
+    from batchd.testing import FakeEngine
+
+    if settle is not None:
+        settings.watch.settle_seconds = settle
+    d = Daemon(settings, factory=factory or FakeEngine, **clocks)
+    d.setup()
+    return d
+
+
 def one_pass(d, now=None):
     """Turns of the loop until the session the first one starts (or the one
     running) has ended: a job claimed or resumed and run with every job that

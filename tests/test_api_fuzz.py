@@ -17,10 +17,9 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from batchd.api.app import Keys, create_app
 from batchd.config import load_settings
-from batchd.daemon import Daemon
 from batchd.testing import FakeEngine
 
-from conftest import drain, drop
+from conftest import drain, drop, in_process
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +34,7 @@ def files_outside(base: Path) -> set[str]:
 @pytest.mark.parametrize("mode", ["without keys", "with keys"])
 def test_no_5xx_and_responses_keep_their_schema(mode, spool_config, tmp_path):
     settings = load_settings(spool_config())
-    daemon = Daemon(settings, factory=FakeEngine, clock=lambda: 1000.0)
-    daemon.setup()
+    daemon = in_process(settings, factory=FakeEngine, clock=lambda: 1000.0)
     drop(settings.inbox, "openai.jsonl", [{"custom_id": "a", "prompt": "x"}, "broken"])
     drop(settings.inbox, "anthropic.jsonl", [{"custom_id": "b", "params": {
         "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}}])

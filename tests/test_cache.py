@@ -7,11 +7,10 @@ import sqlite3
 import pytest
 
 from batchd.config import load_settings
-from batchd.daemon import Daemon
 from batchd.testing import FakeEngine
 from batchd.spool import cache
 
-from conftest import drain, drop, final_state, outputs, read_jsonl
+from conftest import drain, drop, final_state, in_process, outputs, read_jsonl
 
 
 COMPLETION = {"method": "POST", "url": "/v1/completions"}
@@ -33,8 +32,7 @@ def cached(spool_config):
         engines.append(FakeEngine(profile))
         return engines[-1]
 
-    d = Daemon(settings, factory=factory, clock=lambda: 1000.0)
-    d.setup()
+    d = in_process(settings, factory=factory, clock=lambda: 1000.0)
     return settings, d, engines
 
 

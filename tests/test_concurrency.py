@@ -6,10 +6,9 @@ on real vLLM are in test_vllm_concurrency.py."""
 import json
 from collections import Counter
 
-from batchd.daemon import Daemon
 from batchd.testing import FakeClock, FakeEngine
 from batchd.jobs.share import weight
-from conftest import drop, final_state, one_pass, outputs, prompts, read_jsonl, turns
+from conftest import drop, final_state, in_process, one_pass, outputs, prompts, read_jsonl, turns
 
 
 def jobs(fed):
@@ -22,8 +21,7 @@ def daemon_for(settings, window=4):
     settings.watch.settle_seconds = 0  # every file is ready when first seen
     settings.engine.window = window
     fed: list = []
-    d = Daemon(settings, factory=lambda profile: FakeEngine(profile, per_step=2, fed=fed))
-    d.setup()
+    d = in_process(settings, factory=lambda profile: FakeEngine(profile, per_step=2, fed=fed))
     return d, fed
 
 
@@ -86,9 +84,8 @@ def slow_daemon(settings, max_wait=600.0):
     settings.scheduling.max_wait_seconds = max_wait
     fed: list = []
     clock = FakeClock()
-    d = Daemon(settings, factory=lambda p: FakeEngine(p, step_seconds=0.01, per_step=2,
+    d = in_process(settings, factory=lambda p: FakeEngine(p, step_seconds=0.01, per_step=2,
                                                       sleep=clock.sleep, fed=fed), clock=clock)
-    d.setup()
     return d, clock, fed
 
 
@@ -157,9 +154,7 @@ def test_sidecar_priority_reaches_vllm_only_where_the_profile_schedules_by_prior
                     yield request
             return super().stream(record(), sampling, window)
 
-    settings.watch.settle_seconds = 0
-    d = Daemon(settings, factory=Sampling)
-    d.setup()
+    d = in_process(settings, settle=0, factory=Sampling)
     (settings.inbox / "urgent.toml").write_text("priority = 7\n[sampling]\nmax_tokens = 3\n")
     drop(settings.inbox, "urgent.jsonl", [{"custom_id": "u", "prompt": "x"},
                                           {"custom_id": "own", "prompt": "x", "priority": 2}])
@@ -190,8 +185,7 @@ def test_a_file_that_kills_the_engine_fails_alone(settings):
     settings.watch.settle_seconds = 0
     settings.engine.window = 4
     settings.engine.restart_backoff_seconds = 0
-    d = Daemon(settings, factory=lambda p: Poisoned(p, per_step=2))
-    d.setup()
+    d = in_process(settings, factory=lambda p: Poisoned(p, per_step=2))
     drop(settings.inbox, "bad.jsonl", prompts("bad", 10) + [{"custom_id": "p", "prompt": "poison"}]
          + prompts("late", 10))
     drop(settings.inbox, "good.jsonl", prompts("good", 30))
@@ -243,8 +237,7 @@ def test_turns_make_progress_when_loads_outlast_max_wait(settings):
         clock.sleep(0.3)
         return FakeEngine(profile, step_seconds=0.01, per_step=2, sleep=clock.sleep, fed=fed)
 
-    d = Daemon(settings, factory=slow_load, clock=clock)
-    d.setup()
+    d = in_process(settings, factory=slow_load, clock=clock)
     outbox = settings.outbox
     drop(settings.inbox, "bulk.jsonl", prompts("bulk", 400))
     turns(d, clock, lambda: jobs(fed).count("bulk") > 10)

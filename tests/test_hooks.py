@@ -11,12 +11,11 @@ import pytest
 from standardwebhooks import Webhook
 
 from batchd.config import load_settings
-from batchd.daemon import Daemon
 from batchd.testing import FakeEngine
 from batchd.hooks import Hooks
 from batchd.spool import events
 
-from conftest import Receiver, drain, drop, final_state, wait_for
+from conftest import Receiver, drain, drop, final_state, in_process, wait_for
 
 SECRET = "whsec_" + base64.b64encode(b"a secret of thirty-two bytes!!!!").decode()
 HOOK = "import json, os, sys; open(sys.argv[1], 'a').write(json.dumps({k: v for k, v in " \
@@ -33,8 +32,7 @@ def receiver():
 def make(spool_config, tmp_path, hooks: str):
     (tmp_path / "secret").write_text(SECRET + "\n")
     settings = load_settings(spool_config("[hooks]\n" + hooks))
-    d = Daemon(settings, factory=FakeEngine, clock=lambda: 1000.0)
-    d.setup()
+    d = in_process(settings, factory=FakeEngine, clock=lambda: 1000.0)
     return settings, d
 
 

@@ -17,7 +17,7 @@ import structlog.testing
 
 from batchd.lines import iter_file
 
-from conftest import drain, drop, final_state, read_jsonl
+from conftest import drain, drop, final_state, in_process, read_jsonl
 
 GOOD = {"prompt": "hello", "max_tokens": 3}
 JOB_NAME = re.compile(r"^[A-Za-z0-9_+=@,][A-Za-z0-9._+=@,-]*$")
@@ -227,12 +227,10 @@ def test_a_file_over_max_requests_is_refused_whole(spool_config, tmp_path):
     """One line over the limit refuses the file whole (the default limit's own file,
     1,000,000 lines, runs in test_a_million_tiny_lines_run_to_the_end)."""
     from batchd.config import load_settings
-    from batchd.daemon import Daemon
     from batchd.testing import FakeEngine
 
     settings = load_settings(spool_config("[limits]\nmax_requests = 1000\n"))
-    d = Daemon(settings, factory=FakeEngine, clock=lambda: 1000.0)
-    d.setup()
+    d = in_process(settings, factory=FakeEngine, clock=lambda: 1000.0)
     with open(settings.inbox / "over.jsonl", "wb") as f:
         f.write(b'{"prompt":"x"}\n' * 1_001)
     drain(d)

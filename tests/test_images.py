@@ -17,7 +17,6 @@ import pytest
 from PIL import Image
 
 from batchd.config import load_settings
-from batchd.daemon import Daemon
 from batchd.jobs import images
 from batchd.jobs.retry import drop_retry
 from batchd.lines import Request
@@ -25,7 +24,7 @@ from batchd.profiles import MediaOptions
 from batchd.spool import media
 from batchd.testing import FakeEngine
 
-from conftest import drain, drop, final_state, outputs, read_jsonl
+from conftest import drain, drop, final_state, in_process, outputs, read_jsonl
 
 # the daemons' wall clock, a minute ahead: a media folder written just now has
 # settled already (its mtimes are compared with it), without sleeping for it
@@ -202,9 +201,8 @@ def test_a_media_folder_still_being_written_holds_its_file(tmp_path):
 def test_a_job_with_its_media_folder_through_the_daemon(spool_config, tmp_path):
     settings = load_settings(spool_config("[cache]\nenabled = true\n"))
     sent: list[Request] = []  # what reached the engine
-    d = Daemon(settings, factory=lambda profile: FakeEngine(profile, per_step=64, fed=sent),
+    d = in_process(settings, factory=lambda profile: FakeEngine(profile, per_step=64, fed=sent),
                clock=lambda: 1000.0, wall=LATER)
-    d.setup()
     inbox = settings.inbox
     pics = inbox / "pics.media"
     (pics / "sub").mkdir(parents=True)
@@ -260,9 +258,8 @@ def test_a_job_with_its_media_folder_through_the_daemon(spool_config, tmp_path):
 
 def test_a_media_folder_can_be_removed_at_the_end(spool_config):
     settings = load_settings(spool_config("[media]\nkeep = false\n"))
-    d = Daemon(settings, factory=lambda profile: FakeEngine(profile, per_step=64),
+    d = in_process(settings, factory=lambda profile: FakeEngine(profile, per_step=64),
                clock=lambda: 1000.0, wall=LATER)
-    d.setup()
     pics = settings.inbox / "gone.media"
     pics.mkdir()
     (pics / "a.png").write_bytes(png())
@@ -299,9 +296,8 @@ def test_a_crash_between_the_claims_renames_and_a_reused_name(spool_config, monk
     moves the folder. A job name whose outbox still holds a media folder (its
     other files deleted by hand) is not given again."""
     settings = load_settings(spool_config())
-    d = Daemon(settings, factory=lambda profile: FakeEngine(profile, per_step=64),
+    d = in_process(settings, factory=lambda profile: FakeEngine(profile, per_step=64),
                clock=lambda: 1000.0, wall=LATER)
-    d.setup()
     inbox = settings.inbox
     drop(inbox, "p.jsonl", [{"custom_id": "a", "messages": [{"role": "user", "content": "hi"}]}])
     drain(d)
@@ -318,9 +314,8 @@ def test_a_crash_between_the_claims_renames_and_a_reused_name(spool_config, monk
         drain(d)
     monkeypatch.undo()
     assert settings.layout.input("p-2").exists() and pics.is_dir()
-    again = Daemon(settings, factory=lambda profile: FakeEngine(profile, per_step=64),
+    again = in_process(settings, factory=lambda profile: FakeEngine(profile, per_step=64),
                    clock=lambda: 2000.0, wall=LATER)
-    again.setup()
     drain(again)
     assert final_state(settings.outbox, "p-2") == "completed"
     results, errors = outputs(settings.outbox, "p-2")

@@ -5,13 +5,12 @@ load failures on real vLLM are in test_vllm_loads.py."""
 import os
 import signal
 
-from batchd.daemon import Daemon
 from batchd.engine import EngineDead
 from batchd.engine.hosted import reap_engines
 from batchd.layout import Phase
 from batchd.testing import FakeEngine
 
-from conftest import drop, final_state, one_pass, outputs, prompts, read_jsonl
+from conftest import drop, final_state, in_process, one_pass, outputs, prompts, read_jsonl
 
 
 
@@ -46,8 +45,7 @@ def test_a_load_killed_below_the_limit_waits_and_loads_again(settings):
     settings.engine.max_engine_failures = 2
     factory, calls = flaky(1)
     clock = [0.0]
-    d = Daemon(settings, factory=factory, clock=lambda: clock[0])
-    d.setup()
+    d = in_process(settings, factory=factory, clock=lambda: clock[0])
     drop(settings.inbox, "a.jsonl", prompts("a", 30))
     assert d.run_once(now=0.0)  # claimed, and its load died
     assert phases(settings.outbox, "a")[-1] == Phase.ENGINE_DIED
@@ -67,8 +65,7 @@ def test_loads_killed_max_engine_failures_times_fail_the_job_naming_the_deaths(s
     settings.engine.max_engine_failures = 2
     settings.engine.restart_backoff_seconds = 0
     factory, calls = flaky(2)
-    d = Daemon(settings, factory=factory)
-    d.setup()
+    d = in_process(settings, factory=factory)
     drop(settings.inbox, "a.jsonl", prompts("a", 5))
     drop(settings.inbox, "b.jsonl", prompts("b", 5))
     clock = [0.0]
@@ -90,8 +87,7 @@ def test_a_load_that_fails_by_itself_fails_its_job_at_once_and_the_next_file_run
             raise RuntimeError("ValueError: Model architectures ['Nope'] are not supported")
         return FakeEngine(profile)
 
-    d = Daemon(settings, factory=factory)
-    d.setup()
+    d = in_process(settings, factory=factory)
     drop(settings.inbox, "bad__x.jsonl", prompts("x", 3))
     assert one_pass(d, now=0.0)
     assert final_state(settings.outbox, "bad__x") == "failed"
@@ -105,9 +101,8 @@ def test_a_load_that_fails_by_itself_fails_its_job_at_once_and_the_next_file_run
 
 def test_a_waiting_job_is_cancelled_without_waiting_for_its_turn(settings):
     """A job held for another profile's model ends when its cancel marker lands."""
-    settings.watch.settle_seconds = 0
-    d = Daemon(settings, factory=lambda p: FakeEngine(p, step_seconds=0.01, per_step=2))
-    d.setup()
+    d = in_process(settings, settle=0,
+                   factory=lambda p: FakeEngine(p, step_seconds=0.01, per_step=2))
     drop(settings.inbox, "long.jsonl", prompts("long", 400))
     assert d.run_once(now=0.0)  # long's session starts
     drop(settings.inbox, "sneaky.jsonl", [{"custom_id": "s0", "prompt": "x"},
@@ -159,9 +154,7 @@ def test_a_job_that_joins_has_its_first_requests_sent_next(settings):
     def fed():
         return [request.job for request in taken]
 
-    settings.watch.settle_seconds = 0
-    d = Daemon(settings, factory=lambda p: FakeEngine(p, per_step=4, fed=taken))
-    d.setup()
+    d = in_process(settings, settle=0, factory=lambda p: FakeEngine(p, per_step=4, fed=taken))
     drop(settings.inbox, "bulk.jsonl", prompts("bulk", 2000))
     for _ in range(5):
         d.run_once(now=0.0)

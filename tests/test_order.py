@@ -12,12 +12,11 @@ import random
 import pytest
 
 from batchd.spool.checkpoint import Checkpoint
-from batchd.daemon import Daemon
 from batchd.testing import FakeEngine
 from batchd.lines import Request
 from batchd.jobs.order import PrefixOrder, prefix_text, sort_key
 
-from conftest import drain, drop, read_jsonl
+from conftest import drain, drop, in_process, read_jsonl
 
 GROUPS = 5
 PER_GROUP = 12
@@ -63,8 +62,7 @@ def fed():
 
 @pytest.fixture
 def recording(settings, fed):
-    d = Daemon(settings, factory=lambda p: FakeEngine(p, fed=fed), clock=lambda: 1000.0)
-    d.setup()
+    d = in_process(settings, factory=lambda p: FakeEngine(p, fed=fed), clock=lambda: 1000.0)
     return d
 
 
@@ -128,8 +126,7 @@ def test_sidecar_chooses_input_order(recording, settings, fed):
 def test_config_input_order(spool_config, fed):
     from batchd.config import load_settings
     settings = load_settings(spool_config('[engine]\norder = "input"\n'))
-    d = Daemon(settings, factory=lambda p: FakeEngine(p, fed=fed), clock=lambda: 1000.0)
-    d.setup()
+    d = in_process(settings, factory=lambda p: FakeEngine(p, fed=fed), clock=lambda: 1000.0)
     lines = shuffled_file(seed=2)
     drop(settings.inbox, "cfg.jsonl", lines)
     drain(d)

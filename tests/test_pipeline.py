@@ -10,11 +10,10 @@ import tomllib
 import pytest
 
 from batchd.spool.checkpoint import Checkpoint
-from batchd.daemon import Daemon
 from batchd.testing import FakeEngine
 from batchd.profiles import ProfileSet
 
-from conftest import one_pass, drain, drop, final_state, outputs, read_jsonl
+from conftest import drain, drop, final_state, in_process, one_pass, outputs, read_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "hello"}]}
 
@@ -190,8 +189,7 @@ def test_read_only_outbox_stalls_then_recovers(settings):
         subprocess.run(["chattr", "+i", str(outbox)], check=True)
         return FakeEngine(profile)
 
-    d = Daemon(settings, factory=factory)
-    d.setup()
+    d = in_process(settings, factory=factory)
     drop(settings.inbox, "a.jsonl", [{"custom_id": f"a{i}", "prompt": "x"} for i in range(20)])
     try:
         assert not one_pass(d, now=99.0)  # seen, settling
@@ -245,8 +243,7 @@ def test_metrics_textfile(spool_config, tmp_path):
     from batchd.config import load_settings
     settings = load_settings(spool_config('[metrics]\ntextfile = "metrics/batchd.prom"\n'))
     (tmp_path / "metrics").mkdir()
-    d = Daemon(settings, factory=FakeEngine)
-    d.setup()
+    d = in_process(settings, factory=FakeEngine)
     drop(settings.inbox, "m.jsonl", [GOOD, "bad json", GOOD | {"custom_id": "x"}])
     drain(d)
     text = (tmp_path / "metrics" / "batchd.prom").read_text()
@@ -288,9 +285,7 @@ def test_loaded_profile_goes_first_unless_another_waited_too_long(settings):
     """With 'other' loaded, its files go before older 'tiny' files; once a file has
     waited past max_wait_seconds it goes next regardless. The status says why."""
     settings.scheduling.max_wait_seconds = 50
-    settings.watch.settle_seconds = 0  # every file is ready when first seen
-    d = Daemon(settings, factory=FakeEngine)
-    d.setup()
+    d = in_process(settings, settle=0, factory=FakeEngine)
     drop(settings.inbox, "other__first.jsonl", [GOOD])
     assert one_pass(d, now=0.0)  # loads "other"
     drop(settings.inbox, "tiny__old.jsonl", [GOOD])
@@ -334,10 +329,9 @@ def test_completion_window_passes_mid_job(settings):
     from batchd.testing import FakeClock
     clock = FakeClock(0.0)
     start = datetime.now(timezone.utc)
-    d = Daemon(settings, factory=lambda p: FakeEngine(p, step_seconds=0.05, per_step=4,
+    d = in_process(settings, factory=lambda p: FakeEngine(p, step_seconds=0.05, per_step=4,
                                                       sleep=clock.sleep), clock=clock,
                wall=lambda: start.timestamp() + clock())
-    d.setup()
     soon = start + timedelta(seconds=1.5)  # the job needs 100 steps of 0.05 s
     (settings.inbox / "w.toml").write_text(f'expires_at = {soon.isoformat()}\n')
     drop(settings.inbox, "w.jsonl", [GOOD | {"custom_id": f"r{i}"} for i in range(400)])
