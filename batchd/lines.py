@@ -1,14 +1,11 @@
-"""Input lines: read a JSONL file as a stream and turn each line into a request
-or a line error. Nothing here raises for bad input; every non-blank line gets
-exactly one outcome.
+"""Input lines: each line of a JSONL file (read by ``jsonl.py``) turned into a
+request or a line error. Nothing here raises for bad input; every non-blank
+line gets exactly one outcome.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Literal
@@ -16,6 +13,7 @@ from typing import Any, BinaryIO, Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import first_error
+from .jsonl import RawLine, open_regular, read_lines
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -67,14 +65,6 @@ class LineError:
     status_code: int = 400
     type: str = "invalid_request_error"
     anthropic: bool = False  # of an Anthropic batch line
-
-
-@dataclass
-class RawLine:
-    number: int
-    data: bytes | None  # None when the line was longer than the limit
-    length: int = 0
-    offset: int = 0  # where the line starts in the file
 
 
 class _Lenient(BaseModel):
@@ -135,34 +125,6 @@ BODY_MODELS: dict[str, type[BaseModel]] = {
     RESPONSES: _ResponsesBody, MESSAGES: _MessagesBody,
     **{url: _ScoringBody for url in (*SCORE_URLS, *RERANK_URLS)}}
 BATCH_KEYS = {"custom_id", "method", "url", "body"}
-
-
-def read_lines(stream: BinaryIO, max_line_bytes: int) -> Iterator[RawLine]:
-    """Yield every non-blank line with its 1-based number, in bounded memory.
-
-    A line longer than ``max_line_bytes`` is skipped over in pieces and yielded
-    with ``data=None``, so one huge line cannot exhaust memory.
-    """
-    number = 0
-    offset = stream.tell()
-    while True:
-        chunk = stream.readline(max_line_bytes + 1)
-        if not chunk:
-            return
-        number += 1
-        start, offset = offset, offset + len(chunk)
-        if len(chunk) > max_line_bytes and not chunk.endswith(b"\n"):
-            length = len(chunk)
-            while chunk and not chunk.endswith(b"\n"):
-                chunk = stream.readline(1 << 20)
-                length += len(chunk)
-            offset = start + length
-            yield RawLine(number, None, length, start)
-            continue
-        if number == 1 and start == 0 and chunk.startswith(b"\xef\xbb\xbf"):
-            chunk = chunk[3:]  # a UTF-8 byte order mark, as Windows editors write
-        if chunk.strip():
-            yield RawLine(number, chunk, len(chunk), start)
 
 
 def _reject_constant(name: str) -> Any:
@@ -264,27 +226,6 @@ def _to_request(number: int, obj: dict[str, Any]) -> Request | LineError:
         return LineError(number, custom_id, "invalid_request", "body is nested too deeply",
                          anthropic=anthropic)
     return Request(number, custom_id, url, body, anthropic=anthropic)
-
-
-class NotRegularFile(OSError):
-    """The path is a symlink, FIFO, device or folder: it is never read."""
-
-
-def open_regular(path: Path) -> BinaryIO:
-    """Open PATH for reading only if it is a regular file, without following a
-    symlink and without blocking on a FIFO; the check is made on the opened
-    descriptor, so a file swapped after an earlier lstat is caught too."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise NotRegularFile(errno.ELOOP, "is a symbolic link", str(path)) from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise NotRegularFile(errno.EINVAL, "is not a regular file", str(path))
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
 
 
 def iter_file(path: Path, max_line_bytes: int) -> Iterator[Request | LineError]:

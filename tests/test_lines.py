@@ -5,8 +5,9 @@ import json
 
 from hypothesis import given, settings, strategies as st
 
-from batchd.lines import (CHAT, COMPLETIONS, EMBEDDINGS, Dedup, LineError, RawLine, Request,
-                          parse_line, read_lines)
+from batchd.jsonl import RawLine, read_lines
+from batchd.lines import (CHAT, COMPLETIONS, EMBEDDINGS, Dedup, LineError, Request,
+                          parse_line)
 
 
 def parse(obj, number=1):

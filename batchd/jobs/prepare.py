@@ -12,7 +12,8 @@ from typing import Any, Iterator
 from ..clock import Wall, parse_iso, wall, wall_datetime
 from ..config import Settings
 from ..layout import CANCELLED, EXPIRED, Ending, JobState, Phase
-from ..lines import LineError, Request, open_regular, read_line_at
+from ..jsonl import open_regular
+from ..lines import LineError, Request, read_line_at
 from ..profiles import ProfileSet
 from ..spool import cache
 from ..spool.cache import ResultCache

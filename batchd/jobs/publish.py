@@ -25,7 +25,8 @@ from ..config import Settings
 from ..clock import utc_now
 from ..layout import (BENCH, ERRORS, INPUT, JOB_TOML, PUBLISHED_INPUT, RESULTS, Ending,
                       JobState, Phase)
-from ..lines import LineError, open_regular
+from ..jsonl import open_regular
+from ..lines import LineError
 from ..spool import events, inbox, media
 from ..spool.outbox import (StatusFile, atomic_files, error_line, read_status, sync_dir,
                             write_atomic)

@@ -27,7 +27,7 @@ import tomli_w
 
 from ..config import Settings
 from ..layout import ERRORS, INPUT, JOB_TOML, MERGED, PUBLISHED_INPUT, RESULTS, Layout, is_final
-from ..lines import open_regular, read_lines
+from ..jsonl import open_regular, read_lines
 from ..spool.outbox import dumps_line, read_status, write_atomic
 
 RETRYABLE = ("engine_error", "cancelled", "batch_cancelled", "batch_expired")

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import first_error
 from ..layout import INPUT
-from ..lines import open_regular
+from ..jsonl import open_regular
 from ..profiles import Profile, ProfileSet, SamplingDefaults
 
 

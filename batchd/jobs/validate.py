@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 
 from ..config import LimitsConfig
 from ..layout import PUBLISHED_INPUT, JobState, Phase
-from ..lines import Dedup, LineError, NotRegularFile, Request, iter_file_at, open_regular
+from ..jsonl import NotRegularFile, open_regular
+from ..lines import Dedup, LineError, Request, iter_file_at
 from ..spool import media
 from ..spool.outbox import error_line
 from . import images
