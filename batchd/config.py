@@ -13,12 +13,13 @@ import functools
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import (BaseModel, ByteSize, ConfigDict, Field, HttpUrl, ValidationError,
                       field_validator, model_validator)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .config_problems import config_problem
 from .layout import Layout
 
 SEARCH_PATH = (Path("config.toml"), Path("/etc/batchd/config.toml"))
@@ -296,7 +297,7 @@ def load_settings(explicit: str | os.PathLike | None = None) -> Settings:
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_config_problem(exc.errors()[0], path)) from None
+        raise ConfigError(config_problem(exc.errors()[0], path, Settings, RETIRED)) from None
     base = path.resolve().parent if path else Path.cwd()
     settings.source = path.resolve() if path else None
     settings.spool.root = _resolve(base, settings.spool.root)
@@ -311,42 +312,6 @@ def load_settings(explicit: str | os.PathLike | None = None) -> Settings:
     if settings.api.keys_file is not None:
         settings.api.keys_file = _resolve(base, settings.api.keys_file)
     return settings
-
-
-def _config_problem(err: Any, path: Path | None) -> str:
-    """One line for a person: where the bad value came from (the file, or the
-    environment variable that set it), the dotted key, and for a key batchd does
-    not know, "unknown key" with the nearest valid one and the valid ones."""
-    import difflib
-
-    loc = [str(part) for part in err["loc"]]
-    key = ".".join(loc)
-    where = _value_source(loc, path)
-    if err["type"] != "extra_forbidden":
-        return f"{where}: {key}: {err['msg']}"
-    model: Any = Settings
-    for part in loc[:-1]:  # down to the section (or model) that holds the key
-        field = model.model_fields.get(part)
-        model = field.annotation if field is not None else None
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return f"{where}: unknown key {key}"
-    held = ".".join(loc[:-1])
-    valid = [name for name in model.model_fields
-             if name != "source" and f"{held}.{name}" not in RETIRED]
-    near = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
-    hint = f" (did you mean {'.'.join([*loc[:-1], near[0]])}?)" if near else ""
-    section = f"[{held}] keys" if held else "sections"
-    return f"{where}: unknown key {key}{hint}; {section}: {', '.join(valid)}"
-
-
-def _value_source(loc: list[str], path: Path | None) -> str:
-    """The environment variable that set the key at LOC (BATCHD_SECTION__KEY, any
-    case: it wins over the file), else the config file, else 'environment'."""
-    wanted = ("BATCHD_" + "__".join(loc)).upper()
-    for name in os.environ:
-        if name.upper() == wanted:
-            return f"environment variable {name}"
-    return str(path) if path is not None else "environment"
 
 
 def _resolve(base: Path, path: Path) -> Path:
