@@ -60,6 +60,30 @@ def test_a_load_killed_below_the_limit_waits_and_loads_again(settings):
     assert seen.index("engine_died") < seen.index("generating")
 
 
+def test_an_engine_no_ray_node_has_room_for_waits_without_counting_deaths(settings):
+    """On Ray, a load no node had room for (Unplaced) is tried again later,
+    however often, and never fails a job (max_engine_failures = 1 here)."""
+    from batchd.engine import Unplaced
+
+    settings.watch.settle_seconds = 0
+    settings.engine.max_engine_failures = 1
+    calls = []
+
+    def factory(profile):
+        calls.append(profile.name)
+        if len(calls) <= 3:
+            raise Unplaced("no node of the Ray cluster had room for a replica")
+        return FakeEngine(profile)
+
+    clock = [0.0]
+    d = in_process(settings, factory=factory, clock=lambda: clock[0])
+    drop(settings.inbox, "a.jsonl", prompts("a", 10))
+    run_until_idle(d, clock)
+    assert calls == ["tiny"] * 4
+    assert final_state(settings.outbox, "a") == "completed"
+    assert "engine_died" not in phases(settings.outbox, "a")
+
+
 def test_loads_killed_max_engine_failures_times_fail_the_job_naming_the_deaths(settings):
     settings.watch.settle_seconds = 0
     settings.engine.max_engine_failures = 2

@@ -31,6 +31,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -53,6 +54,8 @@ log = structlog.get_logger()
 RAY_MISSING = ("[cluster] ray_address is set, but Ray is not installed here: "
                "pip install 'batchd[ray]'")
 CONNECT_SECONDS = 120.0  # from the actor's start to the engine process dialling back
+HANDSHAKE_TIMEOUT = struct.pack("ll", 10, 0)  # seconds, microseconds: the secret's exchange
+NO_TIMEOUT = struct.pack("ll", 0, 0)
 
 
 def require_ray() -> None:
@@ -175,10 +178,17 @@ class RayProcess:
         while time.monotonic() < deadline:
             if select.select([listener], [], [], 0.5)[0]:
                 sock, _ = listener.accept()
+                # a peer that says nothing must not hold the handshake forever: a
+                # receive timeout in the kernel (settimeout would make the socket
+                # non-blocking, which Connection's reads do not expect)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, HANDSHAKE_TIMEOUT)
                 conn = Connection(sock.detach())
                 try:
                     deliver_challenge(conn, secret)
                     answer_challenge(conn, secret)
+                    clear = socket.socket(fileno=os.dup(conn.fileno()))
+                    clear.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, NO_TIMEOUT)
+                    clear.close()
                     return conn
                 except (AuthenticationError, OSError, EOFError) as exc:
                     log.warning("engine_connect_refused", error=str(exc))

@@ -112,6 +112,9 @@ class HostedEngine:
             self.close()
             raise EngineDead(f"engine process for {profile.name} died while loading: "
                              f"{exc}") from None
+        except BaseException:  # anything else (a message it could not read): end it too
+            self.close()
+            raise
         if isinstance(reply, LoadFailed) and reply.killed:  # vLLM's processes killed mid-load
             self.close()
             raise EngineDead(f"vLLM's engine died while loading {profile.name}: {reply.text}")

@@ -76,6 +76,7 @@ class ReplicaSet:
         # (replica, what, value, its stream's number or -1): answers, ends, deaths, loads
         self.events: queue.SimpleQueue[tuple[Replica, Any, Any, int]] = queue.SimpleQueue()
         self.streaming = False
+        self.closed = False
         # each job's answers by replica: [requests, output tokens, first, last answer]
         self.by_job: dict[str, dict[int, list[float]]] = {}
         # all load at once; the set is up when every one has loaded or failed
@@ -126,9 +127,15 @@ class ReplicaSet:
 
         def load() -> None:
             try:
-                self.events.put((replica, "loaded", self.load(self.profile, replica.index), -1))
+                engine = self.load(self.profile, replica.index)
             except Exception as exc:  # noqa: BLE001 - a death, or a model that cannot load
                 self.events.put((replica, "load_failed", exc, -1))
+                return
+            if self.closed:  # the set was closed meanwhile: nobody will take it
+                _close_quietly(engine, replica.index)
+                self.events.put((replica, "load_failed", EngineDead("closed while loading"), -1))
+                return
+            self.events.put((replica, "loaded", engine, -1))
 
         threading.Thread(target=load, daemon=True, name=f"batchd-replica-{replica.index}-load"
                          ).start()
@@ -334,6 +341,7 @@ class ReplicaSet:
     def close(self) -> None:
         """End every replica's engine, and the loads in progress (their processes
         killed by their records: a late one must not keep a GPU)."""
+        self.closed = True  # a load that ends from now on closes its own engine
         loading = [r for r in self.replicas if r.state == "loading"]
         for replica in loading:
             if self.abort_load is not None:

@@ -37,7 +37,7 @@ from typing import Any, Generator
 import structlog
 
 from ..config import Settings
-from ..engine import Answer, EngineDead, EnginePool
+from ..engine import Answer, EngineDead, EnginePool, Unplaced
 from ..layout import COMPLETED, Ending, JobState, Phase
 from ..profiles import Profile
 from . import publish
@@ -192,6 +192,11 @@ class Session:
                                    **r.job.progress())
         try:
             engine, spent = self.pool.get(self.profile)
+        except Unplaced as exc:  # no Ray node has room yet: wait, no death counted
+            self.load_at = now + max(1.0, self.settings.engine.restart_backoff_seconds)
+            log.warning("engine_not_placed", profile=self.profile.name, error=str(exc),
+                        jobs=sorted(self.running))
+            return True
         except EngineDead as exc:  # killed while loading (OOM killer, kill): a death
             self._died(exc, now, loading=True)
             return True
