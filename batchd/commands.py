@@ -109,8 +109,9 @@ def _copy_in(data, target: Path) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from .spool.listing import claim_in_flight, job_rows, waiting_file
     from .spool.daemons import Registry
-    from .views import (follow, follow_spool, follow_waiting, print_daemons, print_job,
-                        print_table, print_waiting)
+    from .overview import print_daemons
+    from .views import (follow, follow_spool, follow_waiting, print_job, print_table,
+                        print_waiting)
 
     settings = _settings(args)
     if args.job:
@@ -224,7 +225,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 def _check_profiles(settings: Settings, profiles: ProfileSet, name: str | None,
                     vram_text: str, fit_only: bool) -> int:
     from .engine.fit import FitError, parse_size
-    from .views import print_capabilities, print_fit
+    from .overview import print_capabilities, print_fit
 
     try:
         vram = parse_size(vram_text)
@@ -335,7 +336,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .views import bench_report
+    from .overview import bench_report
 
     settings = _settings(args)
     outbox = Path(args.outbox) if args.outbox else settings.outbox

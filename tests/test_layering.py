@@ -21,8 +21,8 @@ LAYERS = [
     ("jobs", ["batchd.jobs"]),
     ("api", ["batchd.api"]),
     ("daemon", ["batchd.daemon", "batchd.admission", "batchd.hooks", "batchd.scheduler",
-                "batchd.views", "batchd.metrics", "batchd.notify", "batchd.signals",
-                "batchd.owner", "batchd.report", "batchd.candidates"]),
+                "batchd.views", "batchd.overview", "batchd.metrics", "batchd.notify",
+                "batchd.signals", "batchd.owner", "batchd.report", "batchd.candidates"]),
     ("command line", ["batchd.cli", "batchd.commands", "batchd.__main__"]),
     ("testing", ["batchd.testing"]),  # for tests only: nothing in the package imports it
 ]

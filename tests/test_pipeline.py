@@ -318,6 +318,9 @@ def test_expired_before_it_ran(daemon, settings):
     import tomllib
     job_toml = tomllib.loads((settings.outbox / "old.job.toml").read_text())
     assert job_toml["expires_at"].isoformat() == "2020-01-01T00:00:00+00:00"
+    # where the input is once the job has ended, and it is there
+    assert job_toml["input"] == str(settings.layout.out("old", "input.jsonl"))
+    assert (settings.outbox / "old.input.jsonl").is_file()
 
 
 def test_completion_window_passes_mid_job(settings):
